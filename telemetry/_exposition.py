@@ -1,0 +1,110 @@
+"""Turn snapshots into Prometheus metric families, and serve them.
+
+Single-process mode: the collector reads this process's accumulators at scrape time (exact, no
+staleness). Multiprocess mode: it reads the host directory (see ``_multiprocess``), so any worker's
+``/metrics`` and the standalone server all return the same host aggregate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, make_asgi_app, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from . import _multiprocess
+from ._metrics import CATALOGUE, COUNTER, GAUGE, HISTOGRAM
+from ._stats import snapshot
+
+
+def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any]]]) -> list[Metric]:
+    total: dict[str, dict[tuple[Any, ...], Any]] = {}
+    if archive:
+        _multiprocess.merge_into(total, archive)
+    for _pid, snap in live:
+        _multiprocess.merge_into(total, snap)
+    by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], Any]]] = {}
+    for (name, labels), value in total.get("c", {}).items():
+        by_name.setdefault(name, []).append((labels, value))
+    for (name, labels), value in total.get("h", {}).items():
+        by_name.setdefault(name, []).append((labels, value))
+    for pid, snap in live:
+        for name, labels, value in snap.get("g", []):
+            lb = tuple(tuple(p) for p in labels) + (("pid", str(pid)),)
+            by_name.setdefault(name, []).append((lb, value))
+    out: list[Metric] = []
+    for name in sorted(by_name):
+        spec = CATALOGUE.get(name)
+        if spec is None:
+            continue  # a newer process wrote a metric this version does not know
+        rows = sorted(by_name[name], key=lambda r: r[0])
+        label_names = [k for k, _ in rows[0][0]]
+        fam: Metric
+        if spec.kind == COUNTER:
+            fam = CounterMetricFamily(name.removesuffix("_total"), spec.help, labels=label_names)
+            for lb, value in rows:
+                fam.add_metric([v for _, v in lb], value)
+        elif spec.kind == GAUGE:
+            fam = GaugeMetricFamily(name, spec.help, labels=label_names)
+            for lb, value in rows:
+                fam.add_metric([v for _, v in lb], value)
+        elif spec.kind == HISTOGRAM:
+            fam = HistogramMetricFamily(name, spec.help, labels=label_names)
+            for lb, (counts, total_sum) in rows:
+                cumulative, buckets = 0, []
+                for bound, n in zip((*spec.buckets, float("inf")), counts, strict=True):
+                    cumulative += n
+                    buckets.append((floatToGoString(bound), cumulative))
+                fam.add_metric([v for _, v in lb], buckets, total_sum)
+        else:  # pragma: no cover
+            continue
+        out.append(fam)
+    return out
+
+
+class TelemetryCollector:
+    """A prometheus-client collector over the package's measurements."""
+
+    def __init__(self, directory: str | None = None, own: _multiprocess.ProcessFile | None = None):
+        self.directory = directory
+        self.own = own
+
+    def collect(self) -> Iterator[Metric]:
+        if self.directory:
+            archive, live = _multiprocess.read_host(self.directory, self.own)
+            yield from families(archive, live)
+        else:
+            yield from families(None, [(os.getpid(), snapshot())])
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def host_registry(directory: str | None, own: _multiprocess.ProcessFile | None = None) -> CollectorRegistry:
+    """A registry for a host's ``/metrics``: ours, plus prometheus-client's own multiprocess
+    metrics (the user's) when ``PROMETHEUS_MULTIPROC_DIR`` is the same directory."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TelemetryCollector(directory, own))
+    stock = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and stock and os.path.abspath(stock) == os.path.abspath(directory):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry, directory)
+    return registry
+
+
+def asgi_app(registry: CollectorRegistry) -> Any:
+    return make_asgi_app(registry)
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str) -> Any:
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    return server, thread

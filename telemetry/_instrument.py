@@ -1,0 +1,272 @@
+"""The lifecycle: ``instrument()`` once per process, ``uninstrument()`` to remove everything.
+
+``instrument()`` validates settings, installs the pool hooks, starts one housekeeper thread (long
+hold watchdog and, in multiprocess mode, the periodic flush), and arranges for a forked child to
+start clean. A second call is a no-op that returns the settings already in force.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from typing import Any
+
+import prometheus_client
+
+from . import _exposition, _log, _multiprocess, _stats
+from ._settings import ConfigError, Settings
+
+_lock = threading.RLock()
+
+
+class _Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process_file: _multiprocess.ProcessFile | None = None
+        self.collector: _exposition.TelemetryCollector | None = None
+        self.housekeeper: _Housekeeper | None = None
+
+
+_runtime: _Runtime | None = None
+_fork_hook_registered = False
+
+
+class _Housekeeper:
+    """One daemon thread per process: long-hold watchdog and multiprocess flush."""
+
+    def __init__(self, runtime: _Runtime) -> None:
+        self.runtime = runtime
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="telemetry-housekeeper", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        settings = self.runtime.settings
+        interval = settings.watchdog_interval_seconds
+        if self.runtime.process_file is not None:
+            interval = min(interval, settings.flush_interval_seconds)
+        next_flush = 0.0
+        import time
+
+        while not self.stop_event.wait(interval):
+            self.tick()
+            pf = self.runtime.process_file
+            if pf is not None and time.monotonic() >= next_flush:
+                try:
+                    pf.flush()
+                except Exception as exc:
+                    _log.hook_error("multiprocess.flush", exc)
+                next_flush = time.monotonic() + settings.flush_interval_seconds
+
+    def tick(self) -> None:
+        try:
+            if self.runtime.settings.sqlalchemy:
+                from . import _pool
+
+                _pool.scan_long_holds()
+        except Exception as exc:
+            _log.hook_error("watchdog", exc)
+
+
+def _check_stock_env(directory: str) -> None:
+    stock = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not stock:
+        return
+    from prometheus_client import values
+
+    if values.ValueClass is values.MutexValue:
+        _log.emit(
+            "warning", "telemetry_multiproc_env_late",
+            setting="PROMETHEUS_MULTIPROC_DIR", directory=stock,
+            message="PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported: your "
+            "own prometheus_client metrics stay per-process (the package's metrics are not "
+            "affected). Set it in the environment before the process starts.",
+        )  # fmt: skip
+
+
+def instrument(service: str | None = None, **settings: Any) -> Settings:
+    """Instrument this process: every SQLAlchemy pool (sync and async, created before or after
+    this call), structured events and metrics. Call once at start-up of the API and each worker.
+
+    Settings come from keyword arguments, else ``TELEMETRY_*``/``OTEL_*`` environment variables;
+    an invalid one raises :class:`ConfigError` naming it and the accepted values.
+    """
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            return _runtime.settings
+        loaded = Settings.load(service=service, **settings)
+        runtime = _Runtime(loaded)
+        _log.INTERNAL.service = loaded.service
+        if loaded.multiproc_dir:
+            _multiprocess.check_dir(loaded.multiproc_dir)
+            runtime.process_file = _multiprocess.ProcessFile(loaded.multiproc_dir)
+            try:
+                runtime.process_file.flush()
+            except OSError as exc:
+                raise ConfigError(
+                    f"invalid TELEMETRY_MULTIPROC_DIR={loaded.multiproc_dir!r}: cannot write "
+                    f"there ({exc})"
+                ) from None
+            _check_stock_env(loaded.multiproc_dir)
+        else:
+            runtime.collector = _exposition.TelemetryCollector()
+            prometheus_client.REGISTRY.register(runtime.collector)  # type: ignore[arg-type]
+        if loaded.sqlalchemy:
+            _install_sqlalchemy(loaded, auto=True)
+        runtime.housekeeper = _Housekeeper(runtime)
+        runtime.housekeeper.start()
+        _runtime = runtime
+        _register_fork_hook()
+        return loaded
+
+
+def _install_sqlalchemy(settings: Settings, *, auto: bool) -> None:
+    try:
+        from . import _pool
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "SQLAlchemy instrumentation needs the 'sqlalchemy' extra: pip install 'telemetry[sqlalchemy]'"
+        ) from exc
+    _pool.CONFIG.service = settings.service
+    _pool.CONFIG.hold_threshold = settings.hold_threshold_seconds
+    _pool.CONFIG.critical_ratio = settings.critical_usage_ratio
+    _pool.CONFIG.critical_interval = settings.critical_log_interval_seconds
+    _pool.CONFIG.max_owners = settings.max_owners
+    _pool.install(auto=auto)
+
+
+def instrument_sqlalchemy(engine: Any, name: str | None = None) -> None:
+    """Instrument one engine (sync ``Engine`` or ``AsyncEngine``) under ``name``; without a
+    name, the pool is named by its ``pool_logging_name`` or its URL without credentials."""
+    from . import _pool
+
+    with _lock:
+        if not _pool.installed():
+            settings = _runtime.settings if _runtime else Settings.load()
+            _log.INTERNAL.service = settings.service
+            _install_sqlalchemy(settings, auto=False)
+        _pool.register_engine(engine, name)
+
+
+def uninstrument() -> None:
+    """Remove every hook, listener, thread and collector :func:`instrument` attached, and forget
+    what was measured (tests rely on starting from nothing)."""
+    global _runtime
+    with _lock:
+        runtime, _runtime = _runtime, None
+        if runtime is not None:
+            if runtime.housekeeper is not None:
+                runtime.housekeeper.stop()
+            if runtime.process_file is not None:
+                try:
+                    runtime.process_file.flush()
+                except OSError:
+                    pass
+            if runtime.collector is not None:
+                prometheus_client.REGISTRY.unregister(runtime.collector)  # type: ignore[arg-type]
+        try:
+            from . import _pool
+
+            _pool.uninstall()
+        except ImportError:  # pragma: no cover
+            pass
+        _stats.REGISTRY.reset_all()
+        _stats.REGISTRY.__init__()  # type: ignore[misc]
+        _stats.REGISTRY.add(_log.INTERNAL)
+
+
+def is_instrumented() -> bool:
+    return _runtime is not None
+
+
+def settings() -> Settings | None:
+    return _runtime.settings if _runtime else None
+
+
+def flush() -> None:
+    """Write this process's measurements to the multiprocess directory now (no-op otherwise)."""
+    runtime = _runtime
+    if runtime is not None and runtime.process_file is not None:
+        runtime.process_file.flush()
+
+
+def scan_now() -> None:
+    """Run the long-hold watchdog once, now (tests and shutdown hooks)."""
+    runtime = _runtime
+    if runtime is not None and runtime.housekeeper is not None:
+        runtime.housekeeper.tick()
+
+
+def metrics_app() -> Any:
+    """An ASGI app serving ``/metrics``: this process, or the host aggregate in multiprocess
+    mode (plus prometheus-client's default registry in single-process mode)."""
+    runtime = _runtime
+    if runtime is not None and runtime.settings.multiproc_dir:
+        return _exposition.asgi_app(
+            _exposition.host_registry(runtime.settings.multiproc_dir, runtime.process_file)
+        )
+    return _exposition.asgi_app(prometheus_client.REGISTRY)
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1", directory: str | None = None) -> Any:
+    """Serve ``/metrics`` on a thread: the host aggregate of ``directory`` (default: the
+    configured multiprocess directory) or this process. Binds to loopback unless told otherwise."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"invalid port={port!r}: expected a whole number in [0, 65535]")
+    runtime = _runtime
+    directory = directory or (runtime.settings.multiproc_dir if runtime else None)
+    if directory:
+        _multiprocess.check_dir(directory)
+        own = runtime.process_file if runtime else None
+        registry = _exposition.host_registry(directory, own)
+    else:
+        registry = prometheus_client.REGISTRY
+    return _exposition.serve(registry, port, addr)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()
+    _stats.REGISTRY._lock = threading.Lock()
+    _log.INTERNAL._lock = threading.Lock()
+    _log.INTERNAL.reset()
+    try:
+        from . import _pool
+
+        _pool._lock = threading.RLock()
+        _pool.after_fork_in_child()
+    except ImportError:  # pragma: no cover
+        pass
+    runtime = _runtime
+    if runtime is None:
+        return
+    if runtime.process_file is not None:
+        runtime.process_file.renew()
+    runtime.housekeeper = _Housekeeper(runtime)
+    runtime.housekeeper.start()
+
+
+def _at_exit() -> None:
+    runtime = _runtime
+    if runtime is not None and runtime.process_file is not None:
+        try:
+            runtime.process_file.flush()
+        except Exception:
+            pass
+
+
+def _register_fork_hook() -> None:
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        atexit.register(_at_exit)
+        _fork_hook_registered = True

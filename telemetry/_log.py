@@ -1,0 +1,173 @@
+"""Structured events, hook-error containment and the structlog configuration helper.
+
+Nothing here configures logging at import. :func:`configure_logging` is the helper users call
+whole, or they compose its processors (:func:`add_trace_context`, :class:`AddService`,
+:func:`add_pid`) into their own structlog chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from ._stats import REGISTRY, Sample
+
+_logger = structlog.get_logger("telemetry")
+
+try:  # tracing is an optional extra
+    from opentelemetry import trace as _otel_trace
+except ImportError:  # pragma: no cover - exercised only without the tracing extra
+    _otel_trace = None  # type: ignore[assignment]
+
+
+def trace_ids(context: Any = None) -> dict[str, str]:
+    """``trace_id``/``span_id`` (32/16 lowercase hex) of the span active in ``context`` (default:
+    the current one), or ``{}`` when there is none, so that neither key appears outside a span."""
+    if _otel_trace is None:
+        return {}
+    span_context = _otel_trace.get_current_span(context).get_span_context()
+    if not span_context.is_valid:
+        return {}
+    return {
+        "trace_id": format(span_context.trace_id, "032x"),
+        "span_id": format(span_context.span_id, "016x"),
+    }
+
+
+def add_trace_context(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: add the active span's ids unless the event already names a trace."""
+    if "trace_id" not in event_dict:
+        event_dict.update(trace_ids())
+    return event_dict
+
+
+def add_pid(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    event_dict.setdefault("pid", os.getpid())
+    return event_dict
+
+
+class AddService:
+    """structlog processor: add ``service`` (events of the package already carry it)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict.setdefault("service", self.service)
+        return event_dict
+
+
+def configure_logging(
+    service: str, *, level: str | int = "INFO", stream: TextIO | None = None
+) -> None:
+    """Send structlog events and standard-library records (Celery, uvicorn, SQLAlchemy) through
+    one JSON renderer with service, pid, level, timestamp and trace context."""
+    if isinstance(level, str):
+        numeric = logging.getLevelName(level.upper())
+        if not isinstance(numeric, int):
+            raise ValueError(
+                f"invalid log level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR"
+            )
+        level = numeric
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        AddService(service),
+        add_pid,
+        add_trace_context,
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(formatter)
+    handler.set_name("telemetry-json")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "telemetry-json"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _InternalStats:
+    """Counts what the package itself swallowed: hook errors and rate-limited events."""
+
+    def __init__(self) -> None:
+        self.service = "unknown"
+        self.hook_errors: dict[str, int] = {}
+        self.suppressed: dict[str, int] = {}
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    def samples(self) -> Iterable[Sample]:
+        svc = ("service", self.service)
+        for hook, n in list(self.hook_errors.items()):
+            yield "telemetry_hook_errors_total", (svc, ("hook", hook)), n
+        for event, n in list(self.suppressed.items()):
+            yield "telemetry_log_events_suppressed_total", (svc, ("event", event)), n
+
+    def reset(self) -> None:
+        self.hook_errors = {}
+        self.suppressed = {}
+        self._logged = set()
+
+
+INTERNAL = _InternalStats()
+REGISTRY.add(INTERNAL)
+
+
+def hook_error(hook: str, exc: BaseException) -> None:
+    """Count an exception raised inside a hook and log it the first time only. Never raises."""
+    try:
+        with INTERNAL._lock:
+            INTERNAL.hook_errors[hook] = INTERNAL.hook_errors.get(hook, 0) + 1
+            first = hook not in INTERNAL._logged
+            INTERNAL._logged.add(hook)
+        if first:
+            _logger.error(
+                "telemetry_hook_error",
+                hook=hook,
+                service=INTERNAL.service,
+                error=f"{type(exc).__name__}: {exc}",
+                note="counted in telemetry_hook_errors_total; logged once per hook",
+            )
+    except Exception:  # pragma: no cover - logging itself broken; stay silent
+        pass
+
+
+def suppressed(event: str) -> None:
+    INTERNAL.suppressed[event] = INTERNAL.suppressed.get(event, 0) + 1
+
+
+def emit(level: str, event: str, **fields: Any) -> None:
+    """Emit one structured event of the package (rare path: never called per checkout)."""
+    fields.setdefault("service", INTERNAL.service)
+    getattr(_logger, level)(event, **fields)

@@ -1,0 +1,235 @@
+"""Host-wide metrics for uvicorn workers and Celery prefork children.
+
+Why not prometheus-client's stock multiprocess mode: it writes an mmap value on every observation
+(about 4 us each, several per checkout) and leaves every dead process's files behind, so scrapes
+slow down as workers recycle. Here each process keeps plain in-memory counts and a background
+flush (default every second, and at exit) replaces one file per process atomically:
+``telemetry-<pid>-<start>.json``. A scrape, under an exclusive ``flock``:
+
+* reads the live processes' files (the serving process uses its own fresh snapshot);
+* folds each dead process's counters and histograms into ``telemetry-archive.json`` and deletes
+  its file, so the sum over dead and live processes is preserved, counters never go backwards and
+  the scrape reads (live processes + 1) files however many processes ever lived;
+* drops a dead process's gauges (they described a process that no longer exists).
+
+A process is identified by pid *and* kernel start time, so a reused pid is a new process. A merge
+records the file names it consumed, so a crash between writing the archive and deleting the file
+never counts twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ._stats import snapshot
+
+PREFIX = "telemetry-"
+ARCHIVE = "telemetry-archive.json"
+LOCK = "telemetry.lock"
+
+Snap = dict[str, list[list[Any]]]
+
+
+def _proc_start(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (clock ticks since boot), or None when it is not running."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("ascii", "replace")
+    except FileNotFoundError:
+        return None
+    except OSError:  # pragma: no cover - no procfs: fall back to signal 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+    fields = data[data.rfind(")") + 2 :].split()
+    if fields and fields[0] == "Z":  # a zombie has exited; its counts are final
+        return None
+    return fields[19] if len(fields) > 19 else "?"
+
+
+def _identity() -> tuple[int, str]:
+    pid = os.getpid()
+    return pid, _proc_start(pid) or f"t{time.time_ns()}"
+
+
+def file_name(pid: int, start: str) -> str:
+    return f"{PREFIX}{pid}-{start}.json"
+
+
+def _write_atomic(path: str, payload: Any) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_dir(path: str) -> None:
+    """Fail at start-up, naming the setting, when the directory cannot be used."""
+    from ._settings import ConfigError
+
+    setting = "TELEMETRY_MULTIPROC_DIR (or PROMETHEUS_MULTIPROC_DIR)"
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"invalid {setting}={path!r}: expected an existing directory; create it (empty) "
+            "before the first worker starts"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"invalid {setting}={path!r}: expected a directory this process can write")
+
+
+def prepare_dir(path: str) -> int:
+    """Empty the directory at the start of a deployment, before any worker starts. Returns how
+    many files were removed (ours and prometheus-client's ``*.db``)."""
+    os.makedirs(path, exist_ok=True)
+    removed = 0
+    for pattern in (f"{PREFIX}*.json", "*.db", ".tmp-*", LOCK):
+        for name in glob.glob(os.path.join(path, pattern)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+                removed += 1
+    return removed
+
+
+class ProcessFile:
+    """This process's file in the directory; identity renewed after fork."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.renew()
+
+    def renew(self) -> None:
+        self.pid, self.start = _identity()
+        self.path = os.path.join(self.directory, file_name(self.pid, self.start))
+
+    def flush(self) -> None:
+        _write_atomic(self.path, {"pid": self.pid, "start": self.start, "snap": snapshot()})
+
+    def remove(self) -> None:
+        """Final flush for a clean exit: the scrape will archive it as a dead process."""
+        self.flush()
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load(path: str) -> Any:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # a torn file cannot happen (atomic replace); a foreign one is skipped
+        return None
+
+
+def merge_into(total: dict[str, dict[tuple[Any, ...], Any]], snap: Snap) -> None:
+    """Add a snapshot's counters and histograms into ``total`` (gauges are per process)."""
+    counters = total.setdefault("c", {})
+    hists = total.setdefault("h", {})
+    for name, labels, value in snap.get("c", []):
+        key = (name, tuple(tuple(p) for p in labels))
+        counters[key] = counters.get(key, 0) + value
+    for name, labels, counts, total_sum in snap.get("h", []):
+        key = (name, tuple(tuple(p) for p in labels))
+        prev = hists.get(key)
+        if prev is None:
+            hists[key] = [list(counts), total_sum]
+        else:
+            prev[0] = [a + b for a, b in zip(prev[0], counts, strict=True)]
+            prev[1] += total_sum
+
+
+def _to_snap(total: dict[str, dict[tuple[Any, ...], Any]]) -> Snap:
+    return {
+        "c": [[n, [list(p) for p in lb], v] for (n, lb), v in total.get("c", {}).items()],
+        "g": [],
+        "h": [[n, [list(p) for p in lb], c, s] for (n, lb), (c, s) in total.get("h", {}).items()],
+    }
+
+
+def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, list[tuple[int, Snap]]]:
+    """The archive of dead processes and the snapshot of each live one (archiving the dead)."""
+    live: list[tuple[int, Snap]] = []
+    dead_pids: list[int] = []
+    with _locked(directory):
+        archive_path = os.path.join(directory, ARCHIVE)
+        archive = _load(archive_path) or {"snap": {"c": [], "g": [], "h": []}, "merged": []}
+        merged = set(archive.get("merged", []))
+        total: dict[str, dict[tuple[Any, ...], Any]] = {}
+        merge_into(total, archive["snap"])
+        changed = False
+        names = sorted(glob.glob(os.path.join(directory, f"{PREFIX}*-*.json")))
+        present = set()
+        for path in names:
+            base = os.path.basename(path)
+            if base == ARCHIVE:
+                continue
+            present.add(base)
+            try:
+                pid_text, start = base[len(PREFIX) : -len(".json")].split("-", 1)
+                pid = int(pid_text)
+            except ValueError:
+                continue
+            if own is not None and pid == own.pid and start == own.start:
+                live.append((pid, snapshot()))
+                continue
+            if _proc_start(pid) == start:
+                data = _load(path)
+                if data is not None:
+                    live.append((pid, data["snap"]))
+                continue
+            if base not in merged:
+                data = _load(path)
+                if data is not None:
+                    merge_into(total, data["snap"])
+                merged.add(base)
+                changed = True
+                dead_pids.append(pid)
+        if changed:
+            _write_atomic(archive_path, {"snap": _to_snap(total), "merged": sorted(merged)})
+        if merged:
+            for base in merged & present:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, base))
+            # the files are gone: nothing left to protect from a second merge
+            _write_atomic(archive_path, {"snap": _to_snap(total), "merged": []})
+    _mark_stock_dead(directory, dead_pids)
+    return _to_snap(total), live
+
+
+def _mark_stock_dead(directory: str, pids: list[int]) -> None:
+    """Let prometheus-client's own multiprocess gauges (the user's metrics) forget dead pids."""
+    if not pids or not glob.glob(os.path.join(directory, "*.db")):
+        return
+    try:
+        from prometheus_client import multiprocess
+
+        for pid in pids:
+            multiprocess.mark_process_dead(pid, directory)
+    except Exception:  # pragma: no cover - user metrics only; never break a scrape
+        pass

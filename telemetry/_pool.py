@@ -1,0 +1,558 @@
+"""SQLAlchemy pool instrumentation: wait, hold, timeouts, connects, with exact in-use accounting.
+
+How it hooks in, and why:
+
+* ``Pool.connect`` (and ``SingletonThreadPool.connect``, which overrides it) is wrapped at class
+  level. SQLAlchemy has no "checkout started" or "timed out" event, so the wrapper is the only
+  place that sees the wait begin, the wait end and ``TimeoutError``. Wrapping the class covers
+  every pool in the process, created before or after :func:`install`, and the pools that
+  ``engine.dispose()`` recreates.
+* ``checkin``, ``detach``, ``close``, ``invalidate``, ``soft_invalidate`` and ``connect`` are
+  class-level :class:`~sqlalchemy.pool.PoolEvents`. Pool events leave no residue after removal
+  (engine-level events would set ``Engine._has_events`` forever: about +30 us per statement).
+* The checkout side writes one tuple into :data:`_held`; every way a connection stops being held
+  (checkin, hard invalidation, detach, close) pops it. So per-connection state is bounded by the
+  connections checked out right now, and ``in_use`` is exact without reading pool internals.
+* Nothing on the hot path touches prometheus-client or the logger: it adds to plain ints and
+  bucket lists, read by a scrape or the multiprocess flusher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import sys
+import threading
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool
+
+from . import _stacks
+from ._log import emit, hook_error, suppressed, trace_ids
+from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
+from ._owner import OWNER
+from ._stats import REGISTRY, Histogram, Sample
+
+_ATTR = "_telemetry_state"
+_SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
+
+try:  # capture the OpenTelemetry context at checkout for ~40 ns: one ContextVar.get
+    from opentelemetry.context import _RUNTIME_CONTEXT
+
+    _otel_context_get = _RUNTIME_CONTEXT._current_context.get  # type: ignore[attr-defined]
+except Exception:  # pragma: no cover - tracing extra missing or internals changed
+
+    def _otel_context_get() -> Any:
+        return None
+
+
+_perf = time.perf_counter
+_owner_get = OWNER.get
+_get_ident = threading.get_ident
+_get_running_loop = asyncio._get_running_loop
+_current_task = asyncio.current_task
+
+#: ConnectionPoolEntry -> (checkout time, owner, PoolState, thread ident, asyncio task, otel ctx)
+_held: dict[Any, tuple[float, str, PoolState, int | None, Any, Any]] = {}
+#: entries already reported by the long-hold watchdog -> when they were reported
+_flagged: dict[Any, float] = {}
+
+
+class _Config:
+    service = "unknown"
+    hold_threshold = 5.0
+    critical_ratio = 0.9
+    critical_interval = 10.0
+    max_owners = 100
+    auto = True
+
+
+CONFIG = _Config()
+
+
+class PoolState:
+    """Everything measured for one named pool in this process (shared by the pools that
+    ``dispose()`` recreates under the same name, so counters never go backwards)."""
+
+    __slots__ = (
+        "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "cancelled",
+        "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
+        "hold", "pool_ref", "creator_ref", "critical_at", "max_connections", "last_critical",
+        "last_timeout_log", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.labels = (("service", CONFIG.service), ("pool", name))
+        self.pool_ref: Any = None
+        self.creator_ref: Any = None
+        self.critical_at: float = math.inf
+        self.max_connections: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.in_use = self.pending = 0
+        self.ok = self.timeouts = self.errors = self.cancelled = 0
+        self.connects = self.invalid_hard = self.invalid_soft = self.owner_overflow = 0
+        self.wait = Histogram(WAIT_BUCKETS)
+        self.connect_time = Histogram(CONNECT_BUCKETS)
+        self.hold: dict[str, Histogram] = {}
+        self.last_critical = self.last_timeout_log = -math.inf
+
+    def attach(self, pool: Pool) -> None:
+        """Point the gauges at the newest pool of this name and size the critical threshold."""
+        self.pool_ref = weakref.ref(pool)
+        self.max_connections = None
+        if isinstance(pool, QueuePool) and pool._max_overflow >= 0:
+            self.max_connections = pool.size() + pool._max_overflow
+        elif type(pool).__name__ in ("StaticPool", "AssertionPool"):
+            self.max_connections = 1
+        self.critical_at = math.inf
+        if self.max_connections:
+            ratio, top = CONFIG.critical_ratio, self.max_connections
+            n = max(1, math.floor(ratio * top))
+            while n / top <= ratio:
+                n += 1
+            self.critical_at = n
+
+    def hold_histogram(self, owner: str) -> Histogram:
+        hist = self.hold.get(owner)
+        if hist is None:
+            if len(self.hold) >= CONFIG.max_owners and owner != "other":
+                self.owner_overflow += 1
+                return self.hold_histogram("other")
+            hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
+        return hist
+
+    def samples(self) -> Iterable[Sample]:
+        lb = self.labels
+        pool = self.pool_ref() if self.pool_ref is not None else None
+        yield "db_pool_connections_in_use", lb, self.in_use
+        yield "db_pool_pending_requests", lb, self.pending
+        flagged = sum(1 for rec in list(_flagged) if (e := _held.get(rec)) and e[2] is self)
+        yield "db_pool_connections_held_too_long", lb, flagged
+        if isinstance(pool, QueuePool):
+            yield "db_pool_connections_idle", lb, pool.checkedin()
+            yield "db_pool_size", lb, pool.size()
+            yield "db_pool_overflow", lb, pool.overflow()
+        if self.max_connections is not None:
+            yield "db_pool_connections_max", lb, self.max_connections
+        for result, n in (("ok", self.ok), ("timeout", self.timeouts), ("error", self.errors),
+                          ("cancelled", self.cancelled)):  # fmt: skip
+            yield "db_pool_checkouts_total", lb + (("result", result),), n
+        yield "db_pool_timeouts_total", lb, self.timeouts
+        yield "db_pool_connect_errors_total", lb, self.errors
+        yield "db_pool_connects_total", lb, self.connects
+        yield "db_pool_invalidations_total", lb + (("kind", "hard"),), self.invalid_hard
+        yield "db_pool_invalidations_total", lb + (("kind", "soft"),), self.invalid_soft
+        yield "telemetry_owner_overflow_total", lb, self.owner_overflow
+        yield "db_pool_checkout_wait_seconds", lb, self.wait
+        yield "db_pool_connect_seconds", lb, self.connect_time
+        for owner, hist in list(self.hold.items()):
+            yield "db_connection_hold_seconds", lb + (("owner", owner),), hist
+
+
+# --------------------------------------------------------------------------- naming and states
+
+_lock = threading.RLock()
+_states: dict[str, PoolState] = {}
+_names_by_creator: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_explicit: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_seen_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def safe_url(engine: Engine) -> str:
+    """The engine's URL with user, password and query removed: safe for labels and logs."""
+    url = engine.url.set(username=None, password=None, query={})
+    return url.render_as_string(hide_password=True)
+
+
+def _engine_name(engine: Engine) -> str:
+    return engine.pool._orig_logging_name or safe_url(engine)
+
+
+def _find_engine(pool: Pool) -> Engine | None:
+    """The engine whose first connect is on the stack (only at a pool's first checkout)."""
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return None
+        for key in ("self", "engine"):
+            obj = frame.f_locals.get(key)
+            if isinstance(obj, Engine) and obj.pool is pool:
+                return obj
+        frame = frame.f_back
+    return None
+
+
+def _creator_key(pool: Pool) -> Any:
+    return pool.__dict__.get("_creator")
+
+
+def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
+    """Resolve (once per pool instance) the state a pool reports into, or ``_SKIP``."""
+    try:
+        with _lock:
+            cached = pool.__dict__.get(_ATTR)
+            if cached is not None:
+                return cached
+            creator = _creator_key(pool)
+            name = _explicit.get(creator) if creator is not None else None
+            if name is None:
+                if not CONFIG.auto:
+                    setattr(pool, _ATTR, _SKIP)
+                    _seen_pools.add(pool)
+                    return _SKIP
+                name = _names_by_creator.get(creator) if creator is not None else None
+            if name is None:
+                engine = engine or _find_engine(pool)
+                if engine is not None:
+                    name = _engine_name(engine)
+                else:
+                    name = pool._orig_logging_name or f"{type(pool).__name__}-{id(pool):x}"
+                name = _unique(name, creator)
+            state = _states.get(name)
+            if state is None:
+                state = _states[name] = PoolState(name)
+                REGISTRY.add(state)
+            if creator is not None:
+                _names_by_creator[creator] = name
+                state.creator_ref = weakref.ref(creator)
+            state.attach(pool)
+            setattr(pool, _ATTR, state)
+            _seen_pools.add(pool)
+            return state
+    except Exception as exc:
+        hook_error("pool.register", exc)
+        return _SKIP
+
+
+def _unique(name: str, creator: Any) -> str:
+    """Two engines with the same URL get distinct pool names; a recreated pool keeps its own."""
+    base, n = name, 1
+    while True:
+        other = _states.get(name)
+        if other is None or other.creator_ref is None or creator is None:
+            return name
+        if other.creator_ref() is creator or other.creator_ref() is None:
+            return name
+        n += 1
+        name = f"{base}#{n}"
+
+
+def _record_pool(rec: Any) -> Pool | None:
+    return getattr(rec, "_ConnectionRecord__pool", None)
+
+
+# --------------------------------------------------------------------------- the hot path
+
+
+def _wrap_connect(orig: Any) -> Any:
+    def connect(self: Pool) -> Any:
+        st = self._telemetry_state  # type: ignore[attr-defined]
+        if st is None:
+            st = _state_for(self)
+        if st is _SKIP:
+            return orig(self)
+        st.pending += 1
+        t0 = _perf()
+        try:
+            fairy = orig(self)
+        except PoolTimeoutError:
+            st.pending -= 1
+            _on_failed(st, _perf() - t0, "timeout")
+            raise
+        except Exception:
+            st.pending -= 1
+            _on_failed(st, _perf() - t0, "error")
+            raise
+        except BaseException:
+            st.pending -= 1
+            _on_failed(st, _perf() - t0, "cancelled")
+            raise
+        t1 = _perf()
+        st.pending -= 1
+        try:
+            waited = t1 - t0
+            wait = st.wait
+            wait.counts[bisect_left(WAIT_BUCKETS, waited)] += 1
+            wait.total += waited
+            st.ok += 1
+            if fairy._counter == 1:  # not a re-entrant checkout of the same fairy
+                loop = _get_running_loop()
+                if loop is None:
+                    holder: tuple[int | None, Any] = (_get_ident(), None)
+                else:
+                    holder = (None, _current_task(loop))
+                _held[fairy._connection_record] = (
+                    t1, _owner_get(), st, holder[0], holder[1], _otel_context_get()
+                )
+                n = st.in_use = st.in_use + 1
+                if n >= st.critical_at:
+                    _critical_usage(st, n)
+        except Exception as exc:
+            hook_error("pool.checkout", exc)
+        return fairy
+
+    connect.__wrapped__ = orig  # type: ignore[attr-defined]
+    return connect
+
+
+def _release(dbapi_connection: Any, rec: Any, *rest: Any) -> None:
+    """checkin / detach / close / invalidate: the connection is no longer held."""
+    entry = _held.pop(rec, None)
+    if entry is None:
+        return
+    try:
+        held = _perf() - entry[0]
+        st = entry[2]
+        st.in_use -= 1
+        hist = st.hold.get(entry[1]) or st.hold_histogram(entry[1])
+        hist.counts[bisect_left(HOLD_BUCKETS, held)] += 1
+        hist.total += held
+        if _flagged and rec in _flagged:
+            _released_after_long_hold(rec, entry, held)
+    except Exception as exc:
+        hook_error("pool.checkin", exc)
+
+
+def _on_invalidate(dbapi_connection: Any, rec: Any, exc: Any) -> None:
+    try:
+        entry = _held.get(rec)
+        st = entry[2] if entry else _state_of_record(rec)
+        if st is not None:
+            st.invalid_hard += 1
+    except Exception as err:
+        hook_error("pool.invalidate", err)
+    _release(dbapi_connection, rec)
+
+
+def _on_soft_invalidate(dbapi_connection: Any, rec: Any, exc: Any) -> None:
+    try:
+        entry = _held.get(rec)
+        st = entry[2] if entry else _state_of_record(rec)
+        if st is not None:
+            st.invalid_soft += 1
+    except Exception as err:
+        hook_error("pool.soft_invalidate", err)
+
+
+def _on_connect(dbapi_connection: Any, rec: Any) -> None:
+    try:
+        st = _state_of_record(rec)
+        if st is not None:
+            st.connects += 1
+            started = getattr(rec, "starttime", 0) or time.time()
+            st.connect_time.observe(max(0.0, time.time() - started))
+    except Exception as exc:
+        hook_error("pool.connect", exc)
+
+
+def _state_of_record(rec: Any) -> PoolState | None:
+    pool = _record_pool(rec)
+    if pool is None:
+        return None
+    st = pool.__dict__.get(_ATTR) or _state_for(pool)
+    return None if st is _SKIP else st
+
+
+# --------------------------------------------------------------------------- rare paths
+
+
+def _on_failed(st: PoolState, waited: float, result: str) -> None:
+    try:
+        st.wait.observe(waited)
+        if result == "timeout":
+            st.timeouts += 1
+            _timeout_event(st, waited)
+        elif result == "error":
+            st.errors += 1
+        else:
+            st.cancelled += 1
+    except Exception as exc:
+        hook_error("pool.checkout_failed", exc)
+
+
+def longest_holders(st: PoolState, limit: int = 5) -> list[dict[str, Any]]:
+    now = _perf()
+    rows = [(now - e[0], e[1]) for e in list(_held.values()) if e[2] is st]
+    rows.sort(reverse=True)
+    return [{"owner": owner, "held_seconds": round(age, 3)} for age, owner in rows[:limit]]
+
+
+def _timeout_event(st: PoolState, waited: float) -> None:
+    now = time.monotonic()
+    if now - st.last_timeout_log < 1.0:
+        suppressed("db_pool_timeout")
+        return
+    st.last_timeout_log = now
+    emit(
+        "error", "db_pool_timeout",
+        pool=st.name, owner=_owner_get(), waited_seconds=round(waited, 3),
+        checked_out=st.in_use, max_connections=st.max_connections, waiters=st.pending,
+        longest_holders=longest_holders(st), **trace_ids(),
+    )  # fmt: skip
+
+
+def _critical_usage(st: PoolState, n: int) -> None:
+    now = time.monotonic()
+    if now - st.last_critical < CONFIG.critical_interval:
+        suppressed("db_pool_critical_usage")
+        return
+    st.last_critical = now
+    top = st.max_connections or n
+    ratio = round(n / top * 100, 1)
+    emit(
+        "error", "db_pool_critical_usage",
+        pool=st.name, owner=_owner_get(), checked_out=n, max_connections=top,
+        usage_ratio=ratio, waiters=st.pending,
+        message=f"pool usage {ratio}% ({n}/{top}): about to be exhausted",
+        **trace_ids(),
+    )  # fmt: skip
+
+
+def scan_long_holds(now: float | None = None) -> int:
+    """Report connections held past the threshold while still held. Returns how many were new.
+    Runs on the housekeeper thread; the holder's stack is read only for those reported."""
+    now = _perf() if now is None else now
+    threshold = CONFIG.hold_threshold
+    reported = 0
+    for rec, entry in list(_held.items()):
+        if now - entry[0] < threshold or rec in _flagged:
+            continue
+        _flagged[rec] = now
+        reported += 1
+        try:
+            frames = _stacks.holder_stack(entry[3], entry[4])
+            emit(
+                "warning", "db_connection_held_too_long",
+                status="held", pool=entry[2].name, owner=entry[1],
+                held_seconds=round(now - entry[0], 3), threshold_seconds=threshold,
+                call_site=_stacks.call_site(frames), stack=frames,
+                **trace_ids(entry[5]),
+            )  # fmt: skip
+        except Exception as exc:
+            hook_error("pool.long_hold", exc)
+    return reported
+
+
+def _released_after_long_hold(rec: Any, entry: tuple[Any, ...], held: float) -> None:
+    _flagged.pop(rec, None)
+    emit(
+        "warning", "db_connection_held_too_long",
+        status="released", pool=entry[2].name, owner=entry[1], held_seconds=round(held, 3),
+        threshold_seconds=CONFIG.hold_threshold, **trace_ids(entry[5]),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+_LISTENERS = (
+    ("checkin", _release),
+    ("detach", _release),
+    ("close", _release),
+    ("invalidate", _on_invalidate),
+    ("soft_invalidate", _on_soft_invalidate),
+    ("connect", _on_connect),
+)
+_patched: dict[type, Any] = {}
+
+
+def installed() -> bool:
+    return bool(_patched)
+
+
+def install(*, auto: bool) -> None:
+    """Patch ``connect`` on the pool classes and listen to pool events (idempotent)."""
+    with _lock:
+        if _patched:
+            if auto and not CONFIG.auto:
+                CONFIG.auto = True
+                for pool in list(_seen_pools):
+                    if pool.__dict__.get(_ATTR) is _SKIP:
+                        del pool.__dict__[_ATTR]
+                _discover()
+            return
+        CONFIG.auto = auto
+        Pool._telemetry_state = None  # type: ignore[attr-defined]
+        for cls in (Pool, SingletonThreadPool):
+            orig = cls.__dict__["connect"]
+            _patched[cls] = orig
+            cls.connect = _wrap_connect(orig)  # type: ignore[method-assign]
+        for name, fn in _LISTENERS:
+            event.listen(Pool, name, fn)
+        if auto:
+            _discover()
+
+
+def _discover() -> None:
+    """Register the engines that exist already, so their gauges show before first use."""
+    for obj in gc.get_objects():
+        if isinstance(obj, Engine):
+            _state_for(obj.pool, obj)
+
+
+def register_engine(engine: Any, name: str | None) -> PoolState:
+    """Instrument one engine (sync or async) under an explicit or URL-derived pool name."""
+    if isinstance(engine, AsyncEngine):
+        engine = engine.sync_engine
+    if not isinstance(engine, Engine):
+        raise TypeError(
+            "instrument_sqlalchemy(engine=...): expected a sqlalchemy Engine or AsyncEngine, "
+            f"got {type(engine).__name__}"
+        )
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"instrument_sqlalchemy(name=...): expected a non-empty string, got {name!r}")
+    install(auto=False)
+    with _lock:
+        pool = engine.pool
+        creator = _creator_key(pool)
+        _explicit[creator] = name or _engine_name(engine)
+        if pool.__dict__.get(_ATTR) is not None:
+            delattr(pool, _ATTR)
+        state = _state_for(pool, engine)
+    if state is _SKIP:  # pragma: no cover - only if registration itself failed
+        raise RuntimeError("could not instrument engine; see telemetry_hook_error in the logs")
+    return state  # type: ignore[no-any-return]
+
+
+def uninstall() -> None:
+    with _lock:
+        for name, fn in _LISTENERS:
+            if event.contains(Pool, name, fn):
+                event.remove(Pool, name, fn)
+        for cls, orig in _patched.items():
+            cls.connect = orig  # type: ignore[method-assign]
+        _patched.clear()
+        for pool in list(_seen_pools):
+            pool.__dict__.pop(_ATTR, None)
+        _seen_pools.clear()
+        if "_telemetry_state" in Pool.__dict__:
+            del Pool._telemetry_state  # type: ignore[attr-defined]
+        _held.clear()
+        _flagged.clear()
+        _states.clear()
+        _names_by_creator.clear()
+        _explicit.clear()
+        CONFIG.auto = True
+
+
+def after_fork_in_child() -> None:
+    """Connections and counts of the parent are not the child's: start clean."""
+    _held.clear()
+    _flagged.clear()
+    for state in list(_states.values()):
+        state.reset()
+
+
+def states() -> dict[str, PoolState]:
+    return dict(_states)

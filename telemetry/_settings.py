@@ -1,0 +1,167 @@
+"""Settings from arguments or ``TELEMETRY_*`` / ``OTEL_*`` environment variables.
+
+Every value is validated at start-up; a bad one raises :class:`ConfigError` naming the setting
+(argument and environment variable) and what it accepts. Arguments win over the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import thresholds
+
+
+class ConfigError(ValueError):
+    """A setting has a value the package cannot use; the message names it and what is accepted."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("one of true/false, 1/0, yes/no, on/off")
+
+
+def _number(low: float, high: float | None, *, low_open: bool) -> Callable[[Any], float]:
+    if high is None:
+        accepted = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        accepted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError(accepted)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(accepted) from None
+        if value != value or (value <= low if low_open else value < low):
+            raise ValueError(accepted)
+        if high is not None and value > high:
+            raise ValueError(accepted)
+        return value
+
+    return parse
+
+
+def _positive_int(raw: Any) -> int:
+    accepted = "a whole number >= 1"
+    if isinstance(raw, bool):
+        raise ValueError(accepted)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ValueError(accepted) from None
+    if value < 1:
+        raise ValueError(accepted)
+    return value
+
+
+def _name(raw: Any) -> str:
+    text = str(raw).strip()
+    if not text or len(text) > 100 or any(c in text for c in "\n\r\"\\"):
+        raise ValueError("a non-empty name of at most 100 characters without quotes or newlines")
+    return text
+
+
+def _optional_path(raw: Any) -> str | None:
+    text = str(raw).strip() if raw is not None else ""
+    return text or None
+
+
+def _default_service() -> str:
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return base.removesuffix(".py") or "python"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    env: tuple[str, ...]
+    parse: Callable[[Any], Any]
+    default: Callable[[], Any]
+
+
+_FIELDS: dict[str, _Field] = {
+    "service": _Field(("TELEMETRY_SERVICE_NAME", "OTEL_SERVICE_NAME"), _name, _default_service),
+    "sqlalchemy": _Field(("TELEMETRY_SQLALCHEMY",), _bool, lambda: True),
+    "hold_threshold_seconds": _Field(
+        ("TELEMETRY_DB_HOLD_THRESHOLD_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.HOLD_SECONDS_WARNING,
+    ),
+    "critical_usage_ratio": _Field(
+        ("TELEMETRY_DB_CRITICAL_USAGE_RATIO",),
+        _number(0.0, 1.0, low_open=True),
+        lambda: thresholds.POOL_USAGE_LOG,
+    ),
+    "critical_log_interval_seconds": _Field(
+        ("TELEMETRY_DB_CRITICAL_LOG_INTERVAL_SECONDS",),
+        _number(0.0, None, low_open=False),
+        lambda: 10.0,
+    ),
+    "multiproc_dir": _Field(
+        ("TELEMETRY_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"), _optional_path, lambda: None
+    ),
+    "flush_interval_seconds": _Field(
+        ("TELEMETRY_FLUSH_INTERVAL_SECONDS",), _number(0.01, 60.0, low_open=False), lambda: 1.0
+    ),
+    "max_owners": _Field(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with :meth:`Settings.load`."""
+
+    service: str
+    sqlalchemy: bool
+    hold_threshold_seconds: float
+    critical_usage_ratio: float
+    critical_log_interval_seconds: float
+    multiproc_dir: str | None
+    flush_interval_seconds: float
+    max_owners: int
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Merge ``overrides`` (non-None arguments) over the environment over the defaults."""
+        env = os.environ if environ is None else environ
+        unknown = sorted(set(overrides) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_FIELDS))}"
+            )
+        values: dict[str, Any] = {}
+        for key, field in _FIELDS.items():
+            raw: Any = overrides.get(key)
+            origin = f"argument {key}="
+            if raw is None:
+                for var in field.env:
+                    if env.get(var, "").strip():
+                        raw, origin = env[var], f"environment variable {var}="
+                        break
+            if raw is None:
+                values[key] = field.default()
+                continue
+            try:
+                values[key] = field.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"invalid {origin}{raw!r}: expected {exc}") from None
+        return cls(**values)
+
+    @property
+    def watchdog_interval_seconds(self) -> float:
+        """How often held connections are scanned: fine enough to catch the threshold promptly."""
+        return max(0.01, min(0.5, self.hold_threshold_seconds / 4))

@@ -1,0 +1,108 @@
+"""Per-process accumulators and the snapshot every exposition path is built from.
+
+The hot path never touches prometheus-client: it adds to plain ints and bucket lists owned by a
+*source* (a pool's state, later a task or route table). A scrape, or the multiprocess flusher,
+asks every source for its samples and turns them into a snapshot: a JSON-able dict with counters
+and histograms (summed across processes) and gauges (one per process).
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from ._metrics import CATALOGUE, COUNTER, GAUGE, HISTOGRAM
+
+Labels = tuple[tuple[str, str], ...]
+Sample = tuple[str, Labels, Any]
+
+
+class Histogram:
+    """Fixed-bucket histogram: ``counts[i]`` counts observations in ``(bounds[i-1], bounds[i]]``."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def reset(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+
+class Source(Protocol):
+    def samples(self) -> Iterable[Sample]: ...
+
+    def reset(self) -> None: ...
+
+
+class _Registry:
+    """The sources of this process. Sources live as long as the process: dropping one would make
+    its counters go backwards, so a source is only reset (after fork), never removed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: list[Source] = []
+
+    def add(self, source: Source) -> None:
+        with self._lock:
+            self._sources.append(source)
+
+    def sources(self) -> list[Source]:
+        with self._lock:
+            return list(self._sources)
+
+    def reset_all(self) -> None:
+        for source in self.sources():
+            source.reset()
+
+
+REGISTRY = _Registry()
+
+
+def iter_samples() -> Iterator[Sample]:
+    for source in REGISTRY.sources():
+        yield from source.samples()
+
+
+def snapshot() -> dict[str, list[list[Any]]]:
+    """Everything this process has measured, in the JSON shape the multiprocess files use."""
+    counters: dict[tuple[str, Labels], float] = {}
+    gauges: dict[tuple[str, Labels], float] = {}
+    hists: dict[tuple[str, Labels], list[Any]] = {}
+    for name, labels, value in iter_samples():
+        kind = CATALOGUE[name].kind
+        key = (name, labels)
+        if kind == COUNTER:
+            counters[key] = counters.get(key, 0) + value
+        elif kind == GAUGE:
+            gauges[key] = gauges.get(key, 0) + value
+        elif kind == HISTOGRAM:
+            merged = hists.get(key)
+            if merged is None:
+                hists[key] = [list(value.counts), value.total]
+            else:
+                merged[0] = [a + b for a, b in zip(merged[0], value.counts, strict=True)]
+                merged[1] += value.total
+    return {
+        "c": [[n, [list(p) for p in lb], v] for (n, lb), v in counters.items()],
+        "g": [[n, [list(p) for p in lb], v] for (n, lb), v in gauges.items()],
+        "h": [[n, [list(p) for p in lb], c, s] for (n, lb), (c, s) in hists.items()],
+    }
+
+
+def assert_kind(name: str, kind: str) -> None:
+    if CATALOGUE[name].kind != kind:  # pragma: no cover - programming error
+        raise TypeError(f"{name} is a {CATALOGUE[name].kind}, not a {kind}")

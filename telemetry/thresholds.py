@@ -1,0 +1,34 @@
+"""The one place for alert thresholds, ``for`` durations and dashboard uids.
+
+Log events, Prometheus rule files, dashboards, runbooks and the demo's report all read these
+constants, so a threshold changed here changes everywhere at once (the generated files then fail
+their drift test until they are regenerated).
+"""
+
+from __future__ import annotations
+
+#: Pool usage (in use / (pool_size + max_overflow)) that raises the warning alert.
+POOL_USAGE_WARNING = 0.80
+#: Pool usage that raises the critical alert (pages).
+POOL_USAGE_CRITICAL = 0.95
+#: Pool usage above which the ``db_pool_critical_usage`` log event is emitted (the seed's 90%).
+POOL_USAGE_LOG = 0.90
+#: Seconds a connection may be held before ``db_connection_held_too_long`` (and the p95 alert).
+HOLD_SECONDS_WARNING = 5.0
+#: Checkout wait p95 (seconds) that raises the wait alert.
+WAIT_P95_SECONDS_WARNING = 1.0
+#: Event-loop lag (seconds) counted as blocked.
+LOOP_BLOCKED_SECONDS = 0.5
+
+#: ``for:`` durations of the alerts, as Prometheus durations.
+FOR_USAGE_WARNING = "5m"
+FOR_USAGE_CRITICAL = "2m"
+FOR_HOLD_WARNING = "10m"
+FOR_WAIT_WARNING = "5m"
+FOR_TIMEOUTS = "1m"
+
+#: Fixed Grafana dashboard uids, used by the alerts' ``dashboard_url``.
+DASHBOARD_UID_POOLS = "telemetry-db-pools"
+DASHBOARD_UID_API = "telemetry-api"
+DASHBOARD_UID_CELERY = "telemetry-celery"
+DASHBOARD_UID_OVERVIEW = "telemetry-overview"
