@@ -126,6 +126,8 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
         runtime.housekeeper.start()
         _runtime = runtime
         _register_fork_hook()
+        if runtime.process_file is not None:
+            _flush_at_child_exit()
         return loaded
 
 
@@ -251,8 +253,36 @@ def _after_fork_in_child() -> None:
         return
     if runtime.process_file is not None:
         runtime.process_file.renew()
+        _flush_at_child_exit()
     runtime.housekeeper = _Housekeeper(runtime)
     runtime.housekeeper.start()
+
+
+def _flush_at_child_exit() -> None:
+    """multiprocessing and billiard (Celery prefork) children leave through ``os._exit``, which
+    skips ``atexit``. Their finalizers do run, but ``_bootstrap`` clears the registry right after
+    fork, so the finalizer is registered from their own after-fork hook, which runs later."""
+    import sys
+
+    for name in ("multiprocessing.util", "billiard.util"):
+        util = sys.modules.get(name)
+        if util is None:
+            continue
+        try:
+            runtime = _runtime
+            if runtime is not None and not getattr(runtime, f"_hooked_{name}", False):
+                util.register_after_fork(runtime, _make_finalizer(util))
+                setattr(runtime, f"_hooked_{name}", True)
+            util.Finalize(None, _at_exit, exitpriority=100)
+        except Exception as exc:  # pragma: no cover - defensive
+            _log.hook_error("multiprocess.finalizer", exc)
+
+
+def _make_finalizer(util: Any) -> Any:
+    def register(_runtime_obj: Any) -> None:
+        util.Finalize(None, _at_exit, exitpriority=100)
+
+    return register
 
 
 def _at_exit() -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool
@@ -172,8 +172,9 @@ _seen_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 def safe_url(engine: Engine) -> str:
     """The engine's URL with user, password and query removed: safe for labels and logs."""
-    url = engine.url.set(username=None, password=None, query={})
-    return url.render_as_string(hide_password=True)
+    url = engine.url
+    clean = URL.create(url.drivername, host=url.host, port=url.port, database=url.database)
+    return clean.render_as_string(hide_password=True)
 
 
 def _engine_name(engine: Engine) -> str:
@@ -195,7 +196,8 @@ def _find_engine(pool: Pool) -> Engine | None:
 
 
 def _creator_key(pool: Pool) -> Any:
-    return pool.__dict__.get("_creator")
+    """The creator function: shared by a pool and the pools ``dispose()`` recreates from it."""
+    return getattr(pool, "_creator", None)
 
 
 def _state_for(pool: Pool, engine: Engine | None = None) -> Any:

@@ -1,0 +1,148 @@
+"""Throwaway real services for the tests: PostgreSQL, Redis, started on free loopback ports.
+
+Outside CI a test whose binary is missing is skipped with the reason; with ``CI=true`` it fails,
+so CI can never pass by skipping the real-service tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(what: str) -> None:
+    """Skip (locally) or fail (CI) because a service binary is not installed."""
+    message = f"{what} is not installed: run scripts/install-system-deps.sh"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+@dataclass
+class Postgres:
+    port: int
+    datadir: str
+    max_connections: int
+    user: str = "postgres"
+
+    def url(self, driver: str = "psycopg", password: str | None = None) -> str:
+        auth = self.user if password is None else f"{self.user}:{password}"
+        return f"postgresql+{driver}://{auth}@127.0.0.1:{self.port}/postgres"
+
+    def psql(self, sql: str) -> str:
+        out = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
+             "-At", "-c", sql],
+            check=True, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+@contextlib.contextmanager
+def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    if not initdb or not pg_ctl or not shutil.which("psql"):
+        missing("PostgreSQL (initdb, pg_ctl, psql)")
+    assert initdb and pg_ctl
+    datadir = tempfile.mkdtemp(prefix="telemetry-pg-")
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(datadir, pw.pw_uid, pw.pw_gid)
+    port = free_port()
+    subprocess.run(
+        _as_postgres([initdb, "-D", datadir, "-A", "trust", "-U", "postgres", "--no-sync"]),
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    opts = (
+        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
+        f"-c max_connections={max_connections} -c fsync=off -c shared_buffers=16MB"
+    )
+    subprocess.run(
+        _as_postgres([pg_ctl, "-D", datadir, "-o", opts, "-l", f"{datadir}/log", "-w", "start"]),
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield Postgres(port=port, datadir=datadir, max_connections=max_connections)
+    finally:
+        subprocess.run(
+            _as_postgres([pg_ctl, "-D", datadir, "-m", "immediate", "-w", "stop"]),
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+def restart_postgres(pg: Postgres) -> None:
+    pg_ctl = pg_bin("pg_ctl")
+    assert pg_ctl
+    subprocess.run(
+        _as_postgres([pg_ctl, "-D", pg.datadir, "-m", "fast", "-w", "restart"]),
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+
+
+@dataclass
+class Redis:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextlib.contextmanager
+def start_redis() -> Iterator[Redis]:
+    binary = shutil.which("redis-server")
+    if not binary:
+        missing("redis-server")
+    assert binary
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield Redis(port=port, process=proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,144 @@
+"""Host aggregation across processes: forked children start clean, dead processes are archived
+with counters preserved, pid reuse is detected, scrapes during churn never go backwards."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import QueuePool
+from structlog.testing import capture_logs
+
+import telemetry
+from telemetry import _exposition, _multiprocess
+
+pytestmark = pytest.mark.integration
+
+
+def _host(directory: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the host aggregate, as {(name, sorted labels): value}."""
+    out = {}
+    for family in _exposition.host_registry(directory).collect():
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _total(host: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, lb), v in host.items() if n == name and all((k, w) in lb for k, w in labels.items()))
+
+
+def _checkouts(url: str, n: int) -> None:
+    engine = create_engine(url, poolclass=QueuePool, pool_size=2, max_overflow=2)
+    for _ in range(n):
+        with engine.connect():
+            pass
+
+
+def test_forked_children_start_clean_and_dead_ones_are_archived(tmp_path):
+    directory = str(tmp_path / "mp")
+    os.mkdir(directory)
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    telemetry.instrument(service="worker", multiproc_dir=directory, flush_interval_seconds=0.05)
+    _checkouts(url, 3)  # the parent's own, before forking
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_checkouts, args=(url, 5)) for _ in range(4)]
+    for p in children:
+        p.start()
+    for p in children:
+        p.join(30)
+        assert p.exitcode == 0
+    telemetry.flush()
+    host = _host(directory)
+    # 3 in the parent + 4 x 5 in children: nothing counted twice, nothing lost at os._exit
+    assert _total(host, "db_pool_checkouts_total", result="ok") == 23
+    assert _total(host, "db_connection_hold_seconds_count") == 23
+    pids = {dict(lb)["pid"] for (n, lb) in host if n == "db_pool_connections_in_use"}
+    assert pids == {str(os.getpid())}  # dead children's gauges are gone
+    files = {f for f in os.listdir(directory) if f.startswith("telemetry-")}
+    assert files == {"telemetry-archive.json", _multiprocess.file_name(*_multiprocess._identity())}
+    # a second scrape reads the archive: same totals
+    assert _total(_host(directory), "db_pool_checkouts_total", result="ok") == 23
+
+
+def test_pid_reuse_and_interrupted_merge_are_not_double_counted(tmp_path):
+    directory = str(tmp_path)
+    telemetry.instrument(service="api", multiproc_dir=directory)
+    snap = {"c": [["db_pool_connects_total", [["service", "api"], ["pool", "p"]], 7]], "g": [
+        ["db_pool_connections_in_use", [["service", "api"], ["pool", "p"]], 3]], "h": []}
+    # same pid as this live process, another start time: a previous process with a reused pid
+    stale = os.path.join(directory, _multiprocess.file_name(os.getpid(), "1"))
+    with open(stale, "w") as fh:
+        json.dump({"pid": os.getpid(), "start": "1", "snap": snap}, fh)
+    host = _host(directory)
+    assert _total(host, "db_pool_connects_total", pool="p") == 7
+    assert _total(host, "db_pool_connections_in_use", pool="p") == 0  # its gauge died with it
+    assert not os.path.exists(stale)
+    # a crash after the archive was written but before the file was deleted: the file reappears
+    with open(os.path.join(directory, _multiprocess.ARCHIVE)) as fh:
+        archive = json.load(fh)
+    archive["merged"] = [os.path.basename(stale)]
+    with open(os.path.join(directory, _multiprocess.ARCHIVE), "w") as fh:
+        json.dump(archive, fh)
+    with open(stale, "w") as fh:
+        json.dump({"pid": os.getpid(), "start": "1", "snap": snap}, fh)
+    assert _total(_host(directory), "db_pool_connects_total", pool="p") == 7
+    assert not os.path.exists(stale)
+
+
+def _short_lived(url: str, n: int) -> None:
+    _checkouts(url, n)
+
+
+def test_scrapes_during_churn_never_go_backwards(tmp_path):
+    directory = str(tmp_path / "mp")
+    os.mkdir(directory)
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    telemetry.instrument(service="worker", multiproc_dir=directory)
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def scraper() -> None:
+        while not stop.is_set():
+            seen.append(_total(_host(directory), "db_pool_checkouts_total", result="ok"))
+
+    t = threading.Thread(target=scraper)
+    t.start()
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(12):
+        p = ctx.Process(target=_short_lived, args=(url, 2))
+        p.start()
+        p.join(30)
+    stop.set()
+    t.join()
+    final = _total(_host(directory), "db_pool_checkouts_total", result="ok")
+    assert final == 24
+    assert len(seen) > 5
+    assert all(a <= b for a, b in zip(seen, seen[1:], strict=False)), seen
+
+
+def test_bad_directory_fails_at_start_naming_the_setting(tmp_path):
+    with pytest.raises(telemetry.ConfigError, match="TELEMETRY_MULTIPROC_DIR.*existing directory"):
+        telemetry.instrument(service="api", multiproc_dir=str(tmp_path / "missing"))
+    assert not telemetry.is_instrumented()
+
+
+def test_stock_env_set_too_late_is_reported(tmp_path, monkeypatch):
+    """PROMETHEUS_MULTIPROC_DIR set after prometheus_client was imported: said at start-up."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with capture_logs() as logs:
+        telemetry.instrument(service="api")
+    late = [e for e in logs if e["event"] == "telemetry_multiproc_env_late"]
+    assert late and late[0]["setting"] == "PROMETHEUS_MULTIPROC_DIR"
+
+
+def test_prepare_dir_empties_it(tmp_path):
+    (tmp_path / "telemetry-1-2.json").write_text("{}")
+    (tmp_path / "counter_1.db").write_text("")
+    (tmp_path / "keep.txt").write_text("")
+    assert telemetry.prepare_multiproc_dir(str(tmp_path)) == 2
+    assert os.listdir(tmp_path) == ["keep.txt"]

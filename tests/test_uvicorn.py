@@ -1,0 +1,64 @@
+"""Two real uvicorn workers behind one /metrics: the host sum and the per-process view."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import services
+
+pytestmark = pytest.mark.integration
+
+
+def _scrape(port: int) -> list:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def test_two_workers_one_metrics_endpoint(pg, tmp_path):
+    port = services.free_port()
+    env = dict(os.environ, APP_DATABASE_URL=pg.url("asyncpg"), TELEMETRY_MULTIPROC_DIR=str(tmp_path),
+               TELEMETRY_FLUSH_INTERVAL_SECONDS="0.1")  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.apps.pool_app:app", "--workers", "2",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        cwd=root, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        services.wait_port(port, 30)
+        served_by = set()
+        for _ in range(40):
+            with httpx.Client(timeout=10) as client:  # a new connection each time
+                served_by.add(client.get(f"http://127.0.0.1:{port}/work").text)
+        deadline = time.monotonic() + 15
+        while True:
+            samples = _scrape(port)
+            ok = sum(s.value for s in samples
+                     if s.name == "db_pool_checkouts_total" and s.labels.get("result") == "ok")  # fmt: skip
+            pids = {s.labels["pid"] for s in samples if s.name == "db_pool_size"}
+            if (ok >= 40 and len(pids) == 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        # the summed view: every request's checkout, whichever worker served it or /metrics
+        assert ok == 40
+        holds = sum(s.value for s in samples if s.name == "db_connection_hold_seconds_count"
+                    and s.labels["owner"] == "GET /work")  # fmt: skip
+        assert holds == 40
+        # the per-process view: one series per worker, each with its own pool
+        assert len(pids) == 2
+        assert served_by <= pids
+        in_use = {s.labels["pid"]: s.value for s in samples if s.name == "db_pool_connections_in_use"}
+        assert set(in_use) == pids and sum(in_use.values()) == 0
+        maxes = [s.value for s in samples if s.name == "db_pool_connections_max"]
+        assert maxes == [4, 4]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
