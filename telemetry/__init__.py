@@ -29,9 +29,9 @@ from ._owner import DEFAULT_OWNER, current_owner, db_owner
 from ._settings import ConfigError, Settings
 
 __all__ = [
-    "DEFAULT_OWNER",
     "AddService",
     "ConfigError",
+    "DEFAULT_OWNER",
     "Settings",
     "add_pid",
     "add_trace_context",

@@ -119,7 +119,7 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             _check_stock_env(loaded.multiproc_dir)
         else:
             runtime.collector = _exposition.TelemetryCollector()
-            prometheus_client.REGISTRY.register(runtime.collector)  # type: ignore[arg-type]
+            prometheus_client.REGISTRY.register(runtime.collector)
         if loaded.sqlalchemy:
             _install_sqlalchemy(loaded, auto=True)
         runtime.housekeeper = _Housekeeper(runtime)
@@ -174,7 +174,7 @@ def uninstrument() -> None:
                 except OSError:
                     pass
             if runtime.collector is not None:
-                prometheus_client.REGISTRY.unregister(runtime.collector)  # type: ignore[arg-type]
+                prometheus_client.REGISTRY.unregister(runtime.collector)
         try:
             from . import _pool
 

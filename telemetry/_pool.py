@@ -28,6 +28,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterable
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import event
@@ -183,7 +184,7 @@ def _engine_name(engine: Engine) -> str:
 
 def _find_engine(pool: Pool) -> Engine | None:
     """The engine whose first connect is on the stack (only at a pool's first checkout)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(40):
         if frame is None:
             return None
@@ -489,7 +490,7 @@ def install(*, auto: bool) -> None:
         for cls in (Pool, SingletonThreadPool):
             orig = cls.__dict__["connect"]
             _patched[cls] = orig
-            cls.connect = _wrap_connect(orig)  # type: ignore[method-assign]
+            setattr(cls, "connect", _wrap_connect(orig))  # noqa: B010
         for name, fn in _LISTENERS:
             event.listen(Pool, name, fn)
         if auto:
@@ -524,7 +525,7 @@ def register_engine(engine: Any, name: str | None) -> PoolState:
         state = _state_for(pool, engine)
     if state is _SKIP:  # pragma: no cover - only if registration itself failed
         raise RuntimeError("could not instrument engine; see telemetry_hook_error in the logs")
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 def uninstall() -> None:
@@ -533,7 +534,7 @@ def uninstall() -> None:
             if event.contains(Pool, name, fn):
                 event.remove(Pool, name, fn)
         for cls, orig in _patched.items():
-            cls.connect = orig  # type: ignore[method-assign]
+            setattr(cls, "connect", orig)  # noqa: B010 - restoring a patched method
         _patched.clear()
         for pool in list(_seen_pools):
             pool.__dict__.pop(_ATTR, None)

@@ -1,0 +1,62 @@
+"""Generated files: what they are, how they are rendered, and the drift check.
+
+``telemetry generate`` writes them; ``tests/test_generated.py`` renders them in memory and fails
+when the committed copy differs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from ._metrics import CATALOGUE
+
+BEGIN = "<!-- BEGIN GENERATED: metric table (telemetry generate) -->"
+END = "<!-- END GENERATED -->"
+
+
+def metric_table() -> str:
+    rows = [
+        "| name | type | labels | unit | meaning | OpenTelemetry counterpart |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec in CATALOGUE.values():
+        labels = ", ".join(f"`{lb}`" for lb in spec.labels)
+        otel = f"`{spec.otel}`" if spec.otel else "-"
+        rows.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.unit} | {spec.help} | {otel} |")
+    return "\n".join(rows) + "\n"
+
+
+def _splice(path: str, body: str) -> str:
+    with open(path) as fh:
+        text = fh.read()
+    head, sep, rest = text.partition(BEGIN)
+    if not sep:
+        raise ValueError(f"{path}: marker {BEGIN!r} missing")
+    _, sep2, tail = rest.partition(END)
+    if not sep2:
+        raise ValueError(f"{path}: marker {END!r} missing")
+    return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def targets(root: str) -> dict[str, Callable[[], str]]:
+    """Relative path -> function rendering its full expected content."""
+    metrics_doc = os.path.join(root, "docs", "metrics.md")
+    out: dict[str, Callable[[], str]] = {
+        "docs/metrics.md": lambda: _splice(metrics_doc, metric_table()),
+    }
+    return out
+
+
+def generate(root: str) -> list[str]:
+    changed = []
+    for rel, render in targets(root).items():
+        path = os.path.join(root, rel)
+        content = render()
+        old = open(path).read() if os.path.exists(path) else None
+        if old != content:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(content)
+            changed.append(rel)
+    return changed

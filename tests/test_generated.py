@@ -1,0 +1,33 @@
+"""Generated files are committed and current; the catalogue is complete and consistent."""
+
+from __future__ import annotations
+
+import os
+
+from telemetry import _generate
+from telemetry._metrics import CATALOGUE, COUNTER, GAUGE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_generated_files_are_current():
+    stale = []
+    for rel, render in _generate.targets(ROOT).items():
+        with open(os.path.join(ROOT, rel)) as fh:
+            if fh.read() != render():
+                stale.append(rel)
+    assert not stale, f"stale generated files (run `telemetry generate`): {stale}"
+
+
+def test_catalogue_conventions():
+    for spec in CATALOGUE.values():
+        assert spec.labels[0] == "service", spec.name
+        assert spec.unit, spec.name
+        if spec.kind == COUNTER:
+            assert spec.name.endswith("_total"), spec.name
+        if spec.kind == GAUGE:
+            assert spec.labels[-1] == "pid", spec.name
+        else:
+            assert "pid" not in spec.labels, spec.name
+        if spec.unit == "seconds":
+            assert spec.name.endswith("_seconds"), spec.name

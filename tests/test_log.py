@@ -1,0 +1,61 @@
+"""The structlog helper: one JSON line per event, service/pid/level, trace ids only inside a
+span, standard-library records through the same renderer."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+
+import pytest
+import structlog
+from opentelemetry.sdk.trace import TracerProvider
+
+import telemetry
+
+
+@pytest.fixture
+def stream():
+    buf = io.StringIO()
+    yield buf
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if h.get_name() == "telemetry-json"]:
+        root.removeHandler(h)
+
+
+def _lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+
+
+def test_json_with_trace_ids_only_inside_a_span(stream):
+    telemetry.configure_logging("api", stream=stream)
+    log = structlog.get_logger("app")
+    log.info("outside")
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("work") as span:
+        log.info("inside", concept=3)
+        ctx = span.get_span_context()
+    logging.getLogger("sqlalchemy.pool").warning("stdlib %s", "record")
+    out, inside, std = _lines(stream)
+    assert out["event"] == "outside" and "trace_id" not in out and "span_id" not in out
+    assert out["service"] == "api" and isinstance(out["pid"], int) and out["level"] == "info"
+    assert inside["trace_id"] == format(ctx.trace_id, "032x")
+    assert inside["span_id"] == format(ctx.span_id, "016x")
+    assert re.fullmatch(r"[0-9a-f]{32}", inside["trace_id"]) and inside["concept"] == 3
+    assert std["event"] == "stdlib record" and std["logger"] == "sqlalchemy.pool"
+    assert std["service"] == "api" and std["level"] == "warning"
+
+
+def test_bad_level_is_refused():
+    with pytest.raises(ValueError, match="invalid log level 'LOUD'"):
+        telemetry.configure_logging("api", level="LOUD")
+
+
+def test_processors_compose_into_a_user_chain():
+    event = {"event": "x"}
+    event = telemetry.AddService("worker")(None, "info", event)
+    event = telemetry.add_pid(None, "info", event)
+    event = telemetry.add_trace_context(None, "info", event)
+    assert event["service"] == "worker" and "pid" in event and "trace_id" not in event
