@@ -42,9 +42,14 @@ def _splice(path: str, body: str) -> str:
 def targets(root: str) -> dict[str, Callable[[], str]]:
     """Relative path -> function rendering its full expected content."""
     metrics_doc = os.path.join(root, "docs", "metrics.md")
+    from . import _rules
+
     out: dict[str, Callable[[], str]] = {
         "docs/metrics.md": lambda: _splice(metrics_doc, metric_table()),
+        "alerts/telemetry.rules.yml": _rules.render_rules,
     }
+    for event in _rules.LOG_QUERIES:
+        out[f"alerts/logql/{event}.logql"] = lambda e=event: _rules.render_log_query(e)
     return out
 
 

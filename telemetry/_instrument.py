@@ -143,6 +143,7 @@ def _install_sqlalchemy(settings: Settings, *, auto: bool) -> None:
     _pool.CONFIG.critical_ratio = settings.critical_usage_ratio
     _pool.CONFIG.critical_interval = settings.critical_log_interval_seconds
     _pool.CONFIG.max_owners = settings.max_owners
+    _pool.CONFIG.connection_limit = settings.connection_limit
     _pool.install(auto=auto)
 
 

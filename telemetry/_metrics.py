@@ -65,6 +65,11 @@ _SPECS = [
         "db.client.connection.max",
     ),
     MetricSpec(
+        "db_server_connection_limit", GAUGE, POOL_PID, "connections",
+        "Connections the database server or pooler allows this deployment "
+        "(TELEMETRY_DB_CONNECTION_LIMIT); the budget alert compares the host sum of max to it.",
+    ),
+    MetricSpec(
         "db_pool_overflow", GAUGE, POOL_PID, "connections",
         "Connections open beyond pool_size right now (negative while the pool is still filling).",
     ),

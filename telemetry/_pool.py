@@ -74,6 +74,7 @@ class _Config:
     critical_ratio = 0.9
     critical_interval = 10.0
     max_owners = 100
+    connection_limit: int | None = None
     auto = True
 
 
@@ -147,6 +148,8 @@ class PoolState:
             yield "db_pool_overflow", lb, pool.overflow()
         if self.max_connections is not None:
             yield "db_pool_connections_max", lb, self.max_connections
+        if CONFIG.connection_limit is not None:
+            yield "db_server_connection_limit", lb, CONFIG.connection_limit
         for result, n in (("ok", self.ok), ("timeout", self.timeouts), ("error", self.errors),
                           ("cancelled", self.cancelled)):  # fmt: skip
             yield "db_pool_checkouts_total", lb + (("result", result),), n
@@ -547,6 +550,7 @@ def uninstall() -> None:
         _names_by_creator.clear()
         _explicit.clear()
         CONFIG.auto = True
+        CONFIG.connection_limit = None
 
 
 def after_fork_in_child() -> None:

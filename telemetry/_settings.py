@@ -118,6 +118,9 @@ _FIELDS: dict[str, _Field] = {
         ("TELEMETRY_FLUSH_INTERVAL_SECONDS",), _number(0.01, 60.0, low_open=False), lambda: 1.0
     ),
     "max_owners": _Field(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100),
+    "connection_limit": _Field(
+        ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
+    ),
 }
 
 
@@ -133,6 +136,7 @@ class Settings:
     multiproc_dir: str | None
     flush_interval_seconds: float
     max_owners: int
+    connection_limit: int | None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -32,3 +32,15 @@ DASHBOARD_UID_POOLS = "telemetry-db-pools"
 DASHBOARD_UID_API = "telemetry-api"
 DASHBOARD_UID_CELERY = "telemetry-celery"
 DASHBOARD_UID_OVERVIEW = "telemetry-overview"
+
+#: Sustained pending checkouts (callers waiting) before DbPoolPendingRequests fires.
+FOR_PENDING = "5m"
+#: Connect errors must persist this long before DbPoolConnectErrors fires.
+FOR_CONNECT_ERRORS = "2m"
+#: The configured worst case must exceed the limit this long (deploys overlap briefly).
+FOR_BUDGET = "10m"
+
+#: Where alert links point. Regenerate (``telemetry generate``) after changing them.
+RUNBOOK_BASE_URL = "https://github.com/example/telemetry/blob/main/docs/runbooks"
+GRAFANA_URL = "http://localhost:3000"
+LOKI_DATASOURCE_UID = "loki"

@@ -1,0 +1,187 @@
+"""Prometheus recording and alerting rules, generated from :mod:`telemetry.thresholds`.
+
+Conventions (after the monitoring mixins): alerts named ``<Component><Condition>``, always a
+``for:``, ``severity`` the only routing label, annotations ``summary``, ``description`` (templated
+with labels and value), ``runbook_url``, ``dashboard_url`` and, where a log event explains the
+alert, ``logs_url`` (Grafana Explore on Loki with the shipped LogQL query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import urllib.parse
+from typing import Any
+
+from . import thresholds as T
+
+POOL_LABELS = "service, pool"
+
+RECORDING: list[tuple[str, str]] = [
+    # one saturated process must be visible among idle ones: max over pid, never sum
+    ("service_pool:db_pool_usage:max",
+     f"max by ({POOL_LABELS}) (db_pool_connections_in_use / db_pool_connections_max)"),
+    ("service_pool:db_pool_connections_in_use:sum",
+     f"sum by ({POOL_LABELS}) (db_pool_connections_in_use)"),
+    ("service_pool:db_pool_pending_requests:max",
+     f"max by ({POOL_LABELS}) (db_pool_pending_requests)"),
+    ("service_pool:db_connection_hold_seconds:p95_5m",
+     f"histogram_quantile(0.95, sum by (le, {POOL_LABELS}) (rate(db_connection_hold_seconds_bucket[5m])))"),
+    ("service_pool:db_pool_checkout_wait_seconds:p95_5m",
+     f"histogram_quantile(0.95, sum by (le, {POOL_LABELS}) (rate(db_pool_checkout_wait_seconds_bucket[5m])))"),
+    ("service_pool:db_pool_timeouts:rate5m",
+     f"sum by ({POOL_LABELS}) (rate(db_pool_timeouts_total[5m]))"),
+    ("service_pool:db_pool_connect_errors:rate5m",
+     f"sum by ({POOL_LABELS}) (rate(db_pool_connect_errors_total[5m]))"),
+    # the connection budget: pools to one database share a name across services
+    ("pool:db_pool_connections_max:sum", "sum by (pool) (db_pool_connections_max)"),
+    ("pool:db_server_connection_limit:max", "max by (pool) (db_server_connection_limit)"),
+]  # fmt: skip
+
+LOG_QUERIES = {
+    "db_pool_critical_usage": '{service="$service"} | json | event="db_pool_critical_usage" | pool="$pool"',
+    "db_connection_held_too_long": '{service="$service"} | json | event="db_connection_held_too_long" | pool="$pool"',
+    "db_pool_timeout": '{service="$service"} | json | event="db_pool_timeout" | pool="$pool"',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Alert:
+    name: str
+    expr: str
+    for_: str
+    severity: str
+    summary: str
+    description: str
+    dashboard_uid: str = T.DASHBOARD_UID_POOLS
+    log_event: str | None = None
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:g}%"
+
+
+ALERTS: list[Alert] = [
+    Alert(
+        "DbPoolUsageWarning",
+        f"service_pool:db_pool_usage:max > {T.POOL_USAGE_WARNING}",
+        T.FOR_USAGE_WARNING, "warning",
+        "Pool {{ $labels.pool }} of {{ $labels.service }} is above " + _pct(T.POOL_USAGE_WARNING) + " usage",
+        "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
+        "pool_size + max_overflow on {{ $labels.pool }}.",
+        log_event="db_pool_critical_usage",
+    ),
+    Alert(
+        "DbPoolUsageCritical",
+        f"service_pool:db_pool_usage:max > {T.POOL_USAGE_CRITICAL}",
+        T.FOR_USAGE_CRITICAL, "critical",
+        "Pool {{ $labels.pool }} of {{ $labels.service }} is exhausted",
+        "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
+        "pool_size + max_overflow on {{ $labels.pool }}: new checkouts wait or time out.",
+        log_event="db_pool_critical_usage",
+    ),
+    Alert(
+        "DbConnectionHoldTooLong",
+        f"service_pool:db_connection_hold_seconds:p95_5m > {T.HOLD_SECONDS_WARNING:g}",
+        T.FOR_HOLD_WARNING, "warning",
+        "Connections of {{ $labels.service }} are held too long on {{ $labels.pool }}",
+        "95% of connection holds on {{ $labels.pool }} ({{ $labels.service }}) last up to "
+        "{{ $value | humanizeDuration }} (threshold " + f"{T.HOLD_SECONDS_WARNING:g}s" + ").",
+        log_event="db_connection_held_too_long",
+    ),
+    Alert(
+        "DbPoolCheckoutWaitHigh",
+        f"service_pool:db_pool_checkout_wait_seconds:p95_5m > {T.WAIT_P95_SECONDS_WARNING:g}",
+        T.FOR_WAIT_WARNING, "warning",
+        "Checkouts of {{ $labels.service }} wait for connections on {{ $labels.pool }}",
+        "p95 checkout wait on {{ $labels.pool }} ({{ $labels.service }}) is "
+        "{{ $value | humanizeDuration }}: requests spend that long before their first query.",
+    ),
+    Alert(
+        "DbPoolCheckoutTimeouts",
+        "service_pool:db_pool_timeouts:rate5m > 0",
+        T.FOR_TIMEOUTS, "critical",
+        "Checkouts of {{ $labels.service }} time out on {{ $labels.pool }}",
+        "{{ printf \"%.2f\" $value }} checkouts per second hit pool_timeout on {{ $labels.pool }} "
+        "({{ $labels.service }}): callers get errors.",
+        log_event="db_pool_timeout",
+    ),
+    Alert(
+        "DbPoolPendingRequests",
+        "service_pool:db_pool_pending_requests:max > 0",
+        T.FOR_PENDING, "warning",
+        "Callers of {{ $labels.service }} keep queueing for {{ $labels.pool }}",
+        "Some {{ $labels.service }} process has had callers waiting for a connection on "
+        "{{ $labels.pool }} for " + T.FOR_PENDING + " (now {{ $value }}).",
+    ),
+    Alert(
+        "DbPoolConnectErrors",
+        "service_pool:db_pool_connect_errors:rate5m > 0",
+        T.FOR_CONNECT_ERRORS, "warning",
+        "{{ $labels.service }} fails to connect to {{ $labels.pool }}",
+        "{{ printf \"%.2f\" $value }} failed checkouts per second on {{ $labels.pool }} "
+        "({{ $labels.service }}): the server or pooler refuses or drops connections.",
+    ),
+    Alert(
+        "DbConnectionBudgetExceeded",
+        "pool:db_pool_connections_max:sum > on (pool) pool:db_server_connection_limit:max",
+        T.FOR_BUDGET, "warning",
+        "Worst-case connections to {{ $labels.pool }} exceed the server limit",
+        "All processes together may open {{ $value }} connections to {{ $labels.pool }}, more "
+        "than the server or pooler allows: under load, connects will fail.",
+    ),
+]
+
+
+def runbook_url(alert: str) -> str:
+    return f"{T.RUNBOOK_BASE_URL}/{alert}.md"
+
+
+def dashboard_url(uid: str) -> str:
+    return (f"{T.GRAFANA_URL}/d/{uid}?var-service={{{{ $labels.service | urlquery }}}}"
+            "&var-pool={{ $labels.pool | urlquery }}")  # fmt: skip
+
+
+def logs_url(event: str) -> str:
+    """Grafana Explore on Loki with the event's query, the alert's labels filled in."""
+    expr = LOG_QUERIES[event].replace("$service", "SERVICE__").replace("$pool", "POOL__")
+    left = {"datasource": T.LOKI_DATASOURCE_UID, "queries": [{"refId": "A", "expr": expr}],
+            "range": {"from": "now-1h", "to": "now"}}  # fmt: skip
+    quoted = urllib.parse.quote(json.dumps(left, separators=(",", ":")), safe="")
+    quoted = quoted.replace("SERVICE__", "{{ $labels.service | urlquery }}")
+    quoted = quoted.replace("POOL__", "{{ $labels.pool | urlquery }}")
+    return f"{T.GRAFANA_URL}/explore?orgId=1&left={quoted}"
+
+
+def rule_groups() -> dict[str, Any]:
+    alerts = []
+    for a in ALERTS:
+        annotations = {
+            "summary": a.summary,
+            "description": a.description,
+            "runbook_url": runbook_url(a.name),
+            "dashboard_url": dashboard_url(a.dashboard_uid),
+        }
+        if a.log_event:
+            annotations["logs_url"] = logs_url(a.log_event)
+        alerts.append({
+            "alert": a.name, "expr": a.expr, "for": a.for_,
+            "labels": {"severity": a.severity}, "annotations": annotations,
+        })  # fmt: skip
+    # one group: rules in a group run in order, so an alert sees the recorded series of the
+    # same evaluation (across groups the order is not defined and alerts would lag by one)
+    records = [{"record": r, "expr": e} for r, e in RECORDING]
+    return {"groups": [{"name": "telemetry-db-pool", "rules": records + alerts}]}
+
+
+def render_rules() -> str:
+    import yaml
+
+    header = "# Generated by `telemetry generate` from telemetry/_rules.py and thresholds.py. Do not edit.\n"
+    return header + yaml.safe_dump(rule_groups(), sort_keys=False, width=1000, allow_unicode=True)
+
+
+def render_log_query(event: str) -> str:
+    return (f"# LogQL for {event} (generated). $service and $pool are Grafana variables;\n"
+            f"# each row carries trace_id, which the Loki datasource links to Tempo.\n"
+            f"{LOG_QUERIES[event]}\n")  # fmt: skip

@@ -1,0 +1,199 @@
+"""The shipped rule file, run by the real promtool: syntax, every alert just before and just
+after its ``for`` boundary with full labels and annotations, and the cases where it must stay
+silent (one idle + one saturated process fires; many processes at 50% do not)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from telemetry import _rules
+from telemetry._metrics import CATALOGUE
+
+from . import services
+
+pytestmark = pytest.mark.integration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = os.path.join(ROOT, "alerts", "telemetry.rules.yml")
+POOL = 'service="api",pool="main-db"'
+
+
+def _promtool() -> str:
+    binary = shutil.which("promtool")
+    if not binary:
+        services.missing("promtool (Debian package prometheus)")
+    assert binary
+    return binary
+
+
+def _annotations(alert: str, labels: dict[str, str], summary: str, description: str) -> dict[str, str]:
+    """Expected annotations; links expanded for service=api, pool=main-db (nothing to escape)."""
+    spec = next(a for a in _rules.ALERTS if a.name == alert)
+    service = labels.get("service", "")
+    out = {
+        "summary": summary,
+        "description": description,
+        "runbook_url": _rules.runbook_url(alert),
+        "dashboard_url": _rules.dashboard_url(spec.dashboard_uid)
+        .replace("{{ $labels.service | urlquery }}", service)
+        .replace("{{ $labels.pool | urlquery }}", "main-db"),
+    }
+    if spec.log_event:
+        out["logs_url"] = (
+            _rules.logs_url(spec.log_event)
+            .replace("{{ $labels.service | urlquery }}", service)
+            .replace("{{ $labels.pool | urlquery }}", "main-db")
+        )
+    return out
+
+
+def _case(alert: str, series: list[dict[str, str]], before: str, after: str,
+          labels: dict[str, str], summary: str, description: str) -> dict[str, Any]:  # fmt: skip
+    spec = next(a for a in _rules.ALERTS if a.name == alert)
+    return {
+        "name": f"{alert} fires after its for ({spec.for_}) and not before",
+        "interval": "1m",
+        "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": before, "alertname": alert, "exp_alerts": []},
+            {"eval_time": after, "alertname": alert, "exp_alerts": [{
+                "exp_labels": {"severity": spec.severity, **labels},
+                "exp_annotations": _annotations(alert, labels, summary, description),
+            }]},
+        ],
+    }  # fmt: skip
+
+
+def _silent(name: str, series: list[dict[str, str]], at: str, alerts: list[str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "interval": "1m",
+        "input_series": series,
+        "alert_rule_test": [{"eval_time": at, "alertname": a, "exp_alerts": []} for a in alerts],
+    }
+
+
+def _hist(name: str, rates: dict[str, int]) -> list[dict[str, str]]:
+    return [{"series": f'{name}_bucket{{{POOL},le="{le}"}}', "values": f"0+{n}x30"}
+            for le, n in rates.items()]  # fmt: skip
+
+
+ONE_HOT_ONE_IDLE = [
+    {"series": f'db_pool_connections_in_use{{{POOL},pid="1"}}', "values": "4x30"},
+    {"series": f'db_pool_connections_max{{{POOL},pid="1"}}', "values": "4x30"},
+    {"series": f'db_pool_connections_in_use{{{POOL},pid="2"}}', "values": "0x30"},
+    {"series": f'db_pool_connections_max{{{POOL},pid="2"}}', "values": "4x30"},
+]
+MANY_AT_HALF = [
+    s for pid in range(1, 22) for s in (
+        {"series": f'db_pool_connections_in_use{{{POOL},pid="{pid}"}}', "values": "2x30"},
+        {"series": f'db_pool_connections_max{{{POOL},pid="{pid}"}}', "values": "4x30"},
+    )
+]  # fmt: skip
+BUDGET = [
+    {"series": 'db_pool_connections_max{service="api",pool="main-db",pid="1"}', "values": "4x30"},
+    {"series": 'db_pool_connections_max{service="api",pool="main-db",pid="2"}', "values": "4x30"},
+    {"series": 'db_pool_connections_max{service="worker",pool="main-db",pid="3"}', "values": "4x30"},
+]
+
+
+def _limit(n: int) -> list[dict[str, str]]:
+    return [{"series": f'db_server_connection_limit{{service="api",pool="main-db",pid="1"}}',
+             "values": f"{n}x30"}]  # fmt: skip
+
+
+CASES = [
+    _case("DbPoolUsageWarning", ONE_HOT_ONE_IDLE, "4m", "5m", {"service": "api", "pool": "main-db"},
+          "Pool main-db of api is above 80% usage",
+          "The busiest api process uses 100% of pool_size + max_overflow on main-db."),
+    _case("DbPoolUsageCritical", ONE_HOT_ONE_IDLE, "1m", "2m", {"service": "api", "pool": "main-db"},
+          "Pool main-db of api is exhausted",
+          "The busiest api process uses 100% of pool_size + max_overflow on main-db: new checkouts "
+          "wait or time out."),
+    # all observations in (5, 10]: p95 = 5 + 0.95 * 5 = 9.75 s; rate() has data from 1m
+    _case("DbConnectionHoldTooLong", _hist("db_connection_hold_seconds", {"1.0": 0, "5.0": 0, "10.0": 10, "+Inf": 10}),
+          "10m", "11m", {"service": "api", "pool": "main-db"},
+          "Connections of api are held too long on main-db",
+          "95% of connection holds on main-db (api) last up to 9.75s (threshold 5s)."),
+    # all in (1, 2.5]: p95 = 1 + 0.95 * 1.5 = 2.425 s
+    _case("DbPoolCheckoutWaitHigh", _hist("db_pool_checkout_wait_seconds", {"0.5": 0, "1.0": 0, "2.5": 10, "+Inf": 10}),
+          "5m", "6m", {"service": "api", "pool": "main-db"},
+          "Checkouts of api wait for connections on main-db",
+          "p95 checkout wait on main-db (api) is 2.425s: requests spend that long before their "
+          "first query."),
+    # 6 timeouts a minute from t=0; at 2m rate()[5m] over 3 samples extrapolates to 0.04/s
+    _case("DbPoolCheckoutTimeouts", [{"series": f"db_pool_timeouts_total{{{POOL}}}", "values": "0+6x30"}],
+          "1m", "2m", {"service": "api", "pool": "main-db"},
+          "Checkouts of api time out on main-db",
+          "0.04 checkouts per second hit pool_timeout on main-db (api): callers get errors."),
+    _case("DbPoolPendingRequests", [{"series": f'db_pool_pending_requests{{{POOL},pid="7"}}', "values": "3x30"}],
+          "4m", "5m", {"service": "api", "pool": "main-db"},
+          "Callers of api keep queueing for main-db",
+          "Some api process has had callers waiting for a connection on main-db for 5m (now 3)."),
+    _case("DbPoolConnectErrors", [{"series": f"db_pool_connect_errors_total{{{POOL}}}", "values": "0+60x30"}],
+          "2m", "3m", {"service": "api", "pool": "main-db"},
+          "api fails to connect to main-db",
+          "0.60 failed checkouts per second on main-db (api): the server or pooler refuses or "
+          "drops connections."),
+    _case("DbConnectionBudgetExceeded", BUDGET + _limit(10), "9m", "10m", {"pool": "main-db"},
+          "Worst-case connections to main-db exceed the server limit",
+          "All processes together may open 12 connections to main-db, more than the server or "
+          "pooler allows: under load, connects will fail."),
+    _silent("21 processes each at 50%: no usage alert", MANY_AT_HALF, "20m",
+            ["DbPoolUsageWarning", "DbPoolUsageCritical"]),
+    _silent("idle pools, flat counters: nothing fires",
+            ONE_HOT_ONE_IDLE[2:] + [
+                {"series": f"db_pool_timeouts_total{{{POOL}}}", "values": "5x30"},
+                {"series": f"db_pool_connect_errors_total{{{POOL}}}", "values": "2x30"},
+                {"series": f'db_pool_pending_requests{{{POOL},pid="2"}}', "values": "0x30"},
+            ], "20m",
+            ["DbPoolUsageWarning", "DbPoolUsageCritical", "DbPoolCheckoutTimeouts",
+             "DbPoolConnectErrors", "DbPoolPendingRequests"]),
+    _silent("budget within the limit", BUDGET + _limit(50), "20m", ["DbConnectionBudgetExceeded"]),
+    _silent("fast holds and waits", _hist("db_connection_hold_seconds", {"0.1": 10, "5.0": 10, "+Inf": 10})
+            + _hist("db_pool_checkout_wait_seconds", {"0.01": 10, "1.0": 10, "+Inf": 10}), "20m",
+            ["DbConnectionHoldTooLong", "DbPoolCheckoutWaitHigh"]),
+]  # fmt: skip
+
+
+def test_rules_pass_promtool_check():
+    out = subprocess.run([_promtool(), "check", "rules", RULES], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(_rules.ALERTS) + len(_rules.RECORDING)} rules found" in out.stdout
+
+
+def test_every_alert_has_a_case_and_a_runbook():
+    tested = {c["alert_rule_test"][-1]["alertname"] for c in CASES if c["name"].endswith("not before")}
+    assert tested == {a.name for a in _rules.ALERTS}
+    for alert in _rules.ALERTS:
+        assert os.path.exists(os.path.join(ROOT, "docs", "runbooks", f"{alert.name}.md")), alert.name
+
+
+def test_alerts_with_promtool(tmp_path):
+    tests = {"rule_files": [RULES], "evaluation_interval": "1m", "tests": CASES}
+    path = tmp_path / "telemetry.test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False, width=1000))
+    out = subprocess.run([_promtool(), "test", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_rule_expressions_name_only_exported_metrics():
+    import re
+
+    with open(RULES) as fh:
+        rules = yaml.safe_load(fh)["groups"]
+    recorded = {r["record"] for g in rules for r in g["rules"] if "record" in r}
+    for group in rules:
+        for rule in group["rules"]:
+            for name in re.findall(r"\b([a-z_][a-z0-9_:]*)\b(?=\s*[{\[)]|\s*/|\s*>|\s*$)", rule["expr"]):
+                base = re.sub(r"_(bucket|count|sum)$", "", name)
+                if name in recorded or name in ("by", "on", "le", "service", "pool", "rate", "max", "sum", "histogram_quantile"):
+                    continue
+                assert base in CATALOGUE or name in CATALOGUE, f"{rule.get('alert') or rule.get('record')}: {name}"
