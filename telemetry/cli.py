@@ -4,6 +4,9 @@
     telemetry prepare-multiproc-dir DIR        empty the multiprocess directory (deploy start)
     telemetry serve-metrics --dir DIR [--port P] [--addr A]
                                                serve the host aggregate of DIR on /metrics
+    telemetry budget FILE.yml | --limit N --service NAME=PxSIZE+OVERFLOW ...
+                                               worst-case connections against the limit;
+                                               exit 1 when it does not fit, 2 on bad input
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dir", required=True, dest="directory")
     serve.add_argument("--port", type=int, default=9464)
     serve.add_argument("--addr", default="127.0.0.1", help="default loopback; widen explicitly")
+    bud = sub.add_parser("budget", help="check worst-case connections against the server limit")
+    bud.add_argument("file", nargs="?", help="YAML: limit, reserved, services{processes,pool_size,max_overflow}")
+    bud.add_argument("--limit", type=int, help="connections the server or pooler allows")
+    bud.add_argument("--reserved", type=int, default=0)
+    bud.add_argument("--service", action="append", default=[], help="NAME=PROCESSESxPOOL_SIZE+MAX_OVERFLOW")
     args = parser.parse_args(argv)
 
     from ._settings import ConfigError
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             from ._multiprocess import prepare_dir
 
             print(f"removed {prepare_dir(args.directory)} file(s) from {args.directory}")
+        elif args.command == "budget":
+            return _budget(args)
         elif args.command == "serve-metrics":
             from ._instrument import start_metrics_server
 
@@ -56,6 +66,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from . import _budget as b
+    from ._settings import ConfigError
+
+    if args.file and (args.service or args.limit is not None):
+        raise ConfigError("budget: give either a FILE or --limit/--service flags, not both")
+    if args.file:
+        import yaml
+
+        try:
+            with open(args.file) as fh:
+                data = yaml.safe_load(fh)
+        except OSError as exc:
+            raise ConfigError(f"budget: cannot read {args.file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"budget: {args.file} is not valid YAML: {exc}") from None
+        budget = b.from_mapping(data, args.file)
+    else:
+        if args.limit is None or not args.service:
+            raise ConfigError("budget: expected a FILE, or --limit N and at least one --service")
+        budget = b.from_flags(args.limit, args.service, args.reserved)
+    print(b.render(budget))
+    return 0 if budget.fits else 1
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ BUDGET = [
 
 
 def _limit(n: int) -> list[dict[str, str]]:
-    return [{"series": f'db_server_connection_limit{{service="api",pool="main-db",pid="1"}}',
+    return [{"series": 'db_server_connection_limit{service="api",pool="main-db",pid="1"}',
              "values": f"{n}x30"}]  # fmt: skip
 
 
