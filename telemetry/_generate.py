@@ -6,6 +6,7 @@ when the committed copy differs.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -49,7 +50,7 @@ def targets(root: str) -> dict[str, Callable[[], str]]:
         "alerts/telemetry.rules.yml": _rules.render_rules,
     }
     for event in _rules.LOG_QUERIES:
-        out[f"alerts/logql/{event}.logql"] = lambda e=event: _rules.render_log_query(e)
+        out[f"alerts/logql/{event}.logql"] = functools.partial(_rules.render_log_query, event)
     return out
 
 
