@@ -13,9 +13,13 @@ in use against ``pool_size + max_overflow``), ``db_pool_critical_usage``,
 Importing this package has no side effects. The user guide is ``docs/``.
 """
 
+from ._asgi import TelemetryMiddleware
+from ._asyncio import Semaphore, watch_event_loop
 from ._instrument import (
     flush,
     instrument,
+    instrument_celery,
+    instrument_fastapi,
     instrument_sqlalchemy,
     is_instrumented,
     metrics_app,
@@ -32,7 +36,9 @@ __all__ = [
     "AddService",
     "ConfigError",
     "DEFAULT_OWNER",
+    "Semaphore",
     "Settings",
+    "TelemetryMiddleware",
     "add_pid",
     "add_trace_context",
     "configure_logging",
@@ -40,6 +46,8 @@ __all__ = [
     "db_owner",
     "flush",
     "instrument",
+    "instrument_celery",
+    "instrument_fastapi",
     "instrument_sqlalchemy",
     "is_instrumented",
     "metrics_app",
@@ -48,4 +56,5 @@ __all__ = [
     "start_metrics_server",
     "trace_ids",
     "uninstrument",
+    "watch_event_loop",
 ]

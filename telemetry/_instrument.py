@@ -72,6 +72,9 @@ class _Housekeeper:
                 from . import _pool
 
                 _pool.scan_long_holds()
+            from . import _asyncio
+
+            _asyncio.check_loops()
         except Exception as exc:
             _log.hook_error("watchdog", exc)
 
@@ -122,6 +125,7 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             prometheus_client.REGISTRY.register(runtime.collector)
         if loaded.sqlalchemy:
             _install_sqlalchemy(loaded, auto=True)
+        _install_integrations(loaded)
         runtime.housekeeper = _Housekeeper(runtime)
         runtime.housekeeper.start()
         _runtime = runtime
@@ -145,6 +149,51 @@ def _install_sqlalchemy(settings: Settings, *, auto: bool) -> None:
     _pool.CONFIG.max_owners = settings.max_owners
     _pool.CONFIG.connection_limit = settings.connection_limit
     _pool.install(auto=auto)
+
+
+def _install_integrations(settings: Settings) -> None:
+    import importlib.util
+
+    from . import _asyncio
+
+    _asyncio.CONFIG.blocked_threshold = settings.loop_blocked_seconds
+    if settings.tracing and importlib.util.find_spec("opentelemetry.sdk") is not None:
+        from . import _tracing
+
+        _tracing.setup(settings.service)
+        if settings.trace_sql:
+            from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+            instrumentor = SQLAlchemyInstrumentor()
+            if not instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.instrument(enable_commenter=False)
+    if settings.celery and importlib.util.find_spec("celery") is not None:
+        from . import _celery
+
+        _celery.install()
+    if settings.fastapi and importlib.util.find_spec("starlette") is not None:
+        from . import _asgi
+
+        _asgi.install()
+
+
+def instrument_celery() -> None:
+    """Celery task metrics, owner attribution, spans and prefork lifecycle (part of
+    :func:`instrument`; call it alone to get only this)."""
+    from . import _celery
+
+    _celery.install()
+
+
+def instrument_fastapi(app: Any = None) -> None:
+    """Request metrics by route template, pool-wait split and spans for every Starlette/FastAPI
+    app (part of :func:`instrument`); with ``app``, also rebuild that app's middleware now."""
+    from . import _asgi
+
+    if app is None:
+        _asgi.install()
+    else:
+        _asgi.instrument_app(app)
 
 
 def instrument_sqlalchemy(engine: Any, name: str | None = None) -> None:
@@ -176,15 +225,17 @@ def uninstrument() -> None:
                     pass
             if runtime.collector is not None:
                 prometheus_client.REGISTRY.unregister(runtime.collector)
-        try:
-            from . import _pool
+        import sys
 
-            _pool.uninstall()
-        except ImportError:  # pragma: no cover
-            pass
+        for name in ("_pool", "_celery", "_asgi", "_asyncio"):
+            module = sys.modules.get(f"{__package__}.{name}")
+            if module is not None:
+                getattr(module, "uninstall", getattr(module, "reset", None))()
         _stats.REGISTRY.reset_all()
-        _stats.REGISTRY.__init__()  # type: ignore[misc]
-        _stats.REGISTRY.add(_log.INTERNAL)
+        if "telemetry._pool" in sys.modules:
+            from ._pool import PoolState
+
+            _stats.REGISTRY.discard(lambda s: isinstance(s, PoolState))
 
 
 def is_instrumented() -> bool:
@@ -241,14 +292,23 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()
     _stats.REGISTRY._lock = threading.Lock()
     _log.INTERNAL._lock = threading.Lock()
-    _log.INTERNAL.reset()
-    try:
-        from . import _pool
+    import sys
 
-        _pool._lock = threading.RLock()
-        _pool.after_fork_in_child()
-    except ImportError:  # pragma: no cover
-        pass
+    pool = sys.modules.get(f"{__package__}._pool")
+    if pool is not None:
+        pool._lock = threading.RLock()  # type: ignore[attr-defined]
+        pool.after_fork_in_child()  # type: ignore[attr-defined]
+    for name in ("_asyncio", "_celery", "_tracing"):
+        module = sys.modules.get(f"{__package__}.{name}")
+        if module is None:
+            continue
+        if name == "_asyncio":
+            module._monitored.clear()  # type: ignore[attr-defined]
+        elif name == "_celery":
+            module._running.clear()  # type: ignore[attr-defined]
+        else:
+            module.after_fork_in_child()  # type: ignore[attr-defined]
+    _stats.REGISTRY.reset_all()
     runtime = _runtime
     if runtime is None:
         return
@@ -287,6 +347,11 @@ def _make_finalizer(util: Any) -> Any:
 
 
 def _at_exit() -> None:
+    import sys
+
+    tracing = sys.modules.get(f"{__package__}._tracing")
+    if tracing is not None:
+        tracing.flush()  # type: ignore[attr-defined]
     runtime = _runtime
     if runtime is not None and runtime.process_file is not None:
         try:

@@ -69,6 +69,13 @@ class AddService:
         return event_dict
 
 
+_configured = False
+
+
+def logging_configured() -> bool:
+    return _configured
+
+
 def configure_logging(
     service: str, *, level: str | int = "INFO", stream: TextIO | None = None
 ) -> None:
@@ -116,6 +123,13 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # uvicorn and Celery install their own handlers; send their records through ours instead
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task"):
+        lib = logging.getLogger(name)
+        lib.handlers.clear()
+        lib.propagate = True
+    global _configured
+    _configured = True
 
 
 class _InternalStats:

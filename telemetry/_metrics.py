@@ -28,6 +28,18 @@ HOLD_BUCKETS = (
 )  # fmt: skip
 CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+#: Task runtime and queue wait: from milliseconds to the tens of minutes a content task can take.
+TASK_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0,
+)  # fmt: skip
+#: HTTP request durations and their pool-wait share.
+HTTP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+#: Event-loop lag: healthy loops stay under a few ms; the blocked threshold defaults to 0.5 s.
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 POOL = ("service", "pool")
 POOL_PID = ("service", "pool", "pid")
 
@@ -129,6 +141,77 @@ _SPECS = [
     MetricSpec(
         "telemetry_log_events_suppressed_total", COUNTER, ("service", "event"), "events",
         "Structured events not emitted because of per-pool rate limiting.",
+    ),
+    # ---------------------------------------------------------------- Celery
+    MetricSpec(
+        "celery_task_runtime_seconds", HISTOGRAM, ("service", "task", "queue"), "seconds",
+        "Task run time in the worker, prerun to postrun.", "", TASK_BUCKETS,
+    ),
+    MetricSpec(
+        "celery_task_queue_wait_seconds", HISTOGRAM, ("service", "task", "queue"), "seconds",
+        "Publish (or ETA/countdown, when later) to start of the task in a worker.", "", TASK_BUCKETS,
+    ),
+    MetricSpec(
+        "celery_tasks_in_progress", GAUGE, ("service", "task", "queue", "pid"), "tasks",
+        "Tasks running in this worker process right now.",
+    ),
+    MetricSpec(
+        "celery_tasks_total", COUNTER, ("service", "task", "queue", "outcome"), "tasks",
+        "Finished tasks by outcome: succeeded, failed, retried, rejected, revoked.",
+    ),
+    MetricSpec(
+        "celery_task_failures_total", COUNTER, ("service", "task", "queue", "exception"), "tasks",
+        "Failed tasks by exception type (class name; capped, then \"other\").",
+    ),
+    # ---------------------------------------------------------------- HTTP
+    MetricSpec(
+        "http_server_request_duration_seconds", HISTOGRAM, ("service", "method", "route", "status"),
+        "seconds", "Request duration by route template (never the raw path) and status.",
+        "http.server.request.duration", HTTP_BUCKETS,
+    ),
+    MetricSpec(
+        "http_server_requests_in_flight", GAUGE, ("service", "method", "route", "pid"), "requests",
+        "Requests (and open streams / WebSockets) being served right now.",
+        "http.server.active_requests",
+    ),
+    MetricSpec(
+        "http_server_pool_wait_seconds", HISTOGRAM, ("service", "method", "route"), "seconds",
+        "Per request: total time spent waiting for pool checkouts.", "", HTTP_BUCKETS,
+    ),
+    MetricSpec(
+        "http_server_pool_hold_seconds", HISTOGRAM, ("service", "method", "route"), "seconds",
+        "Per request: total time connections were held (overlaps add up).", "", HTTP_BUCKETS,
+    ),
+    # ---------------------------------------------------------------- asyncio
+    MetricSpec(
+        "asyncio_semaphore_capacity", GAUGE, ("service", "semaphore", "pid"), "permits",
+        "Permits of the telemetry.Semaphore instances of this name alive in the process.",
+    ),
+    MetricSpec(
+        "asyncio_semaphore_in_use", GAUGE, ("service", "semaphore", "pid"), "permits",
+        "Permits held right now.",
+    ),
+    MetricSpec(
+        "asyncio_semaphore_waiters", GAUGE, ("service", "semaphore", "pid"), "tasks",
+        "Tasks waiting for a permit right now.",
+    ),
+    MetricSpec(
+        "asyncio_semaphore_wait_seconds", HISTOGRAM, ("service", "semaphore"), "seconds",
+        "Time from acquire() to getting the permit (0 when one was free).", "", WAIT_BUCKETS,
+    ),
+    MetricSpec(
+        "event_loop_lag_seconds", HISTOGRAM, ("service",), "seconds",
+        "How late the loop ran a callback scheduled every 0.1 s: time it was busy elsewhere.",
+        "", LAG_BUCKETS,
+    ),
+    MetricSpec(
+        "event_loop_blocked_total", COUNTER, ("service",), "episodes",
+        "Times the loop was blocked longer than the threshold (each logged as event_loop_blocked).",
+    ),
+    # ---------------------------------------------------------------- tracing
+    MetricSpec(
+        "telemetry_spans_total", COUNTER, ("service", "result"), "spans",
+        "Finished spans by fate: exported, failed (export error), dropped (queue full).",
     ),
 ]  # fmt: skip
 

@@ -16,6 +16,12 @@ from typing import Any, TypeVar
 DEFAULT_OWNER = "unattributed"
 OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("telemetry_owner", default=DEFAULT_OWNER)
 
+#: Per-request accumulator ``[seconds waiting for checkouts, seconds holding connections]`` set
+#: by the ASGI middleware; the pool hot path adds to it when it is set.
+ACCOUNT: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "telemetry_account", default=None
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -40,7 +40,7 @@ from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool
 from . import _stacks
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
-from ._owner import OWNER
+from ._owner import ACCOUNT, OWNER
 from ._stats import REGISTRY, Histogram, Sample
 
 _ATTR = "_telemetry_state"
@@ -58,12 +58,15 @@ except Exception:  # pragma: no cover - tracing extra missing or internals chang
 
 _perf = time.perf_counter
 _owner_get = OWNER.get
+_account_get = ACCOUNT.get
 _get_ident = threading.get_ident
 _get_running_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
 
-#: ConnectionPoolEntry -> (checkout time, owner, PoolState, thread ident, asyncio task, otel ctx)
-_held: dict[Any, tuple[float, str, PoolState, int | None, Any, Any]] = {}
+#: ConnectionPoolEntry -> (checkout time, owner, PoolState, thread ident, asyncio task, otel ctx,
+#: request account or None)
+_held: dict[Any, tuple[float, str, PoolState, int | None, Any, Any, list[float] | None]] = {}
+_last_loop: Any = None
 #: entries already reported by the long-hold watchdog -> when they were reported
 _flagged: dict[Any, float] = {}
 
@@ -293,14 +296,19 @@ def _wrap_connect(orig: Any) -> Any:
             wait.counts[bisect_left(WAIT_BUCKETS, waited)] += 1
             wait.total += waited
             st.ok += 1
+            account = _account_get()
+            if account is not None:
+                account[0] += waited
             if fairy._counter == 1:  # not a re-entrant checkout of the same fairy
                 loop = _get_running_loop()
                 if loop is None:
                     holder: tuple[int | None, Any] = (_get_ident(), None)
                 else:
                     holder = (None, _current_task(loop))
+                    if loop is not _last_loop:
+                        _new_loop(loop)
                 _held[fairy._connection_record] = (
-                    t1, _owner_get(), st, holder[0], holder[1], _otel_context_get()
+                    t1, _owner_get(), st, holder[0], holder[1], _otel_context_get(), account
                 )
                 n = st.in_use = st.in_use + 1
                 if n >= st.critical_at:
@@ -325,6 +333,8 @@ def _release(dbapi_connection: Any, rec: Any, *rest: Any) -> None:
         hist = st.hold.get(entry[1]) or st.hold_histogram(entry[1])
         hist.counts[bisect_left(HOLD_BUCKETS, held)] += 1
         hist.total += held
+        if entry[6] is not None:
+            entry[6][1] += held
         if _flagged and rec in _flagged:
             _released_after_long_hold(rec, entry, held)
     except Exception as exc:
@@ -374,9 +384,24 @@ def _state_of_record(rec: Any) -> PoolState | None:
 # --------------------------------------------------------------------------- rare paths
 
 
+def _new_loop(loop: Any) -> None:
+    """First checkout seen on this event loop: start measuring its lag (once per loop)."""
+    global _last_loop
+    _last_loop = loop
+    try:
+        from ._asyncio import watch_event_loop
+
+        watch_event_loop(loop)
+    except Exception as exc:
+        hook_error("pool.watch_loop", exc)
+
+
 def _on_failed(st: PoolState, waited: float, result: str) -> None:
     try:
         st.wait.observe(waited)
+        account = _account_get()
+        if account is not None:
+            account[0] += waited
         if result == "timeout":
             st.timeouts += 1
             _timeout_event(st, waited)
@@ -532,6 +557,7 @@ def register_engine(engine: Any, name: str | None) -> PoolState:
 
 
 def uninstall() -> None:
+    global _last_loop
     with _lock:
         for name, fn in _LISTENERS:
             if event.contains(Pool, name, fn):
@@ -544,6 +570,7 @@ def uninstall() -> None:
         _seen_pools.clear()
         if "_telemetry_state" in Pool.__dict__:
             del Pool._telemetry_state  # type: ignore[attr-defined]
+        _last_loop = None
         _held.clear()
         _flagged.clear()
         _states.clear()
@@ -555,6 +582,8 @@ def uninstall() -> None:
 
 def after_fork_in_child() -> None:
     """Connections and counts of the parent are not the child's: start clean."""
+    global _last_loop
+    _last_loop = None
     _held.clear()
     _flagged.clear()
     for state in list(_states.values()):

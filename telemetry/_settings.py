@@ -69,6 +69,19 @@ def _positive_int(raw: Any) -> int:
     return value
 
 
+def _port(raw: Any) -> int:
+    accepted = "a TCP port number in [1, 65535]"
+    if isinstance(raw, bool):
+        raise ValueError(accepted)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ValueError(accepted) from None
+    if not 1 <= value <= 65535:
+        raise ValueError(accepted)
+    return value
+
+
 def _name(raw: Any) -> str:
     text = str(raw).strip()
     if not text or len(text) > 100 or any(c in text for c in "\n\r\"\\"):
@@ -118,6 +131,17 @@ _FIELDS: dict[str, _Field] = {
         ("TELEMETRY_FLUSH_INTERVAL_SECONDS",), _number(0.01, 60.0, low_open=False), lambda: 1.0
     ),
     "max_owners": _Field(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100),
+    "tracing": _Field(("TELEMETRY_TRACING",), _bool, lambda: True),
+    "trace_sql": _Field(("TELEMETRY_TRACE_SQL",), _bool, lambda: False),
+    "celery": _Field(("TELEMETRY_CELERY",), _bool, lambda: True),
+    "fastapi": _Field(("TELEMETRY_FASTAPI",), _bool, lambda: True),
+    "loop_blocked_seconds": _Field(
+        ("TELEMETRY_LOOP_BLOCKED_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.LOOP_BLOCKED_SECONDS,
+    ),
+    "metrics_port": _Field(("TELEMETRY_METRICS_PORT",), _port, lambda: None),
+    "metrics_addr": _Field(("TELEMETRY_METRICS_ADDR",), _name, lambda: "127.0.0.1"),
     "connection_limit": _Field(
         ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
     ),
@@ -136,6 +160,13 @@ class Settings:
     multiproc_dir: str | None
     flush_interval_seconds: float
     max_owners: int
+    tracing: bool
+    trace_sql: bool
+    celery: bool
+    fastapi: bool
+    loop_blocked_seconds: float
+    metrics_port: int | None
+    metrics_addr: str
     connection_limit: int | None
 
     @classmethod
@@ -168,4 +199,4 @@ class Settings:
     @property
     def watchdog_interval_seconds(self) -> float:
         """How often held connections are scanned: fine enough to catch the threshold promptly."""
-        return max(0.01, min(0.5, self.hold_threshold_seconds / 4))
+        return max(0.01, min(0.5, self.hold_threshold_seconds / 4, self.loop_blocked_seconds / 4))

@@ -64,6 +64,10 @@ class _Registry:
         with self._lock:
             return list(self._sources)
 
+    def discard(self, predicate: Any) -> None:
+        with self._lock:
+            self._sources = [s for s in self._sources if not predicate(s)]
+
     def reset_all(self) -> None:
         for source in self.sources():
             source.reset()
@@ -106,3 +110,53 @@ def snapshot() -> dict[str, list[list[Any]]]:
 def assert_kind(name: str, kind: str) -> None:
     if CATALOGUE[name].kind != kind:  # pragma: no cover - programming error
         raise TypeError(f"{name} is a {CATALOGUE[name].kind}, not a {kind}")
+
+
+class LabeledStats:
+    """A source for integrations off the pool hot path (tasks, requests, semaphores): metrics
+    keyed by their label values, each name's labels in catalogue order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[tuple[str, Labels], float] = {}
+        self.gauges: dict[tuple[str, Labels], float] = {}
+        self.hists: dict[tuple[str, Labels], Histogram] = {}
+
+    @staticmethod
+    def labels(name: str, *values: str) -> Labels:
+        names = [n for n in CATALOGUE[name].labels if n != "pid"]
+        return tuple(zip(names, values, strict=True))
+
+    def inc(self, name: str, labels: Labels, n: float = 1) -> None:
+        key = (name, labels)
+        with self._lock:
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    def add(self, name: str, labels: Labels, delta: float) -> None:
+        key = (name, labels)
+        with self._lock:
+            self.gauges[key] = self.gauges.get(key, 0) + delta
+
+    def set(self, name: str, labels: Labels, value: float) -> None:
+        with self._lock:
+            self.gauges[(name, labels)] = value
+
+    def observe(self, name: str, labels: Labels, value: float) -> None:
+        key = (name, labels)
+        hist = self.hists.get(key)
+        if hist is None:
+            with self._lock:
+                hist = self.hists.setdefault(key, Histogram(CATALOGUE[name].buckets))
+        hist.observe(value)
+
+    def samples(self) -> Iterator[Sample]:
+        with self._lock:
+            items: list[tuple[tuple[str, Labels], Any]] = [
+                *self.counters.items(), *self.gauges.items(), *self.hists.items()
+            ]
+        for (name, labels), value in items:
+            yield name, labels, value

@@ -11,10 +11,11 @@ import telemetry
 def test_public_api():
     assert telemetry.__all__ == sorted(telemetry.__all__)
     assert set(telemetry.__all__) == {
-        "DEFAULT_OWNER", "AddService", "ConfigError", "Settings", "add_pid", "add_trace_context",
-        "configure_logging", "current_owner", "db_owner", "flush", "instrument",
-        "instrument_sqlalchemy", "is_instrumented", "metrics_app", "prepare_multiproc_dir",
-        "scan_now", "start_metrics_server", "trace_ids", "uninstrument",
+        "DEFAULT_OWNER", "AddService", "ConfigError", "Semaphore", "Settings", "TelemetryMiddleware",
+        "add_pid", "add_trace_context", "configure_logging", "current_owner", "db_owner", "flush",
+        "instrument", "instrument_celery", "instrument_fastapi", "instrument_sqlalchemy",
+        "is_instrumented", "metrics_app", "prepare_multiproc_dir", "scan_now",
+        "start_metrics_server", "trace_ids", "uninstrument", "watch_event_loop",
     }  # fmt: skip
     for name in telemetry.__all__:
         assert getattr(telemetry, name) is not None

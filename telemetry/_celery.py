@@ -1,0 +1,227 @@
+"""Celery: task metrics by task name and queue, owner attribution, spans, prefork lifecycle.
+
+All through Celery signals, connected once by :func:`install`:
+
+- ``before_task_publish`` stamps ``telemetry_published_at`` into the message headers; a worker's
+  ``task_prerun`` measures queue wait from it (or from the ETA / countdown when that is later,
+  so a scheduled task's delay is not counted as waiting).
+- ``task_prerun`` / ``task_postrun``: run time, in-progress gauge, outcome; the task name becomes
+  the owner of every connection the task checks out.
+- ``task_rejected`` / ``task_revoked``: those outcomes.
+- ``worker_init`` (the prefork parent): serves the host's ``/metrics`` when
+  ``TELEMETRY_METRICS_PORT`` is set. Children are cleaned by the package's fork hook.
+- ``worker_process_shutdown`` (in the child, just before ``os._exit``): flush spans and metrics,
+  so nothing is lost with ``max_tasks_per_child=1``.
+- ``setup_logging``: when ``telemetry.configure_logging`` was used, Celery keeps it instead of
+  installing its own handlers.
+
+Spans come from ``opentelemetry-instrumentation-celery`` (publish and run spans, context carried
+in the message headers), instrumented in the parent so every child inherits it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from ._log import INTERNAL, hook_error
+from ._owner import OWNER
+from ._stats import REGISTRY, LabeledStats
+
+STATS = LabeledStats()
+REGISTRY.add(STATS)
+
+HEADER = "telemetry_published_at"
+MAX_EXCEPTION_TYPES = 50
+
+_running: dict[str, tuple[float, Any, Any]] = {}
+_connected: list[tuple[Any, Any]] = []
+_otel: Any = None
+_logging_configured = False
+metrics_server: Any = None
+
+
+def _queue(task: Any) -> str:
+    info = getattr(task.request, "delivery_info", None) or {}
+    return str(info.get("routing_key") or info.get("exchange") or "default")
+
+
+def _labels(name: str, task_name: str, queue: str, *extra: str) -> Any:
+    return LabeledStats.labels(name, INTERNAL.service, task_name, queue, *extra)
+
+
+def _on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    try:
+        if headers is not None and HEADER not in headers:
+            headers[HEADER] = time.time()
+    except Exception as exc:
+        hook_error("celery.publish", exc)
+
+
+def _eta_timestamp(eta: Any) -> float | None:
+    if not eta:
+        return None
+    if isinstance(eta, datetime):
+        return eta.timestamp()
+    try:
+        return datetime.fromisoformat(str(eta)).timestamp()
+    except ValueError:
+        return None
+
+
+def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    try:
+        if task is None or task_id is None:
+            return
+        name, queue = task.name, _queue(task)
+        now = time.time()
+        published = getattr(task.request, HEADER, None)
+        if isinstance(published, (int, float)):
+            start = published
+            eta = _eta_timestamp(getattr(task.request, "eta", None))
+            if eta is not None and eta > start:
+                start = eta
+            STATS.observe("celery_task_queue_wait_seconds", _labels("celery_task_queue_wait_seconds", name, queue),
+                          max(0.0, now - start))  # fmt: skip
+        STATS.add("celery_tasks_in_progress", _labels("celery_tasks_in_progress", name, queue), 1)
+        token = OWNER.set(name)
+        _running[task_id] = (time.perf_counter(), token, queue)
+    except Exception as exc:
+        hook_error("celery.prerun", exc)
+
+
+_OUTCOMES = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried", "REJECTED": "rejected",
+             "REVOKED": "revoked", "IGNORED": "succeeded"}  # fmt: skip
+
+
+def _on_postrun(task_id: str | None = None, task: Any = None, retval: Any = None,
+                state: str | None = None, **_: Any) -> None:  # fmt: skip
+    try:
+        entry = _running.pop(task_id, None) if task_id else None
+        if task is None or entry is None:
+            return
+        started, token, queue = entry
+        name = task.name
+        STATS.observe("celery_task_runtime_seconds", _labels("celery_task_runtime_seconds", name, queue),
+                      time.perf_counter() - started)  # fmt: skip
+        STATS.add("celery_tasks_in_progress", _labels("celery_tasks_in_progress", name, queue), -1)
+        outcome = _OUTCOMES.get(state or "", "failed")
+        STATS.inc("celery_tasks_total", _labels("celery_tasks_total", name, queue, outcome))
+        if outcome == "failed":
+            _failure(name, queue, retval)
+        try:
+            OWNER.reset(token)
+        except ValueError:  # reset from another context: leave it, the next prerun sets it
+            pass
+    except Exception as exc:
+        hook_error("celery.postrun", exc)
+
+
+def _failure(name: str, queue: str, exc: Any) -> None:
+    kind = type(exc).__name__ if isinstance(exc, BaseException) else "unknown"
+    known = {lb[3][1] for (n, lb) in list(STATS.counters) if n == "celery_task_failures_total"}
+    if kind not in known and len(known) >= MAX_EXCEPTION_TYPES:
+        kind = "other"
+    STATS.inc("celery_task_failures_total", _labels("celery_task_failures_total", name, queue, kind))
+
+
+def _on_rejected(message: Any = None, **_: Any) -> None:
+    try:
+        headers = getattr(message, "headers", None) or {}
+        name = str(headers.get("task") or "unknown")
+        info = getattr(message, "delivery_info", None) or {}
+        queue = str(info.get("routing_key") or "default")
+        STATS.inc("celery_tasks_total", _labels("celery_tasks_total", name, queue, "rejected"))
+    except Exception as exc:
+        hook_error("celery.rejected", exc)
+
+
+def _on_revoked(request: Any = None, sender: Any = None, **_: Any) -> None:
+    try:
+        name = str(getattr(sender, "name", None) or getattr(request, "task_name", None) or "unknown")
+        info = getattr(request, "delivery_info", None) or {}
+        queue = str(info.get("routing_key") or "default")
+        STATS.inc("celery_tasks_total", _labels("celery_tasks_total", name, queue, "revoked"))
+    except Exception as exc:
+        hook_error("celery.revoked", exc)
+
+
+def _on_worker_init(**_: Any) -> None:
+    """The prefork parent: serve the host aggregate if a port is configured."""
+    global metrics_server
+    try:
+        from ._instrument import settings, start_metrics_server
+
+        current = settings()
+        if current is not None and current.metrics_port is not None and metrics_server is None:
+            metrics_server = start_metrics_server(current.metrics_port, current.metrics_addr)
+    except Exception as exc:
+        hook_error("celery.worker_init", exc)
+
+
+def _on_child_shutdown(**_: Any) -> None:
+    try:
+        from . import _tracing
+        from ._instrument import flush
+
+        _tracing.flush()
+        flush()
+    except Exception as exc:
+        hook_error("celery.child_shutdown", exc)
+
+
+def _on_setup_logging(**_: Any) -> None:
+    """Connected only when configure_logging() was used: keep it, do not let Celery replace it."""
+
+
+def install() -> None:
+    global _otel
+    try:
+        from celery import signals
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise ImportError("Celery instrumentation needs the 'celery' extra: pip install 'telemetry[celery]'") from exc
+    if _connected:
+        return
+    pairs = [
+        (signals.before_task_publish, _on_publish),
+        (signals.task_prerun, _on_prerun),
+        (signals.task_postrun, _on_postrun),
+        (signals.task_rejected, _on_rejected),
+        (signals.task_revoked, _on_revoked),
+        (signals.worker_init, _on_worker_init),
+        (signals.worker_process_shutdown, _on_child_shutdown),
+    ]
+    from ._log import logging_configured
+
+    if logging_configured():
+        pairs.append((signals.setup_logging, _on_setup_logging))
+    for signal, fn in pairs:
+        signal.connect(fn, weak=False)
+        _connected.append((signal, fn))
+    try:
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+        instrumentor = CeleryInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+            _otel = instrumentor
+    except ImportError:  # spans are optional; metrics work without them
+        pass
+
+
+def uninstall() -> None:
+    global _otel, metrics_server
+    for signal, fn in _connected:
+        signal.disconnect(fn)
+    _connected.clear()
+    _running.clear()
+    if _otel is not None:
+        _otel.uninstrument()
+        _otel = None
+    if metrics_server is not None:
+        server, _thread = metrics_server
+        server.shutdown()
+        server.server_close()
+        metrics_server = None
+    STATS.reset()
