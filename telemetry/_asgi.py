@@ -128,29 +128,47 @@ def wrap(app: Any, starlette_app: Any = None) -> Any:
         return wrapped
 
 
-_original_build: Any = None
+_originals: dict[type, Any] = {}
+
+
+def _classes() -> list[type]:
+    """Starlette, and subclasses that override ``build_middleware_stack`` (FastAPI does)."""
+    import importlib.util
+
+    from starlette.applications import Starlette
+
+    if importlib.util.find_spec("fastapi") is not None:
+        import fastapi  # noqa: F401 - so its subclass exists to be found
+
+    found, todo = [Starlette], [Starlette]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if "build_middleware_stack" in sub.__dict__:
+                found.append(sub)
+    return found
 
 
 def install() -> None:
     """Every Starlette/FastAPI app, created before or after, gets the middleware when its stack
     is (re)built, which Starlette does lazily on the first request."""
-    global _original_build
     try:
-        from starlette.applications import Starlette
+        import starlette  # noqa: F401
     except ImportError:
         return
-    if _original_build is not None:
+    if _originals:
         return
-    original = Starlette.build_middleware_stack
+    for cls in _classes():
+        original = cls.__dict__["build_middleware_stack"]
 
-    def build_middleware_stack(self: Any) -> Any:
-        stack = original(self)
-        if getattr(self, "_telemetry_exclude", False):
-            return stack
-        return wrap(stack, self)
+        def build_middleware_stack(self: Any, _original: Any = original) -> Any:
+            stack = _original(self)
+            if getattr(self, "_telemetry_exclude", False):
+                return stack
+            return wrap(stack, self)
 
-    _original_build = original
-    Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+        _originals[cls] = original
+        cls.build_middleware_stack = build_middleware_stack  # type: ignore[attr-defined]
 
 
 def instrument_app(app: Any) -> None:
@@ -160,10 +178,7 @@ def instrument_app(app: Any) -> None:
 
 
 def uninstall() -> None:
-    global _original_build
-    if _original_build is not None:
-        from starlette.applications import Starlette
-
-        Starlette.build_middleware_stack = _original_build  # type: ignore[method-assign]
-        _original_build = None
+    for cls, original in _originals.items():
+        cls.build_middleware_stack = original  # type: ignore[attr-defined]
+    _originals.clear()
     STATS.reset()

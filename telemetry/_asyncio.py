@@ -15,7 +15,7 @@ import asyncio
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 from . import _stacks
 from ._log import INTERNAL, emit, hook_error, trace_ids
@@ -57,7 +57,7 @@ class Semaphore(asyncio.Semaphore):
         STATS.add("asyncio_semaphore_waiters", self._labels, 0)
         weakref.finalize(self, STATS.add, "asyncio_semaphore_capacity", self._labels, -value)
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         try:
             loop = asyncio.get_running_loop()
             if loop not in _monitored:
@@ -121,7 +121,7 @@ class _LoopMonitor:
             return
         self.blocked_since = self.expected
         STATS.inc("event_loop_blocked_total", (("service", INTERNAL.service),))
-        task = asyncio.tasks._current_tasks.get(self.loop)  # what the loop is running now
+        task = asyncio.tasks._current_tasks.get(self.loop)  # type: ignore[attr-defined]
         frames = _stacks.holder_stack(self.thread_ident, None)
         emit(
             "warning", "event_loop_blocked", status="blocked",

@@ -230,7 +230,8 @@ def uninstrument() -> None:
         for name in ("_pool", "_celery", "_asgi", "_asyncio"):
             module = sys.modules.get(f"{__package__}.{name}")
             if module is not None:
-                getattr(module, "uninstall", getattr(module, "reset", None))()
+                teardown = getattr(module, "uninstall", None) or module.reset
+                teardown()
         _stats.REGISTRY.reset_all()
         if "telemetry._pool" in sys.modules:
             from ._pool import PoolState
@@ -297,17 +298,17 @@ def _after_fork_in_child() -> None:
     pool = sys.modules.get(f"{__package__}._pool")
     if pool is not None:
         pool._lock = threading.RLock()  # type: ignore[attr-defined]
-        pool.after_fork_in_child()  # type: ignore[attr-defined]
+        pool.after_fork_in_child()
     for name in ("_asyncio", "_celery", "_tracing"):
         module = sys.modules.get(f"{__package__}.{name}")
         if module is None:
             continue
         if name == "_asyncio":
-            module._monitored.clear()  # type: ignore[attr-defined]
+            module._monitored.clear()
         elif name == "_celery":
-            module._running.clear()  # type: ignore[attr-defined]
+            module._running.clear()
         else:
-            module.after_fork_in_child()  # type: ignore[attr-defined]
+            module.after_fork_in_child()
     _stats.REGISTRY.reset_all()
     runtime = _runtime
     if runtime is None:
@@ -351,7 +352,7 @@ def _at_exit() -> None:
 
     tracing = sys.modules.get(f"{__package__}._tracing")
     if tracing is not None:
-        tracing.flush()  # type: ignore[attr-defined]
+        tracing.flush()
     runtime = _runtime
     if runtime is not None and runtime.process_file is not None:
         try:

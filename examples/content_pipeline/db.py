@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from . import config
+
+metadata = MetaData()
+tasks = Table("tasks", metadata, Column("id", String(40), primary_key=True),
+              Column("status", String(20)), Column("created", Float))  # fmt: skip
+concepts = Table("concepts", metadata, Column("task_id", String(40), primary_key=True),
+                 Column("n", Integer, primary_key=True), Column("tutorial", Text),
+                 Column("resource", Text), Column("quiz", Text))  # fmt: skip
+notes = Table("notes", metadata, Column("id", Integer, primary_key=True, autoincrement=True),
+              Column("body", Text))  # fmt: skip
+
+
+def make_engine() -> AsyncEngine:
+    kwargs: dict = {"pool_size": config.DB_POOL_SIZE, "max_overflow": config.DB_MAX_OVERFLOW,
+                    "pool_timeout": config.DB_POOL_TIMEOUT}  # fmt: skip
+    if config.DATABASE_URL.startswith("sqlite"):
+        from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+        kwargs["poolclass"] = AsyncAdaptedQueuePool
+        kwargs["connect_args"] = {"timeout": 60}
+    return create_async_engine(config.DATABASE_URL, **kwargs)
+
+
+async def create_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
