@@ -140,9 +140,11 @@ def _classes() -> list[type]:
     if importlib.util.find_spec("fastapi") is not None:
         import fastapi  # noqa: F401 - so its subclass exists to be found
 
-    found, todo = [Starlette], [Starlette]
+    found: list[type] = [Starlette]
+    todo: list[type] = [Starlette]
     while todo:
-        for sub in todo.pop().__subclasses__():
+        subclasses: list[type] = todo.pop().__subclasses__()
+        for sub in subclasses:
             todo.append(sub)
             if "build_middleware_stack" in sub.__dict__:
                 found.append(sub)

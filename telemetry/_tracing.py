@@ -7,7 +7,8 @@ say, with nothing lost silently.
   ``console`` or ``none`` by ``OTEL_TRACES_EXPORTER``; with neither, spans are recorded (trace ids
   in logs work) and nothing goes on the network.
 - Every finished span is counted in ``telemetry_spans_total{result}``: exported, failed (the
-  endpoint refused or was down) or dropped (the queue was full). A dead collector costs the app a
+  endpoint refused or was down) or dropped (the queue was full; read at enqueue, so an export
+  taking a batch at that instant can make it over-count by at most that batch). A dead collector costs the app a
   full queue, never latency: export runs on the batch processor's thread.
 - A child that exits (``max_tasks_per_child``, including 1) flushes before it goes.
 """
