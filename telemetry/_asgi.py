@@ -30,11 +30,20 @@ UNMATCHED = "unmatched"
 _ROUTE_KEY = "telemetry.route"
 
 
+_CACHE: dict[tuple[Any, str, str], str] = {}
+_CACHE_MAX = 2048  # paths with ids in them miss; the cache only stops growing
+
+
 def route_template(scope: dict[str, Any], app: Any = None) -> str:
     """The matching route's path template, resolved once per request."""
     cached = scope.get(_ROUTE_KEY)
     if cached is not None:
         return str(cached)
+    key = (id(app or scope.get("app")), scope.get("method", ""), scope.get("path", ""))
+    template = _CACHE.get(key)
+    if template is not None:
+        scope[_ROUTE_KEY] = template
+        return template
     template = UNMATCHED
     try:
         from starlette.routing import Match
@@ -47,6 +56,8 @@ def route_template(scope: dict[str, Any], app: Any = None) -> str:
                 break
     except Exception as exc:
         hook_error("asgi.route", exc)
+    if len(_CACHE) < _CACHE_MAX:
+        _CACHE[key] = template
     scope[_ROUTE_KEY] = template
     return template
 
@@ -117,9 +128,14 @@ def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"{method} {route}", {"http.route": route}
 
 
+TRACING = {"enabled": True}
+
+
 def wrap(app: Any, starlette_app: Any = None) -> Any:
     """Our middleware inside OpenTelemetry's (so the request span is current in ours)."""
     wrapped = TelemetryMiddleware(app, starlette_app=starlette_app)
+    if not TRACING["enabled"]:
+        return wrapped
     try:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -180,6 +196,7 @@ def instrument_app(app: Any) -> None:
 
 
 def uninstall() -> None:
+    _CACHE.clear()
     for cls, original in _originals.items():
         cls.build_middleware_stack = original  # type: ignore[attr-defined]
     _originals.clear()

@@ -126,7 +126,7 @@ class _LoopMonitor:
         emit(
             "warning", "event_loop_blocked", status="blocked",
             blocked_seconds=round(overdue, 3), threshold_seconds=CONFIG.blocked_threshold,
-            call_site=_stacks.call_site(frames), stack=frames,
+            call_site=_stacks.call_site(frames), frames=frames,
             task=task.get_name() if task is not None else None,
             **(TASK_TRACES.get(task, {}) if task is not None else {}),
         )  # fmt: skip

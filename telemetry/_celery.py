@@ -175,7 +175,7 @@ def _on_setup_logging(**_: Any) -> None:
     """Connected only when configure_logging() was used: keep it, do not let Celery replace it."""
 
 
-def install() -> None:
+def install(*, spans: bool = True) -> None:
     global _otel
     try:
         from celery import signals
@@ -199,6 +199,8 @@ def install() -> None:
     for signal, fn in pairs:
         signal.connect(fn, weak=False)
         _connected.append((signal, fn))
+    if not spans:
+        return
     try:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
 

@@ -170,10 +170,11 @@ def _install_integrations(settings: Settings) -> None:
     if settings.celery and importlib.util.find_spec("celery") is not None:
         from . import _celery
 
-        _celery.install()
+        _celery.install(spans=settings.tracing)
     if settings.fastapi and importlib.util.find_spec("starlette") is not None:
         from . import _asgi
 
+        _asgi.TRACING["enabled"] = settings.tracing
         _asgi.install()
 
 

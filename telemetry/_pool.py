@@ -468,7 +468,7 @@ def scan_long_holds(now: float | None = None) -> int:
                 "warning", "db_connection_held_too_long",
                 status="held", pool=entry[2].name, owner=entry[1],
                 held_seconds=round(now - entry[0], 3), threshold_seconds=threshold,
-                call_site=_stacks.call_site(frames), stack=frames,
+                call_site=_stacks.call_site(frames), frames=frames,
                 **trace_ids(entry[5]),
             )  # fmt: skip
         except Exception as exc:
