@@ -1,5 +1,7 @@
 """The ``telemetry`` command.
 
+    telemetry demo [--scenario seed|fixed|batched|all] [--duration S] ...
+                                               reproduce the seed incident and diagnose it
     telemetry generate [--root DIR]            regenerate committed generated files
     telemetry prepare-multiproc-dir DIR        empty the multiprocess directory (deploy start)
     telemetry serve-metrics --dir DIR [--port P] [--addr A]
@@ -15,6 +17,20 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}")
+        return value
+
+    return parse
 
 
 def _root() -> str:
@@ -37,11 +53,31 @@ def main(argv: list[str] | None = None) -> int:
     bud.add_argument("--limit", type=int, help="connections the server or pooler allows")
     bud.add_argument("--reserved", type=int, default=0)
     bud.add_argument("--service", action="append", default=[], help="NAME=PROCESSESxPOOL_SIZE+MAX_OVERFLOW")
+    demo = sub.add_parser("demo", help="reproduce the content-pipeline incident and diagnose it")
+    demo.add_argument("--scenario", default="all", choices=["seed", "fixed", "batched", "all"])
+    demo.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of load per scenario")
+    demo.add_argument("--generations", type=_positive(int), default=16, help="concurrent POST /generate, each watched by a stream")
+    demo.add_argument("--rate", type=_positive(float), default=15.0, help="ordinary page requests per second")
+    demo.add_argument("--concepts", type=_positive(int), default=30)
+    demo.add_argument("--llm-seconds", type=_positive(float), default=0.3, help="simulated LLM latency per step")
+    demo.add_argument("--save-seconds", type=_positive(float), default=0.2, help="time a save holds its session")
+    demo.add_argument("--pool-timeout", type=_positive(float), default=3.0, help="pool_timeout (the seed's 60 s, scaled)")
+    demo.add_argument("--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1:5432/db (default: SQLite)")
+    demo.add_argument("--broker", help="e.g. redis://127.0.0.1:6379/0 (default: kombu's SQLAlchemy transport on SQLite)")
+    demo.add_argument("--out", default="demo-out", help="where report.json and report.html go")
     args = parser.parse_args(argv)
 
     from ._settings import ConfigError
 
     try:
+        if args.command == "demo":
+            from ._demo import DemoError, run
+
+            try:
+                return run(args)
+            except DemoError as exc:
+                print(f"telemetry demo: {exc}", file=sys.stderr)
+                return 2
         if args.command == "generate":
             from ._generate import generate
 

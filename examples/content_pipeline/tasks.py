@@ -38,8 +38,10 @@ async def _pipeline(task_id: str) -> dict:
 
         async def save(rows: list[dict]) -> None:
             async with sem, engine.begin() as conn:
-                await conn.execute(insert(concepts), rows)
+                # the slow part of a save (serialising, a remote database's latency) while the
+                # session is held; the INSERT itself comes last so SQLite's write lock is brief
                 await asyncio.sleep(config.SAVE_SECONDS * (1 + 0.2 * (len(rows) - 1)))
+                await conn.execute(insert(concepts), rows)
 
         async def one(n: int) -> None:
             tutorial = await _llm("tutorial", n)
