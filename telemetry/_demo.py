@@ -264,7 +264,7 @@ def _live_table(scenario: str, t: float, samples: _report.Samples, peaks: dict[s
     table = Table(title=f"scenario {scenario}: {t:4.0f}s  (pool usage per process now, peak)")
     for col in ("service", "pid", "in use / max", "waiting", "peak (busiest)"):
         table.add_column(col)
-    rows = {}
+    rows: dict[tuple[str, str], dict[str, float]] = {}
     for n, lb, v in samples:
         if n in ("db_pool_connections_in_use", "db_pool_connections_max", "db_pool_pending_requests"):
             rows.setdefault((lb["service"], lb["pid"]), {})[n] = v

@@ -7,6 +7,7 @@ when the committed copy differs.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -49,6 +50,12 @@ def targets(root: str) -> dict[str, Callable[[], str]]:
         "docs/metrics.md": lambda: _splice(metrics_doc, metric_table()),
         "alerts/telemetry.rules.yml": _rules.render_rules,
     }
+    if importlib.util.find_spec("grafanalib") is not None and os.path.isdir(os.path.join(root, "dashboards")):
+        from . import _dashboards
+
+        for path in _dashboards.dashboard_files(root):
+            rel = os.path.relpath(_dashboards.json_path(path), root)
+            out[rel] = functools.partial(_dashboards.render, path)
     for event in _rules.LOG_QUERIES:
         out[f"alerts/logql/{event}.logql"] = functools.partial(_rules.render_log_query, event)
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable
 from typing import Any
 
 from . import thresholds as T
@@ -310,7 +309,7 @@ def render_html(results: list[dict[str, Any]], timelines: dict[str, dict[str, An
     return "\n".join(body)
 
 
-def interval_p95(prev: Samples, cur: Samples, routes: Iterable[str] = OTHER_ROUTES) -> float | None:
+def interval_p95(prev: Samples, cur: Samples, routes: tuple[str, ...] = OTHER_ROUTES) -> float | None:
     """p95 of the requests finished between two scrapes (bucket deltas)."""
     def buckets(samples: Samples) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -1,0 +1,30 @@
+"""Celery: task rate and outcomes, run time, queue wait, in progress, the DB semaphore."""
+
+from telemetry import thresholds as T
+from telemetry._dashboards import OPS, RATE, SECONDS, SHORT, SVC, dashboard, series
+
+dashboard = dashboard(
+    "Celery", T.DASHBOARD_UID_CELERY, "Tasks by name and queue, and the MAX_DB_CONCURRENT semaphore.",
+    pool=False,
+    panels=[
+        series("Tasks by outcome", [(f"sum by (task, outcome) (rate(celery_tasks_total{{{SVC}}}[{RATE}]))", "{{task}} {{outcome}}")],
+               OPS, (0, 0, 12, 8)),
+        series("Failures by exception", [(f"sum by (task, exception) (rate(celery_task_failures_total{{{SVC}}}[{RATE}]))",
+                                          "{{task}} {{exception}}")], OPS, (12, 0, 12, 8)),
+        series("Run time p50 / p95", [
+            (f"histogram_quantile({q}, sum by (le, task) (rate(celery_task_runtime_seconds_bucket{{{SVC}}}[{RATE}])))", f"p{int(q * 100)} {{{{task}}}}")
+            for q in (0.5, 0.95)], SECONDS, (0, 8, 12, 8)),
+        series("Queue wait p50 / p95 (publish or ETA to start)", [
+            (f"histogram_quantile({q}, sum by (le, task, queue) (rate(celery_task_queue_wait_seconds_bucket{{{SVC}}}[{RATE}])))",
+             f"p{int(q * 100)} {{{{task}}}} {{{{queue}}}}") for q in (0.5, 0.95)], SECONDS, (12, 8, 12, 8)),
+        series("In progress", [(f"sum by (task, queue) (celery_tasks_in_progress{{{SVC}}})", "{{task}} {{queue}}")], SHORT, (0, 16, 12, 8)),
+        series("Semaphore: capacity, in use, waiters", [
+            (f"sum by (semaphore) (asyncio_semaphore_capacity{{{SVC}}})", "capacity {{semaphore}}"),
+            (f"sum by (semaphore) (asyncio_semaphore_in_use{{{SVC}}})", "in use {{semaphore}}"),
+            (f"sum by (semaphore) (asyncio_semaphore_waiters{{{SVC}}})", "waiters {{semaphore}}"),
+        ], SHORT, (12, 16, 12, 8)),
+        series("Semaphore wait p95", [
+            (f"histogram_quantile(0.95, sum by (le, semaphore) (rate(asyncio_semaphore_wait_seconds_bucket{{{SVC}}}[{RATE}])))", "{{semaphore}}")],
+               SECONDS, (0, 24, 24, 8)),
+    ],
+)  # fmt: skip

@@ -1,0 +1,117 @@
+"""A process that exercises every metric family the package exports, continuously, and serves
+/metrics for a real Prometheus: ``python -m tests.apps.workload PORT SECONDS``.
+
+Real parts only: SQLite pools (one starved into timeouts, one pointing at a closed port for
+connect errors), a FastAPI app driven through ASGI, a Celery worker thread on the memory
+transport (so tasks are published and carry the queue-wait header), an event loop that is
+blocked now and then, a semaphore with waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import telemetry
+
+PORT, SECONDS = int(sys.argv[1]), float(sys.argv[2])
+telemetry.instrument(service="api", loop_blocked_seconds=0.3, hold_threshold_seconds=0.5, connection_limit=50)
+telemetry.start_metrics_server(PORT)
+
+import httpx  # noqa: E402
+from celery import Celery  # noqa: E402
+from celery.contrib.testing.worker import start_worker  # noqa: E402
+from fastapi import FastAPI, HTTPException  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+from sqlalchemy.pool import QueuePool  # noqa: E402
+
+tmp = tempfile.mkdtemp()
+sync_engine = create_engine(f"sqlite:///{tmp}/a.db", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.05)
+broken = create_engine("postgresql+psycopg://x@127.0.0.1:1/none", pool_size=1, max_overflow=0)
+async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp}/b.db", pool_size=2, max_overflow=1)
+deadline = time.monotonic() + SECONDS
+
+app = FastAPI()
+
+
+@app.get("/items/{item_id}")
+async def item(item_id: int) -> dict:
+    async with async_engine.connect() as conn:
+        await conn.execute(text("select 1"))
+    if item_id % 7 == 0:
+        raise HTTPException(503)
+    return {"id": item_id}
+
+
+async def loop_work() -> None:
+    sem = telemetry.Semaphore(2, name="MAX_DB_CONCURRENT")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://w") as client:
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+
+            async def save(n: int) -> None:
+                async with sem:
+                    with telemetry.db_owner("save-concept"):
+                        async with async_engine.connect() as conn:
+                            await conn.execute(text("select 1"))
+                            await asyncio.sleep(0.02)
+
+            await asyncio.gather(*(save(n) for n in range(5)), client.get(f"/items/{i}"), client.get("/nope"))
+            if i % 25 == 0:
+                time.sleep(0.4)  # blocks the loop
+            await asyncio.sleep(0.01)
+
+
+def sync_work() -> None:
+    while time.monotonic() < deadline:
+        with telemetry.db_owner("resume-step"), sync_engine.connect() as conn:
+            conn.execute(text("select 1"))
+            try:
+                with sync_engine.connect():  # the only connection is held: times out
+                    pass
+            except Exception:
+                pass
+        try:
+            with broken.connect():
+                pass
+        except Exception:
+            pass
+        time.sleep(0.05)
+
+
+celery = Celery("workload", broker="memory://", backend="cache+memory://")
+celery.conf.task_default_queue = "content"
+
+
+@celery.task(name="generate_content")
+def generate_content(n: int) -> int:
+    if n % 5 == 0:
+        raise ValueError("bad concept")
+    with sync_engine.connect():
+        pass
+    return n
+
+
+def main() -> None:
+    threading.Thread(target=sync_work, daemon=True).start()
+    with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=5):
+        t = threading.Thread(target=lambda: asyncio.run(loop_work()), daemon=True)
+        t.start()
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            generate_content.apply_async((n,), countdown=0)
+            time.sleep(0.1)
+        t.join()
+    print("done", flush=True)
+    os._exit(0)
+
+
+main()
