@@ -156,3 +156,40 @@ def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
+
+
+def test_provisioning_links_logs_to_traces_and_loads_the_json():
+    """The Loki derived field's regex finds the trace id in a real log line the package emits."""
+    import io
+    import logging
+
+    import structlog
+    import yaml
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import telemetry
+
+    with open(os.path.join(ROOT, "dashboards", "provisioning", "datasources.yml")) as fh:
+        sources = {d["uid"]: d for d in yaml.safe_load(fh)["datasources"]}
+    assert set(sources) == {"prometheus", "loki", "tempo"}
+    assert sources["loki"]["uid"] == T.LOKI_DATASOURCE_UID
+    field = sources["loki"]["jsonData"]["derivedFields"][0]
+    assert field["datasourceUid"] == "tempo"
+    buf = io.StringIO()
+    telemetry.configure_logging("api", stream=buf)
+    try:
+        with TracerProvider().get_tracer("t").start_as_current_span("s") as span:
+            structlog.get_logger().error("db_pool_critical_usage", checked_out=4)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if h.get_name() == "telemetry-json"]:
+            root.removeHandler(h)
+    match = re.search(field["matcherRegex"], buf.getvalue())
+    assert match and match.group(1) == trace_id
+    tempo = sources["tempo"]["jsonData"]["tracesToLogsV2"]
+    assert tempo["datasourceUid"] == "loki" and "trace_id=" in tempo["query"]
+    with open(os.path.join(ROOT, "dashboards", "provisioning", "dashboards.yml")) as fh:
+        provider = yaml.safe_load(fh)["providers"][0]
+    assert provider["type"] == "file" and provider["options"]["path"].endswith("/telemetry")
