@@ -105,6 +105,43 @@ def asgi_app(registry: CollectorRegistry) -> Any:
     return make_asgi_app(registry)
 
 
-def serve(registry: CollectorRegistry, port: int, addr: str) -> Any:
-    server, thread = start_http_server(port, addr=addr, registry=registry)
+def _guarded(app: Any, basic_auth: tuple[str, str] | None, bearer_token: str | None) -> Any:
+    """A WSGI app that answers 401 unless the request carries the expected credentials."""
+    import base64
+    import hmac
+
+    if basic_auth is not None:
+        user, password = basic_auth
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    elif bearer_token is not None:
+        expected = f"Bearer {bearer_token}"
+    else:
+        return app
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            challenge = 'Basic realm="metrics"' if basic_auth is not None else "Bearer"
+            start_response("401 Unauthorized", [("WWW-Authenticate", challenge), ("Content-Type", "text/plain")])
+            return [b"unauthorized\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str, *, basic_auth: tuple[str, str] | None = None,
+          bearer_token: str | None = None) -> Any:  # fmt: skip
+    if basic_auth is None and bearer_token is None:
+        server, thread = start_http_server(port, addr=addr, registry=registry)
+        return server, thread
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+    app = _guarded(make_wsgi_app(registry), basic_auth, bearer_token)
+    server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     return server, thread

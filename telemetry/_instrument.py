@@ -162,11 +162,17 @@ def _install_integrations(settings: Settings) -> None:
 
         _tracing.setup(settings.service)
         if settings.trace_sql:
+            import gc
+
             from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+            from sqlalchemy.engine import Engine
 
             instrumentor = SQLAlchemyInstrumentor()
             if not instrumentor.is_instrumented_by_opentelemetry:
-                instrumentor.instrument(enable_commenter=False)
+                # engines that exist now, and those created later through sqlalchemy's module
+                # functions (a create_async_engine imported before this call is not seen)
+                existing = [o for o in gc.get_objects() if isinstance(o, Engine)]
+                instrumentor.instrument(engines=existing, enable_commenter=False)
     if settings.celery and importlib.util.find_spec("celery") is not None:
         from . import _celery
 
@@ -273,11 +279,21 @@ def metrics_app() -> Any:
     return _exposition.asgi_app(prometheus_client.REGISTRY)
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1", directory: str | None = None) -> Any:
+def start_metrics_server(
+    port: int,
+    addr: str = "127.0.0.1",
+    directory: str | None = None,
+    *,
+    basic_auth: tuple[str, str] | None = None,
+    bearer_token: str | None = None,
+) -> Any:
     """Serve ``/metrics`` on a thread: the host aggregate of ``directory`` (default: the
-    configured multiprocess directory) or this process. Binds to loopback unless told otherwise."""
-    if not isinstance(port, int) or not 0 <= port <= 65535:
+    configured multiprocess directory) or this process. Binds to loopback unless told otherwise;
+    ``basic_auth=(user, password)`` or ``bearer_token`` protect it (401 otherwise)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ConfigError(f"invalid port={port!r}: expected a whole number in [0, 65535]")
+    if basic_auth is not None and bearer_token is not None:
+        raise ConfigError("start_metrics_server: give basic_auth or bearer_token, not both")
     runtime = _runtime
     directory = directory or (runtime.settings.multiproc_dir if runtime else None)
     if directory:
@@ -286,7 +302,7 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1", directory: str | No
         registry = _exposition.host_registry(directory, own)
     else:
         registry = prometheus_client.REGISTRY
-    return _exposition.serve(registry, port, addr)
+    return _exposition.serve(registry, port, addr, basic_auth=basic_auth, bearer_token=bearer_token)
 
 
 def _after_fork_in_child() -> None:

@@ -33,6 +33,19 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _read_secret(path: str, flag: str) -> str:
+    from ._settings import ConfigError
+
+    try:
+        with open(path) as fh:
+            value = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"invalid {flag}={path!r}: cannot read it ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"invalid {flag}={path!r}: the file is empty")
+    return value
+
+
 def _root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--dir", required=True, dest="directory")
     serve.add_argument("--port", type=int, default=9464)
     serve.add_argument("--addr", default="127.0.0.1", help="default loopback; widen explicitly")
+    serve.add_argument("--bearer-token-file", help="require 'Authorization: Bearer <token in file>'")
+    serve.add_argument("--basic-auth-file", help="require basic auth; the file holds user:password")
     bud = sub.add_parser("budget", help="check worst-case connections against the server limit")
     bud.add_argument("file", nargs="?", help="YAML: limit, reserved, services{processes,pool_size,max_overflow}")
     bud.add_argument("--limit", type=int, help="connections the server or pooler allows")
@@ -92,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve-metrics":
             from ._instrument import start_metrics_server
 
-            start_metrics_server(args.port, args.addr, directory=args.directory)
+            auth: dict[str, Any] = {}
+            if args.bearer_token_file:
+                auth["bearer_token"] = _read_secret(args.bearer_token_file, "--bearer-token-file")
+            if args.basic_auth_file:
+                user, sep, password = _read_secret(args.basic_auth_file, "--basic-auth-file").partition(":")
+                if not sep or not user or not password:
+                    raise ConfigError("invalid --basic-auth-file: expected one line user:password")
+                auth["basic_auth"] = (user, password)
+            start_metrics_server(args.port, args.addr, directory=args.directory, **auth)
             print(f"serving http://{args.addr}:{args.port}/metrics for {args.directory}", flush=True)
             while True:
                 time.sleep(3600)

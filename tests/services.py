@@ -113,9 +113,10 @@ def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
 def restart_postgres(pg: Postgres) -> None:
     pg_ctl = pg_bin("pg_ctl")
     assert pg_ctl
+    # -l: the restarted server must not inherit (and hold open) our stdout pipe
     subprocess.run(
-        _as_postgres([pg_ctl, "-D", pg.datadir, "-m", "fast", "-w", "restart"]),
-        check=True, capture_output=True, timeout=120,
+        _as_postgres([pg_ctl, "-D", pg.datadir, "-m", "fast", "-l", f"{pg.datadir}/log", "-w", "restart"]),
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
     )  # fmt: skip
 
 

@@ -1,0 +1,111 @@
+"""No secrets out: a database URL with a password (and one in its query string), a SQL parameter
+and request headers carrying credentials never appear in a metric, a log event or a span
+attribute. Everything emitted is collected in one process and scanned. Also: the metrics server
+binds to loopback by default and can require basic auth or a bearer token."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+import telemetry
+
+from . import services
+
+pytestmark = pytest.mark.integration
+
+SECRETS = ["s3cr3t-pw", "qry-s3cret", "param-s3cret", "hdr-s3cret", "cookie-s3cret"]
+
+SCRIPT = r"""
+import asyncio, io, json, sys, time
+import httpx, structlog
+import telemetry
+from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+url = sys.argv[1]
+engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+logs = io.StringIO()
+telemetry.configure_logging("api", stream=logs)
+telemetry.instrument(service="api", hold_threshold_seconds=0.1, trace_sql=True)
+spans = InMemorySpanExporter()
+trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(spans))
+app = FastAPI()
+
+@app.get("/items/{item_id}")
+async def item(item_id: int):
+    async with engine.connect() as conn:
+        await conn.execute(text("select :p"), {"p": "param-s3cret"})
+        await asyncio.sleep(0.3)          # held too long: event with the call site
+    return {"ok": True}
+
+async def main():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        headers = {"Authorization": "Bearer hdr-s3cret", "Cookie": "session=cookie-s3cret"}
+        results = await asyncio.gather(*(client.get("/items/1", headers=headers) for _ in range(3)), return_exceptions=True)
+    await engine.dispose()
+    return results
+
+asyncio.run(main())
+time.sleep(0.3)
+events = [json.loads(line) for line in logs.getvalue().splitlines() if line.startswith("{")]
+names = sorted({e["event"] for e in events})
+out = {"metrics": generate_latest().decode(), "logs": logs.getvalue(), "events": names,
+       "spans": [dict(s.attributes or {}) | {"name": s.name} for s in spans.get_finished_spans()]}
+print(json.dumps(out, default=str))
+"""
+
+
+def test_nothing_emitted_carries_a_secret(pg):
+    import json
+
+    url = pg.url("asyncpg", password="s3cr3t-pw") + "?password=qry-s3cret"  # a password in the query too
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TELEMETRY_"))}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, url], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    emitted = json.loads(out.stdout.strip().splitlines()[-1])
+    # the scan is meaningful: all three channels carried the events that could leak
+    assert {"db_connection_held_too_long", "db_pool_timeout"} <= set(emitted["events"])
+    assert any(s.get("db.statement") for s in emitted["spans"]), "no SQL span to scan"
+    assert any(s["name"].startswith("GET /items") for s in emitted["spans"])
+    assert "db_connection_hold_seconds" in emitted["metrics"]
+    blob = json.dumps(emitted) + out.stderr
+    for secret in SECRETS:
+        assert secret not in blob, f"{secret} leaked"
+
+
+def test_metrics_server_loopback_and_auth():
+    telemetry.instrument(service="api")
+    port = services.free_port()
+    server, _ = telemetry.start_metrics_server(port, bearer_token="t0ken")
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        base = f"http://127.0.0.1:{port}/metrics"
+        assert httpx.get(base).status_code == 401
+        assert httpx.get(base, headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = httpx.get(base, headers={"Authorization": "Bearer t0ken"})
+        assert ok.status_code == 200 and "db_pool" in ok.text or "python_info" in ok.text
+    finally:
+        server.shutdown()
+        server.server_close()
+    port = services.free_port()
+    server, _ = telemetry.start_metrics_server(port, basic_auth=("prom", "pw"))
+    try:
+        base = f"http://127.0.0.1:{port}/metrics"
+        assert httpx.get(base).status_code == 401
+        assert httpx.get(base, auth=("prom", "pw")).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(telemetry.ConfigError, match="not both"):
+        telemetry.start_metrics_server(port, basic_auth=("a", "b"), bearer_token="c")
