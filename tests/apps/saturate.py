@@ -10,6 +10,7 @@ from sqlalchemy import create_engine
 import telemetry
 
 url, port = sys.argv[1], int(sys.argv[2])
+telemetry.configure_logging("api", stream=sys.stderr)  # stdout carries the protocol only
 telemetry.instrument(service="api")
 engine = create_engine(url, pool_size=5, max_overflow=5, pool_timeout=1, pool_logging_name="main-db")
 telemetry.start_metrics_server(port)
