@@ -33,12 +33,24 @@ RECORDING: list[tuple[str, str]] = [
      f"sum by ({POOL_LABELS}) (rate(db_pool_timeouts_total[5m]))"),
     ("service_pool:db_pool_connect_errors:rate5m",
      f"sum by ({POOL_LABELS}) (rate(db_pool_connect_errors_total[5m]))"),
+    ("service:event_loop_blocked:increase5m",
+     "sum by (service) (increase(event_loop_blocked_total[5m]))"),
+    ("service_semaphore:asyncio_semaphore_waiters:max",
+     "max by (service, semaphore) (asyncio_semaphore_waiters)"),
+    ("service_task:celery_tasks_failed:ratio_rate5m",
+     'sum by (service, task) (rate(celery_tasks_total{outcome="failed"}[5m])) / '
+     "sum by (service, task) (rate(celery_tasks_total[5m]))"),
+    ("service_task_queue:celery_task_queue_wait_seconds:p95_5m",
+     "histogram_quantile(0.95, sum by (le, service, task, queue) (rate(celery_task_queue_wait_seconds_bucket[5m])))"),
+    ("service:telemetry_spans_lost:rate5m",
+     'sum by (service) (rate(telemetry_spans_total{result=~"failed|dropped"}[5m]))'),
     # the connection budget: pools to one database share a name across services
     ("pool:db_pool_connections_max:sum", "sum by (pool) (db_pool_connections_max)"),
     ("pool:db_server_connection_limit:max", "max by (pool) (db_server_connection_limit)"),
 ]  # fmt: skip
 
 LOG_QUERIES = {
+    "event_loop_blocked": '{service="$service"} | json | event="event_loop_blocked"',
     "db_pool_critical_usage": '{service="$service"} | json | event="db_pool_critical_usage" | pool="$pool"',
     "db_connection_held_too_long": '{service="$service"} | json | event="db_connection_held_too_long" | pool="$pool"',
     "db_pool_timeout": '{service="$service"} | json | event="db_pool_timeout" | pool="$pool"',
@@ -121,6 +133,50 @@ ALERTS: list[Alert] = [
         "{{ $labels.service }} fails to connect to {{ $labels.pool }}",
         "{{ printf \"%.2f\" $value }} failed checkouts per second on {{ $labels.pool }} "
         "({{ $labels.service }}): the server or pooler refuses or drops connections.",
+    ),
+    Alert(
+        "EventLoopBlocked",
+        "service:event_loop_blocked:increase5m > 0",
+        T.FOR_LOOP_BLOCKED, "warning",
+        "The event loop of {{ $labels.service }} keeps getting blocked",
+        "{{ $value | humanize }} blocked episodes (over " + f"{T.LOOP_BLOCKED_SECONDS:g}s" + ") in 5 minutes in "
+        "{{ $labels.service }}: sync work inside async def stalls every request of that process.",
+        dashboard_uid=T.DASHBOARD_UID_API, log_event="event_loop_blocked",
+    ),
+    Alert(
+        "SemaphoreConvoy",
+        "service_semaphore:asyncio_semaphore_waiters:max > 0",
+        T.FOR_SEMAPHORE_CONVOY, "warning",
+        "Tasks of {{ $labels.service }} keep queueing on semaphore {{ $labels.semaphore }}",
+        "Some {{ $labels.service }} process has had tasks waiting for {{ $labels.semaphore }} for "
+        + T.FOR_SEMAPHORE_CONVOY + " (now {{ $value }}): throughput is capped there.",
+        dashboard_uid=T.DASHBOARD_UID_CELERY,
+    ),
+    Alert(
+        "CeleryTaskFailureRateHigh",
+        f"service_task:celery_tasks_failed:ratio_rate5m > {T.CELERY_FAILURE_RATIO_WARNING:g}",
+        T.FOR_CELERY_FAILURES, "warning",
+        "Task {{ $labels.task }} of {{ $labels.service }} fails often",
+        "{{ $value | humanizePercentage }} of {{ $labels.task }} runs fail (threshold "
+        + _pct(T.CELERY_FAILURE_RATIO_WARNING) + ").",
+        dashboard_uid=T.DASHBOARD_UID_CELERY,
+    ),
+    Alert(
+        "CeleryQueueWaitHigh",
+        f"service_task_queue:celery_task_queue_wait_seconds:p95_5m > {T.CELERY_QUEUE_WAIT_P95_SECONDS_WARNING:g}",
+        T.FOR_CELERY_QUEUE_WAIT, "warning",
+        "Task {{ $labels.task }} waits long in queue {{ $labels.queue }}",
+        "p95 queue wait of {{ $labels.task }} on {{ $labels.queue }} is {{ $value | humanizeDuration }}: "
+        "workers cannot keep up.",
+        dashboard_uid=T.DASHBOARD_UID_CELERY,
+    ),
+    Alert(
+        "TelemetrySpansLost",
+        "service:telemetry_spans_lost:rate5m > 0",
+        T.FOR_SPANS_LOST, "warning",
+        "{{ $labels.service }} is losing spans",
+        "{{ printf \"%.2f\" $value }} spans per second fail to export or are dropped from a full queue in "
+        "{{ $labels.service }}: the collector is down or too slow.",
     ),
     Alert(
         "DbConnectionBudgetExceeded",

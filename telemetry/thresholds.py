@@ -40,6 +40,19 @@ FOR_CONNECT_ERRORS = "2m"
 #: The configured worst case must exceed the limit this long (deploys overlap briefly).
 FOR_BUDGET = "10m"
 
+#: Semaphore waiters sustained this long: a convoy in front of the pool.
+FOR_SEMAPHORE_CONVOY = "10m"
+#: Share of Celery tasks failing that raises CeleryTaskFailureRateHigh.
+CELERY_FAILURE_RATIO_WARNING = 0.10
+FOR_CELERY_FAILURES = "10m"
+#: Celery queue wait p95 (seconds) that raises CeleryQueueWaitHigh.
+CELERY_QUEUE_WAIT_P95_SECONDS_WARNING = 60.0
+FOR_CELERY_QUEUE_WAIT = "10m"
+#: Blocked-loop episodes: any in the window, sustained this long.
+FOR_LOOP_BLOCKED = "5m"
+#: Spans failed or dropped: any, sustained this long.
+FOR_SPANS_LOST = "15m"
+
 #: Where alert links point. Regenerate (``telemetry generate``) after changing them.
 RUNBOOK_BASE_URL = "https://github.com/example/telemetry/blob/main/docs/runbooks"
 GRAFANA_URL = "http://localhost:3000"

@@ -35,20 +35,20 @@ def _promtool() -> str:
 def _annotations(alert: str, labels: dict[str, str], summary: str, description: str) -> dict[str, str]:
     """Expected annotations; links expanded for service=api, pool=main-db (nothing to escape)."""
     spec = next(a for a in _rules.ALERTS if a.name == alert)
-    service = labels.get("service", "")
+    service, pool = labels.get("service", ""), labels.get("pool", "")
     out = {
         "summary": summary,
         "description": description,
         "runbook_url": _rules.runbook_url(alert),
         "dashboard_url": _rules.dashboard_url(spec.dashboard_uid)
         .replace("{{ $labels.service | urlquery }}", service)
-        .replace("{{ $labels.pool | urlquery }}", "main-db"),
+        .replace("{{ $labels.pool | urlquery }}", pool),
     }
     if spec.log_event:
         out["logs_url"] = (
             _rules.logs_url(spec.log_event)
             .replace("{{ $labels.service | urlquery }}", service)
-            .replace("{{ $labels.pool | urlquery }}", "main-db")
+            .replace("{{ $labels.pool | urlquery }}", pool)
         )
     return out
 
@@ -145,6 +145,46 @@ CASES = [
           "Worst-case connections to main-db exceed the server limit",
           "All processes together may open 12 connections to main-db, more than the server or "
           "pooler allows: under load, connects will fail."),
+    # one blocked episode a minute from t=1m: increase()[5m] reads 5 once the window is full
+    _case("EventLoopBlocked", [{"series": 'event_loop_blocked_total{service="api"}', "values": "0+1x30"}],
+          "5m", "6m", {"service": "api"},
+          "The event loop of api keeps getting blocked",
+          "5 blocked episodes (over 0.5s) in 5 minutes in api: sync work inside async def stalls every "
+          "request of that process."),
+    _case("SemaphoreConvoy", [{"series": 'asyncio_semaphore_waiters{service="worker",semaphore="MAX_DB_CONCURRENT",pid="3"}', "values": "27x30"},
+                              {"series": 'asyncio_semaphore_waiters{service="worker",semaphore="MAX_DB_CONCURRENT",pid="4"}', "values": "0x30"}],
+          "9m", "10m", {"service": "worker", "semaphore": "MAX_DB_CONCURRENT"},
+          "Tasks of worker keep queueing on semaphore MAX_DB_CONCURRENT",
+          "Some worker process has had tasks waiting for MAX_DB_CONCURRENT for 10m (now 27): throughput is "
+          "capped there."),
+    _case("CeleryTaskFailureRateHigh", [
+              {"series": 'celery_tasks_total{service="worker",task="generate_content",queue="content",outcome="succeeded"}', "values": "0+8x30"},
+              {"series": 'celery_tasks_total{service="worker",task="generate_content",queue="content",outcome="failed"}', "values": "0+2x30"}],
+          "10m", "11m", {"service": "worker", "task": "generate_content"},
+          "Task generate_content of worker fails often",
+          "20% of generate_content runs fail (threshold 10%)."),
+    # all waits in (60, 120]: p95 = 60 + 0.95 * 60 = 117 s
+    _case("CeleryQueueWaitHigh", [
+              {"series": f'celery_task_queue_wait_seconds_bucket{{service="worker",task="generate_content",queue="content",le="{le}"}}', "values": v}
+              for le, v in (("30.0", "0x30"), ("60.0", "0x30"), ("120.0", "0+10x30"), ("+Inf", "0+10x30"))],
+          "10m", "11m", {"service": "worker", "task": "generate_content", "queue": "content"},
+          "Task generate_content waits long in queue content",
+          "p95 queue wait of generate_content on content is 1m 57s: workers cannot keep up."),
+    _case("TelemetrySpansLost", [{"series": 'telemetry_spans_total{service="api",result="dropped"}', "values": "0+60x30"},
+                                 {"series": 'telemetry_spans_total{service="api",result="exported"}', "values": "0+600x30"}],
+          "15m", "16m", {"service": "api"},
+          "api is losing spans",
+          "1.00 spans per second fail to export or are dropped from a full queue in api: the collector is "
+          "down or too slow."),
+    _silent("healthy loops, free semaphores, few failures, short queues, spans exported", [
+        {"series": 'event_loop_blocked_total{service="api"}', "values": "3x30"},
+        {"series": 'asyncio_semaphore_waiters{service="worker",semaphore="MAX_DB_CONCURRENT",pid="3"}', "values": "0x30"},
+        {"series": 'celery_tasks_total{service="worker",task="t",queue="q",outcome="succeeded"}', "values": "0+95x30"},
+        {"series": 'celery_tasks_total{service="worker",task="t",queue="q",outcome="failed"}', "values": "0+5x30"},
+        {"series": 'celery_task_queue_wait_seconds_bucket{service="worker",task="t",queue="q",le="1.0"}', "values": "0+10x30"},
+        {"series": 'celery_task_queue_wait_seconds_bucket{service="worker",task="t",queue="q",le="+Inf"}', "values": "0+10x30"},
+        {"series": 'telemetry_spans_total{service="api",result="exported"}', "values": "0+600x30"},
+    ], "25m", ["EventLoopBlocked", "SemaphoreConvoy", "CeleryTaskFailureRateHigh", "CeleryQueueWaitHigh", "TelemetrySpansLost"]),
     _silent("21 processes each at 50%: no usage alert", MANY_AT_HALF, "20m",
             ["DbPoolUsageWarning", "DbPoolUsageCritical"]),
     _silent("idle pools, flat counters: nothing fires",
@@ -194,6 +234,6 @@ def test_rule_expressions_name_only_exported_metrics():
         for rule in group["rules"]:
             for name in re.findall(r"\b([a-z_][a-z0-9_:]*)\b(?=\s*[{\[)]|\s*/|\s*>|\s*$)", rule["expr"]):
                 base = re.sub(r"_(bucket|count|sum)$", "", name)
-                if name in recorded or name in ("by", "on", "le", "service", "pool", "rate", "max", "sum", "histogram_quantile"):
+                if name in recorded or name in ("by", "on", "le", "service", "pool", "task", "queue", "semaphore", "rate", "max", "sum", "increase", "histogram_quantile"):
                     continue
                 assert base in CATALOGUE or name in CATALOGUE, f"{rule.get('alert') or rule.get('record')}: {name}"
