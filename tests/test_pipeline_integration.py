@@ -65,7 +65,7 @@ def stack(pg, redis_server, tmp_path) -> Iterator[dict]:
         TELEMETRY_METRICS_PORT=str(metrics_port), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100", CONCEPTS=str(CONCEPTS), LLM_SECONDS="0.05",
         SAVE_SECONDS="0.05", MAX_DB_CONCURRENT="2", STREAM_SECONDS="1", BLOCK_SECONDS="1.2",
-        TELEMETRY_LOOP_BLOCKED_SECONDS="0.3", PYTHONUNBUFFERED="1",
+        TELEMETRY_LOOP_BLOCKED_SECONDS="0.3", PYTHONUNBUFFERED="1", TELEMETRY_TRACE_SQL="true",
     )  # fmt: skip
     sys.path.insert(0, ROOT)
     from examples.content_pipeline import db
@@ -179,6 +179,11 @@ def test_pipeline_end_to_end(stack):
     assert ("api", "POST /generate") in names
     assert ("api", "apply_async/generate_content") in names
     assert ("worker", "run/generate_content") in names
+    # ... down to the database work the task did (statement spans, parameters not recorded)
+    sql = [s for s in traced if s["service"] == "worker" and "db.statement" in s["attributes"]]
+    assert sql and any("INSERT INTO concepts" in s["attributes"]["db.statement"].string_value for s in sql)
+    run_ids = {s["span_id"] for s in traced if s["name"] == "run/generate_content"}
+    assert run_ids
     # ... and the task's own log line carries the same trace id
     logs = _json_lines(stack["worker_log"])
     done_logs = [e for e in logs if e.get("event") == "content_task_done"]
