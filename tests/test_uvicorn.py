@@ -62,3 +62,45 @@ def test_two_workers_one_metrics_endpoint(pg, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_kill_9_of_a_uvicorn_worker(pg, tmp_path):
+    """A worker killed with SIGKILL: uvicorn replaces it; the host view drops its gauges at the
+    next scrape and its flushed counters stay (nothing goes backwards)."""
+    port = services.free_port()
+    env = dict(os.environ, APP_DATABASE_URL=pg.url("asyncpg"), TELEMETRY_MULTIPROC_DIR=str(tmp_path),
+               TELEMETRY_FLUSH_INTERVAL_SECONDS="0.1")  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.apps.pool_app:app", "--workers", "2",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        cwd=root, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        services.wait_port(port, 30)
+        pids = set()
+        for _ in range(30):
+            with httpx.Client(timeout=10) as client:
+                pids.add(client.get(f"http://127.0.0.1:{port}/work").text)
+        time.sleep(0.5)  # a flush interval
+        before = _scrape(port)
+        ok_before = sum(s.value for s in before if s.name == "db_pool_checkouts_total" and s.labels["result"] == "ok")
+        victim = sorted(pids)[0]
+        os.kill(int(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                after = _scrape(port)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+                continue
+            live = {s.labels["pid"] for s in after if s.name == "db_pool_size"}
+            if victim not in live and len(live) == 2:
+                break
+            time.sleep(0.2)
+        assert victim not in live and len(live) == 2  # replaced, and its gauges are gone
+        ok_after = sum(s.value for s in after if s.name == "db_pool_checkouts_total" and s.labels["result"] == "ok")
+        assert ok_after >= ok_before == 30
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
