@@ -197,3 +197,37 @@ def test_pipeline_end_to_end(stack):
     assert blocked, api_events[-20:]
     assert "content_pipeline/api.py" in blocked[0]["call_site"] and "in blocking" in blocked[0]["call_site"]
     assert blocked[0].get("trace_id") and len(blocked[0]["trace_id"]) == 32
+
+
+def test_kill_9_of_a_celery_child_mid_task(stack):
+    """A prefork child killed with SIGKILL in the middle of a task: billiard replaces it, the host
+    view drops the dead child's gauges at the next scrape, counters never go backwards, and the
+    next tasks succeed."""
+    base = f"http://127.0.0.1:{stack['api']}"
+    with httpx.Client(timeout=30) as client:
+        for _ in range(2):
+            client.post(f"{base}/generate").raise_for_status()
+        victim, before = None, None
+        deadline = time.monotonic() + 30
+        while victim is None and time.monotonic() < deadline:
+            samples = _scrape(stack["metrics"])
+            running = [s.labels["pid"] for s in samples if s.name == "celery_tasks_in_progress" and s.value > 0]
+            if running:
+                victim, before = running[0], samples
+            else:
+                time.sleep(0.02)
+        assert victim, "no task seen in progress"
+        os.kill(int(victim), signal.SIGKILL)
+        ok_before = _total(before, "celery_tasks_total", outcome="succeeded")
+        holds_before = _total(before, "db_connection_hold_seconds_count", service="worker")
+        client.post(f"{base}/generate").raise_for_status()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            after = _scrape(stack["metrics"])
+            pids = {s.labels["pid"] for s in after if s.name == "celery_tasks_in_progress"}
+            if victim not in pids and _total(after, "celery_tasks_total", outcome="succeeded") >= ok_before + 2:
+                break
+            time.sleep(0.3)
+    assert victim not in pids
+    assert _total(after, "celery_tasks_total", outcome="succeeded") >= ok_before + 2  # the rest still run
+    assert _total(after, "db_connection_hold_seconds_count", service="worker") >= holds_before
