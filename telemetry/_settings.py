@@ -56,30 +56,23 @@ def _number(low: float, high: float | None, *, low_open: bool) -> Callable[[Any]
     return parse
 
 
-def _positive_int(raw: Any) -> int:
-    accepted = "a whole number >= 1"
-    if isinstance(raw, bool):
-        raise ValueError(accepted)
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ValueError(accepted) from None
-    if value < 1:
-        raise ValueError(accepted)
-    return value
+def _whole(low: int, high: int | None, accepted: str) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError(accepted)
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            raise ValueError(accepted) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(accepted)
+        return value
+
+    return parse
 
 
-def _port(raw: Any) -> int:
-    accepted = "a TCP port number in [1, 65535]"
-    if isinstance(raw, bool):
-        raise ValueError(accepted)
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ValueError(accepted) from None
-    if not 1 <= value <= 65535:
-        raise ValueError(accepted)
-    return value
+_positive_int = _whole(1, None, "a whole number >= 1")
+_port = _whole(1, 65535, "a TCP port number in [1, 65535]")
 
 
 def _name(raw: Any) -> str:

@@ -31,6 +31,15 @@ def missing(what: str) -> None:
     pytest.skip(message)
 
 
+def binary(name: str, package: str) -> str:
+    """Path of a service binary from a Debian package, or skip (locally) / fail (CI)."""
+    path = shutil.which(name)
+    if not path:
+        missing(f"{name} (Debian package {package})")
+    assert path
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,6 @@ the ``for:`` durations are the shipped ones (5 min and 2 min), so this test take
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,10 +36,7 @@ def _wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 
 def test_saturation_pages_pings_inhibits_and_resolves(pg, tmp_path):
-    binary = shutil.which("prometheus")
-    if not binary:
-        services.missing("prometheus (Debian package prometheus)")
-    assert binary
+    binary = services.binary("prometheus", "prometheus")
     receiver = _Receiver()
     am_proc, am_port = start_alertmanager(_local_config(str(tmp_path), receiver.port), str(tmp_path))
     app_port, prom_port = services.free_port(), services.free_port()

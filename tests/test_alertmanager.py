@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -28,11 +27,7 @@ CONFIG = os.path.join(ROOT, "alerts", "alertmanager.yml")
 
 
 def _bin(name: str) -> str:
-    path = shutil.which(name)
-    if not path:
-        services.missing(f"{name} (Debian package prometheus-alertmanager)")
-    assert path
-    return path
+    return services.binary(name, "prometheus-alertmanager")
 
 
 def _local_config(tmp: str, receiver_port: int, group_wait: str = "1s") -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -104,10 +103,7 @@ def _substitute(expr: str) -> str:
 
 @pytest.mark.integration
 def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
-    binary = shutil.which("prometheus")
-    if not binary:
-        services.missing("prometheus (Debian package prometheus)")
-    assert binary
+    binary = services.binary("prometheus", "prometheus")
     target, prom = services.free_port(), services.free_port()
     workload = subprocess.Popen([sys.executable, "-m", "tests.apps.workload", str(target), "40"], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip

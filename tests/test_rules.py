@@ -5,7 +5,6 @@ silent (one idle + one saturated process fires; many processes at 50% do not).""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from typing import Any
 
@@ -25,11 +24,7 @@ POOL = 'service="api",pool="main-db"'
 
 
 def _promtool() -> str:
-    binary = shutil.which("promtool")
-    if not binary:
-        services.missing("promtool (Debian package prometheus)")
-    assert binary
-    return binary
+    return services.binary("promtool", "prometheus")
 
 
 def _annotations(alert: str, labels: dict[str, str], summary: str, description: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -152,10 +151,7 @@ def test_logs_keep_what_the_log_queries_need():
 
 @pytest.mark.integration
 def test_prometheus_config_passes_promtool_with_mounts_resolved(tmp_path):
-    promtool = shutil.which("promtool")
-    if not promtool:
-        services.missing("promtool (Debian package prometheus)")
-    assert promtool
+    promtool = services.binary("promtool", "prometheus")
     config = _yaml("collector/prometheus.yml")
     mounts = _mounts()
     config["rule_files"] = [mounts[p] for p in config["rule_files"]]
@@ -168,10 +164,7 @@ def test_prometheus_config_passes_promtool_with_mounts_resolved(tmp_path):
 
 @pytest.mark.integration
 def test_alertmanager_config_passes_amtool_with_mounts_resolved(tmp_path):
-    amtool = shutil.which("amtool")
-    if not amtool:
-        services.missing("amtool (Debian package prometheus-alertmanager)")
-    assert amtool
+    amtool = services.binary("amtool", "prometheus-alertmanager")
     mounts = _mounts()
     with open(mounts["/etc/alertmanager/alertmanager.yml"]) as fh:
         text = fh.read()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,7 +24,9 @@ def _scrape(port: int) -> list:
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
-def test_two_workers_one_metrics_endpoint(pg, tmp_path):
+@contextlib.contextmanager
+def two_workers(pg, tmp_path) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """tests/apps/pool_app.py under uvicorn --workers 2, multiprocess mode; yields the port."""
     port = services.free_port()
     env = dict(os.environ, APP_DATABASE_URL=pg.url("asyncpg"), TELEMETRY_MULTIPROC_DIR=str(tmp_path),
                TELEMETRY_FLUSH_INTERVAL_SECONDS="0.1")  # fmt: skip
@@ -34,6 +38,14 @@ def test_two_workers_one_metrics_endpoint(pg, tmp_path):
     )  # fmt: skip
     try:
         services.wait_port(port, 30)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_two_workers_one_metrics_endpoint(pg, tmp_path):
+    with two_workers(pg, tmp_path) as port:
         served_by = set()
         for _ in range(40):
             with httpx.Client(timeout=10) as client:  # a new connection each time
@@ -59,25 +71,12 @@ def test_two_workers_one_metrics_endpoint(pg, tmp_path):
         assert set(in_use) == pids and sum(in_use.values()) == 0
         maxes = [s.value for s in samples if s.name == "db_pool_connections_max"]
         assert maxes == [4, 4]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
 
 
 def test_kill_9_of_a_uvicorn_worker(pg, tmp_path):
     """A worker killed with SIGKILL: uvicorn replaces it; the host view drops its gauges at the
     next scrape and its flushed counters stay (nothing goes backwards)."""
-    port = services.free_port()
-    env = dict(os.environ, APP_DATABASE_URL=pg.url("asyncpg"), TELEMETRY_MULTIPROC_DIR=str(tmp_path),
-               TELEMETRY_FLUSH_INTERVAL_SECONDS="0.1")  # fmt: skip
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.apps.pool_app:app", "--workers", "2",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=root, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        services.wait_port(port, 30)
+    with two_workers(pg, tmp_path) as port:
         pids = set()
         for _ in range(30):
             with httpx.Client(timeout=10) as client:
@@ -101,6 +100,3 @@ def test_kill_9_of_a_uvicorn_worker(pg, tmp_path):
         assert victim not in live and len(live) == 2  # replaced, and its gauges are gone
         ok_after = sum(s.value for s in after if s.name == "db_pool_checkouts_total" and s.labels["result"] == "ok")
         assert ok_after >= ok_before == 30
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
