@@ -100,6 +100,9 @@ def test_saturation_pages_pings_inhibits_and_resolves(pg, tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
+        for pipe in (app.stdin, app.stdout):
+            if pipe is not None:
+                pipe.close()
         am_proc.terminate()
         am_proc.wait(timeout=20)
         receiver.server.shutdown()
