@@ -39,6 +39,13 @@ CONFIG = _Config()
 TASK_TRACES: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
+def _release_capacity(labels: Any, value: int, generation: int) -> None:
+    """A semaphore was garbage collected: its permits leave the capacity gauge, unless the
+    gauges were reset since (fork, uninstrument) and never counted it."""
+    if STATS.generation == generation:
+        STATS.add("asyncio_semaphore_capacity", labels, -value)
+
+
 class Semaphore(asyncio.Semaphore):
     """``asyncio.Semaphore`` that exports capacity, in use, waiters and wait time."""
 
@@ -55,7 +62,7 @@ class Semaphore(asyncio.Semaphore):
         STATS.add("asyncio_semaphore_capacity", self._labels, value)
         STATS.add("asyncio_semaphore_in_use", self._labels, 0)
         STATS.add("asyncio_semaphore_waiters", self._labels, 0)
-        weakref.finalize(self, STATS.add, "asyncio_semaphore_capacity", self._labels, -value)
+        weakref.finalize(self, _release_capacity, self._labels, value, STATS.generation)
 
     async def acquire(self) -> Literal[True]:
         try:

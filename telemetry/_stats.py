@@ -121,6 +121,7 @@ class LabeledStats:
         self.reset()
 
     def reset(self) -> None:
+        self.generation = getattr(self, "generation", 0) + 1  # lets late finalizers see a reset
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, Labels], float] = {}
         self.gauges: dict[tuple[str, Labels], float] = {}

@@ -102,3 +102,21 @@ async def test_asgi_pool_wait_split_and_route_templates(pg):
     assert sample("db_connection_hold_seconds_count", owner="GET /items/{item_id}") == 1
     assert sample("http_server_requests_in_flight", **labels) == 0
     await engine.dispose()
+
+
+async def test_capacity_follows_live_semaphores_and_survives_a_reset():
+    import gc
+
+    telemetry.instrument(service="worker")
+    a = telemetry.Semaphore(3, name="S")
+    b = telemetry.Semaphore(2, name="S")
+    assert sample("asyncio_semaphore_capacity", semaphore="S") == 5
+    del b
+    gc.collect()
+    assert sample("asyncio_semaphore_capacity", semaphore="S") == 3
+    telemetry.uninstrument()  # resets the gauges: a later collection of `a` must not go negative
+    telemetry.instrument(service="worker")
+    del a
+    gc.collect()
+    with pytest.raises(KeyError):
+        sample("asyncio_semaphore_capacity", semaphore="S")
