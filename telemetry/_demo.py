@@ -249,31 +249,35 @@ class Run:
         for service, usage in _report.usage_by_service(cur).items():
             self.peaks[service] = max(self.peaks.get(service, 0.0), usage)
             self.timeline["usage"].setdefault(service, []).append((t, usage))
-        if prev:
-            p95 = _report.interval_p95(prev, cur)
-            if p95 is not None:
-                self.timeline["latency"]["api p95"].append((t, p95))
+        p95 = _report.interval_p95(prev, cur) if prev else None
+        if p95 is not None:
+            self.timeline["latency"]["api p95"].append((t, p95))
         if live is not None:
-            live.update(_live_table(self.scenario, t, cur, self.peaks))
+            live.update(_live_table(self.scenario, t, cur, self.peaks, p95))
         return cur
 
 
-def _live_table(scenario: str, t: float, samples: _report.Samples, peaks: dict[str, float]) -> Any:
+def _live_table(scenario: str, t: float, samples: _report.Samples, peaks: dict[str, float],
+                p95: float | None = None) -> Any:  # fmt: skip
     from rich.table import Table
 
     table = Table(title=f"scenario {scenario}: {t:4.0f}s  (pool usage per process now, peak)")
-    for col in ("service", "pid", "in use / max", "waiting", "peak (busiest)"):
+    for col in ("service", "pool", "pid", "in use / max", "waiting", "peak (busiest)"):
         table.add_column(col)
-    rows: dict[tuple[str, str], dict[str, float]] = {}
+    rows: dict[tuple[str, str, str], dict[str, float]] = {}
     for n, lb, v in samples:
         if n in ("db_pool_connections_in_use", "db_pool_connections_max", "db_pool_pending_requests"):
-            rows.setdefault((lb["service"], lb["pid"]), {})[n] = v
-    for (service, pid), r in sorted(rows.items()):
-        table.add_row(service, pid, f"{r.get('db_pool_connections_in_use', 0):.0f} / {r.get('db_pool_connections_max', 0):.0f}",
+            rows.setdefault((lb["service"], lb["pool"], lb["pid"]), {})[n] = v
+    for (service, pool, pid), r in sorted(rows.items()):
+        # the app's database, and kombu's broker/result-backend pools when they use SQLAlchemy
+        table.add_row(service, pool.rsplit("/", 1)[-1], pid,
+                      f"{r.get('db_pool_connections_in_use', 0):.0f} / "
+                      + (f"{r['db_pool_connections_max']:.0f}" if "db_pool_connections_max" in r else "-"),
                       f"{r.get('db_pool_pending_requests', 0):.0f}", f"{peaks.get(service, 0) * 100:.0f}%")  # fmt: skip
     done = _report.total(samples, "celery_tasks_total", outcome="succeeded")
     failed = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count" and lb.get("status", "").startswith("5"))
-    table.caption = f"content tasks done: {done:.0f}   API 5xx so far: {failed:.0f}"
+    latency = "-" if p95 is None else f"{p95 * 1000:.0f} ms"
+    table.caption = f"content tasks done: {done:.0f}   API p95 (last 0.5 s): {latency}   API 5xx so far: {failed:.0f}"
     return table
 
 

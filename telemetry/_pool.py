@@ -91,7 +91,7 @@ class PoolState:
     __slots__ = (
         "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "cancelled",
         "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
-        "hold", "pool_ref", "creator_ref", "critical_at", "max_connections", "last_critical",
+        "hold", "pool_ref", "critical_at", "max_connections", "last_critical",
         "last_timeout_log", "__weakref__",
     )  # fmt: skip
 
@@ -99,7 +99,6 @@ class PoolState:
         self.name = name
         self.labels = (("service", CONFIG.service), ("pool", name))
         self.pool_ref: Any = None
-        self.creator_ref: Any = None
         self.critical_at: float = math.inf
         self.max_connections: int | None = None
         self.reset()
@@ -117,7 +116,7 @@ class PoolState:
         """Point the gauges at the newest pool of this name and size the critical threshold."""
         self.pool_ref = weakref.ref(pool)
         self.max_connections = None
-        if isinstance(pool, QueuePool) and pool._max_overflow >= 0:
+        if isinstance(pool, QueuePool) and pool._max_overflow >= 0 and pool.size() + pool._max_overflow > 0:
             self.max_connections = pool.size() + pool._max_overflow
         elif type(pool).__name__ in ("StaticPool", "AssertionPool"):
             self.max_connections = 1
@@ -227,15 +226,14 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
                 if engine is not None:
                     name = _engine_name(engine)
                 else:
-                    name = pool._orig_logging_name or f"{type(pool).__name__}-{id(pool):x}"
-                name = _unique(name, creator)
+                    name = pool._orig_logging_name or type(pool).__name__
+
             state = _states.get(name)
             if state is None:
                 state = _states[name] = PoolState(name)
                 REGISTRY.add(state)
             if creator is not None:
                 _names_by_creator[creator] = name
-                state.creator_ref = weakref.ref(creator)
             state.attach(pool)
             setattr(pool, _ATTR, state)
             _seen_pools.add(pool)
@@ -243,19 +241,6 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
     except Exception as exc:
         hook_error("pool.register", exc)
         return _SKIP
-
-
-def _unique(name: str, creator: Any) -> str:
-    """Two engines with the same URL get distinct pool names; a recreated pool keeps its own."""
-    base, n = name, 1
-    while True:
-        other = _states.get(name)
-        if other is None or other.creator_ref is None or creator is None:
-            return name
-        if other.creator_ref() is creator or other.creator_ref() is None:
-            return name
-        n += 1
-        name = f"{base}#{n}"
 
 
 def _record_pool(rec: Any) -> Pool | None:

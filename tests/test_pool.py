@@ -358,3 +358,20 @@ def test_owner_cap_folds_into_other(tmp_path):
     assert sorted(st.hold) == ["other", "route-0", "route-1", "route-2"]
     assert sample("telemetry_owner_overflow_total", pool=st.name) == 3
     assert sample("db_connection_hold_seconds_count", pool=st.name, owner="other") == 3
+
+
+def test_an_engine_per_task_keeps_one_series(tmp_path):
+    """Apps that create (and dispose) an engine per task must not grow a new pool label each
+    time: engines with the same URL share the name and its counters."""
+    telemetry.instrument(service="worker")
+    url = f"sqlite:///{tmp_path}/per-task.db"
+    keep = []
+    for _ in range(5):
+        engine = create_engine(url, poolclass=QueuePool, pool_size=2, max_overflow=2)
+        with engine.connect():
+            pass
+        engine.dispose()
+        keep.append(engine)  # still alive: the name must not depend on garbage collection
+    names = [n for n in _pool.states() if "per-task.db" in n]
+    assert names == [f"sqlite:///{tmp_path}/per-task.db"]
+    assert _pool.states()[names[0]].ok == 5
