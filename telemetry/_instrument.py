@@ -306,27 +306,24 @@ def start_metrics_server(
 
 
 def _after_fork_in_child() -> None:
+    """Locks a parent thread may have held, per-process tables and counts: all start anew."""
     global _lock
+    import sys
+
     _lock = threading.RLock()
     _stats.REGISTRY._lock = threading.Lock()
     _log.INTERNAL._lock = threading.Lock()
-    import sys
-
-    pool = sys.modules.get(f"{__package__}._pool")
-    if pool is not None:
-        pool._lock = threading.RLock()  # type: ignore[attr-defined]
-        pool.after_fork_in_child()
-    for name in ("_asyncio", "_celery", "_tracing"):
-        module = sys.modules.get(f"{__package__}.{name}")
-        if module is None:
-            continue
-        if name == "_asyncio":
-            module._monitored.clear()
-        elif name == "_celery":
-            module._running.clear()
-        else:
-            module.after_fork_in_child()
-    _stats.REGISTRY.reset_all()
+    modules = {name: sys.modules.get(f"{__package__}.{name}") for name in ("_pool", "_asyncio", "_celery", "_tracing")}
+    if modules["_pool"] is not None:
+        modules["_pool"]._lock = threading.RLock()  # type: ignore[attr-defined]
+        modules["_pool"].after_fork_in_child()
+    if modules["_asyncio"] is not None:
+        modules["_asyncio"]._monitored.clear()
+    if modules["_celery"] is not None:
+        modules["_celery"]._running.clear()
+    if modules["_tracing"] is not None:
+        modules["_tracing"].after_fork_in_child()
+    _stats.REGISTRY.reset_all()  # every counter, histogram and gauge of every source
     runtime = _runtime
     if runtime is None:
         return

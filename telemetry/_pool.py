@@ -566,13 +566,12 @@ def uninstall() -> None:
 
 
 def after_fork_in_child() -> None:
-    """Connections and counts of the parent are not the child's: start clean."""
+    """The parent's held connections are not the child's (the counts are reset with every
+    other source by the caller)."""
     global _last_loop
     _last_loop = None
     _held.clear()
     _flagged.clear()
-    for state in list(_states.values()):
-        state.reset()
 
 
 def states() -> dict[str, PoolState]:
