@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
+import httpx
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import QueuePool
@@ -15,6 +20,8 @@ from structlog.testing import capture_logs
 
 import telemetry
 from telemetry import _exposition, _multiprocess
+
+from . import services
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +149,57 @@ def test_prepare_dir_empties_it(tmp_path):
     (tmp_path / "keep.txt").write_text("")
     assert telemetry.prepare_multiproc_dir(str(tmp_path)) == 2
     assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+@pytest.mark.integration
+def test_real_prometheus_scraping_through_worker_churn(tmp_path):
+    """A real Prometheus scrapes the host every 200 ms while 60 children live and die: no failed
+    scrape, no counter reset, and the final total is every checkout of every child."""
+    binary = services.binary("prometheus", "prometheus")
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    target, prom = services.free_port(), services.free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "p.yml").write_text(
+        "global: {scrape_interval: 200ms, evaluation_interval: 1s}\n"
+        f"scrape_configs:\n  - job_name: host\n    static_configs: [{{targets: ['127.0.0.1:{target}']}}]\n"
+    )
+    server = subprocess.Popen([binary, f"--config.file={tmp_path}/p.yml", f"--storage.tsdb.path={tmp_path}/tsdb",
+                               f"--web.listen-address=127.0.0.1:{prom}", "--log.level=warn"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    services.wait_port(prom, 30)
+    api = f"http://127.0.0.1:{prom}/api/v1"
+    host = subprocess.Popen([sys.executable, "-m", "tests.apps.churn", str(directory), str(target), "60"], cwd=root,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert host.stdout is not None and host.stdin is not None
+        assert host.stdout.readline().strip() == "ready"
+
+        def query(q: str) -> list:
+            return httpx.get(f"{api}/query", params={"query": q}, timeout=10).json()["data"]["result"]
+
+        deadline = time.monotonic() + 60
+        while not [r for r in query("up") if r["value"][1] == "1"]:
+            assert time.monotonic() < deadline, "Prometheus never scraped the host"
+            time.sleep(0.2)
+        host.stdin.write("go\n")
+        host.stdin.flush()
+        line = host.stdout.readline().strip()
+        assert line == "done 300", line
+        time.sleep(1.5)  # a few more scrapes after the last child died
+
+        scrapes = query("count_over_time(up[1m])")
+        assert scrapes and float(scrapes[0]["value"][1]) >= 10
+        assert float(query("min_over_time(up[1m])")[0]["value"][1]) == 1  # no failed scrape
+        resets = query('resets(db_pool_checkouts_total{result="ok"}[1m])')
+        assert resets and all(float(r["value"][1]) == 0 for r in resets)  # never went backwards
+        final = query('sum(db_pool_checkouts_total{result="ok"})')
+        assert float(final[0]["value"][1]) == 300
+    finally:
+        if host.stdin is not None:
+            host.stdin.close()
+        if host.stdout is not None:
+            host.stdout.close()
+        host.wait(timeout=20)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
