@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -43,3 +45,28 @@ def sample(name: str, **labels: str) -> float:
     if not found:
         raise KeyError(f"no sample {name} {labels}")
     return total
+
+
+async def starve(engine: Any, waiters: int, hold: float = 1.0, owner: str = "hog") -> list[str]:
+    """One coroutine (as ``owner``) holds a connection for ``hold`` seconds while ``waiters``
+    others try to check one out; returns each waiter's result, "ok" or "timeout"."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    holding = asyncio.Event()
+
+    async def hog() -> None:
+        with telemetry.db_owner(owner):
+            async with engine.connect():
+                holding.set()
+                await asyncio.sleep(hold)
+
+    async def waiter() -> str:
+        await holding.wait()
+        try:
+            async with engine.connect():
+                return "ok"
+        except PoolTimeout:
+            return "timeout"
+
+    results = await asyncio.gather(hog(), *(waiter() for _ in range(waiters)))
+    return list(results[1:])

@@ -4,7 +4,6 @@ return to exact values, and that counters stayed monotonic."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import multiprocessing
 import os
@@ -16,7 +15,6 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import QueuePool
 from structlog.testing import capture_logs
@@ -25,7 +23,7 @@ import telemetry
 from telemetry import _exposition, _log, _pool
 
 from . import services
-from .conftest import sample
+from .conftest import sample, starve
 
 pytestmark = pytest.mark.integration
 
@@ -105,25 +103,10 @@ async def test_pool_timeout_storm(pg):
     as suppressed, the wait histogram has all 301."""
     telemetry.instrument(service="api")
     engine = create_async_engine(pg.url("asyncpg"), pool_size=1, max_overflow=0, pool_timeout=0.3)
-    ready = asyncio.Event()
-
-    async def hog() -> None:
-        async with engine.connect():
-            ready.set()
-            await asyncio.sleep(1.0)
-
-    async def waiter() -> str:
-        await ready.wait()
-        try:
-            async with engine.connect():
-                return "ok"
-        except PoolTimeout:
-            return "timeout"
-
     with capture_logs() as logs:
-        out = await asyncio.gather(hog(), *(waiter() for _ in range(300)))
+        out = await starve(engine, 300)
     st = _state(engine)
-    assert out[1:].count("timeout") == 300 == st.timeouts
+    assert out.count("timeout") == 300 == st.timeouts
     assert st.wait.count == 301
     assert len([e for e in logs if e["event"] == "db_pool_timeout"]) == 1
     assert sample("telemetry_log_events_suppressed_total", event="db_pool_timeout") == 299

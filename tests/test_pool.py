@@ -10,7 +10,6 @@ import time
 import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import Pool, QueuePool
 from structlog.testing import capture_logs
@@ -18,7 +17,7 @@ from structlog.testing import capture_logs
 import telemetry
 from telemetry import _pool
 
-from .conftest import sample
+from .conftest import sample, starve
 
 pytestmark = pytest.mark.integration
 
@@ -76,25 +75,9 @@ async def test_timeouts_counted_and_logged_with_a_snapshot(pg):
     and db_pool_timeout carries the pool snapshot and who holds the connections."""
     telemetry.instrument(service="worker")
     engine = create_async_engine(pg.url("asyncpg"), pool_size=1, max_overflow=0, pool_timeout=0.2)
-    holding = asyncio.Event()
-
-    async def hog() -> None:
-        with telemetry.db_owner("hog"):
-            async with engine.connect():
-                holding.set()
-                await asyncio.sleep(1.0)
-
-    async def victim() -> str:
-        await holding.wait()
-        try:
-            async with engine.connect():
-                return "got"
-        except PoolTimeout:
-            return "timeout"
-
     with capture_logs() as logs:
-        results = await asyncio.gather(hog(), *(victim() for _ in range(5)))
-    assert results[1:] == ["timeout"] * 5
+        results = await starve(engine, 5)
+    assert results == ["timeout"] * 5
     st = _state(engine)
     _exact(engine.sync_engine.pool, st)
     assert sample("db_pool_timeouts_total", pool=st.name) == 5
