@@ -313,6 +313,7 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()
     _stats.REGISTRY._lock = threading.Lock()
     _log.INTERNAL._lock = threading.Lock()
+    _multiprocess.after_fork_in_child()
     modules = {name: sys.modules.get(f"{__package__}.{name}") for name in ("_pool", "_asyncio", "_celery", "_tracing")}
     if modules["_pool"] is not None:
         modules["_pool"]._lock = threading.RLock()  # type: ignore[attr-defined]

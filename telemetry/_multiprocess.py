@@ -4,7 +4,7 @@ Why not prometheus-client's stock multiprocess mode: it writes an mmap value on 
 (about 4 us each, several per checkout) and leaves every dead process's files behind, so scrapes
 slow down as workers recycle. Here each process keeps plain in-memory counts and a background
 flush (default every second, and at exit) replaces one file per process atomically:
-``telemetry-<pid>-<start>.json``. A scrape, under an exclusive ``flock``:
+``telemetry-<pid>-<start>.json``. A scrape, under an exclusive lock (see ``_locked``):
 
 * reads the live processes' files (the serving process uses its own fresh snapshot);
 * folds each dead process's counters and histograms into ``telemetry-archive.json`` and deletes
@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -129,12 +130,28 @@ class ProcessFile:
 
 @contextlib.contextmanager
 def _locked(directory: str) -> Iterator[None]:
-    fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    """Exclusive across processes (a POSIX record lock) and across this process's threads.
+
+    Not ``flock``: an flock belongs to the open file, so a worker forked while a scrape holds it
+    (a Celery prefork parent replacing a child during a scrape) would keep it locked for its whole
+    life and stall every later scrape. A record lock belongs to the process and is not inherited.
+    """
+    with _thread_lock:
+        fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the record lock
+
+
+_thread_lock = threading.Lock()
+
+
+def after_fork_in_child() -> None:
+    """A lock a parent thread held at fork time would never be released in the child."""
+    global _thread_lock
+    _thread_lock = threading.Lock()
 
 
 def _load(path: str) -> Any:

@@ -203,3 +203,29 @@ def test_real_prometheus_scraping_through_worker_churn(tmp_path):
         host.wait(timeout=20)
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
+
+
+def test_a_child_forked_during_a_scrape_does_not_keep_the_host_locked(tmp_path):
+    """A Celery prefork parent may fork a replacement child while its metrics thread is inside a
+    scrape: the child must not inherit the scrape lock, or every later scrape would hang."""
+    directory = str(tmp_path)
+    telemetry.instrument(service="worker", multiproc_dir=directory)
+    r, w = os.pipe()
+    with _multiprocess._locked(directory):
+        pid = os.fork()
+        if pid == 0:  # the child lives on, like a prefork worker waiting for tasks
+            os.close(r)
+            os.write(w, b"x")
+            time.sleep(30)
+            os._exit(0)
+    try:
+        os.read(r, 1)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (_host(directory), done.set()), daemon=True)
+        t.start()
+        assert done.wait(5), "the scrape is blocked by the forked child"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
