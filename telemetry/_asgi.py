@@ -35,31 +35,99 @@ _CACHE_MAX = 2048  # paths with ids in them miss; the cache only stops growing
 
 
 def route_template(scope: dict[str, Any], app: Any = None) -> str:
-    """The matching route's path template, resolved once per request."""
+    """The matching route's full path template, resolved once per request and cached per path.
+
+    Routing is replayed on a copy of the scope, through every container a real app nests routes
+    in: ``Mount`` (sub-applications, static files), ``Host``, and FastAPI's included routers
+    (0.137 and later keep them nested instead of copying their routes onto the app). A path that
+    only matches with the trailing slash toggled (what ``redirect_slashes`` answers 307 to) is
+    labelled with the route it redirects to; anything else is ``unmatched``, never the raw path.
+    """
     cached = scope.get(_ROUTE_KEY)
     if cached is not None:
         return str(cached)
-    key = (id(app or scope.get("app")), scope.get("method", ""), scope.get("path", ""))
+    app = app or scope.get("app")
+    key = (id(app), scope.get("method", ""), scope.get("path", ""))
     template = _CACHE.get(key)
     if template is not None:
         scope[_ROUTE_KEY] = template
         return template
     template = UNMATCHED
     try:
-        from starlette.routing import Match
-
-        router = getattr(app or scope.get("app"), "router", None)
-        for route in getattr(router, "routes", []):
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                template = getattr(route, "path", UNMATCHED) or UNMATCHED
-                break
+        routes = getattr(getattr(app, "router", app), "routes", None) or []
+        probe = dict(scope)
+        found = _resolve(routes, probe, "", 0)
+        path = str(scope.get("path", ""))
+        if found is None and scope.get("type") == "http" and path not in ("", "/"):
+            toggled = path[:-1] if path.endswith("/") else path + "/"
+            found = _resolve(routes, dict(scope, path=toggled), "", 0)
+        template = found or UNMATCHED
     except Exception as exc:
         hook_error("asgi.route", exc)
     if len(_CACHE) < _CACHE_MAX:
         _CACHE[key] = template
     scope[_ROUTE_KEY] = template
     return template
+
+
+_MAX_DEPTH = 10
+
+
+def _resolve(routes: Any, scope: dict[str, Any], prefix: str, depth: int) -> str | None:
+    """The first full match's template (else the first partial one, as Starlette picks)."""
+    from starlette.routing import Match
+
+    partial: str | None = None
+    for route in routes:
+        match, template = _match(route, scope, prefix, depth)
+        if match == Match.FULL:
+            return template
+        if match == Match.PARTIAL and partial is None:
+            partial = template
+    return partial
+
+
+def _match(route: Any, scope: dict[str, Any], prefix: str, depth: int) -> tuple[Any, str | None]:
+    from starlette.routing import Host, Match, Mount
+
+    if getattr(route, "path", None) is None and hasattr(route, "_match"):
+        return _match_included(route, scope, prefix, depth)
+    match, child = route.matches(scope)
+    if match == Match.NONE:
+        return match, None
+    inner = {**scope, **child}
+    if isinstance(route, Mount):
+        base = prefix + route.path
+        found = _resolve(route.routes, inner, base, depth + 1) if depth < _MAX_DEPTH else None
+        return match, found or f"{base}/{{path}}"
+    if isinstance(route, Host):
+        return match, _resolve(route.routes, inner, prefix, depth + 1) if depth < _MAX_DEPTH else None
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return match, (prefix + path) if path else None
+
+
+def _match_included(route: Any, scope: dict[str, Any], prefix: str, depth: int) -> tuple[Any, str | None]:
+    """FastAPI >= 0.137: an included router matches through its effective (prefixed) routes."""
+    from starlette.routing import Match, Mount
+
+    match, child, inner_route, context = route._match(scope)
+    if match == Match.NONE or inner_route is None or depth >= _MAX_DEPTH:
+        return Match.NONE, None
+    inner = {**scope, **child}
+    if getattr(inner_route, "path", None) is None and hasattr(inner_route, "_match"):
+        return _match_included(inner_route, inner, prefix, depth + 1)
+    effective = getattr(context, "starlette_route", None) or inner_route
+    if isinstance(effective, Mount):
+        base = prefix + effective.path
+        found = _resolve(effective.routes, inner, base, depth + 1)
+        return match, found or f"{base}/{{path}}"
+    path = getattr(context, "path_format", None) or getattr(effective, "path_format", None)
+    return match, (prefix + path) if path else None
+
+
+#: set on the scope by the outermost instrumented app: a mounted sub-application's own middleware
+#: sees it and stays out of the way, so a request is counted once, with its full template
+_ACTIVE_KEY = "telemetry.active"
 
 
 class TelemetryMiddleware:
@@ -69,10 +137,11 @@ class TelemetryMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope.get("type")
-        if kind not in ("http", "websocket"):
+        if kind not in ("http", "websocket") or scope.get(_ACTIVE_KEY):
             await self.app(scope, receive, send)
             return
         try:
+            scope[_ACTIVE_KEY] = True
             method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
             route = route_template(scope, self.starlette_app)
             service = INTERNAL.service
@@ -92,10 +161,13 @@ class TelemetryMiddleware:
         status = [0]
 
         async def send_wrapper(message: dict[str, Any]) -> None:
-            if message.get("type") == "http.response.start":
+            kind = message.get("type")
+            if kind == "http.response.start" or kind == "websocket.http.response.start":
                 status[0] = int(message.get("status", 0))
-            elif message.get("type") == "websocket.accept":
+            elif kind == "websocket.accept":
                 status[0] = 101
+            elif kind == "websocket.close" and not status[0]:
+                status[0] = 403  # closed before accept: the server answers the handshake 403
             await send(message)
 
         t0 = time.perf_counter()

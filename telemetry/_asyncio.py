@@ -46,8 +46,15 @@ def _release_capacity(labels: Any, value: int, generation: int) -> None:
         STATS.add("asyncio_semaphore_capacity", labels, -value)
 
 
+_semaphores: weakref.WeakSet[Semaphore] = weakref.WeakSet()
+
+
 class Semaphore(asyncio.Semaphore):
-    """``asyncio.Semaphore`` that exports capacity, in use, waiters and wait time."""
+    """``asyncio.Semaphore`` that exports capacity, in use, waiters and wait time.
+
+    Usually created at import time (``MAX_DB_CONCURRENT = telemetry.Semaphore(3, name=...)``),
+    before ``instrument()`` names the service: :func:`relabel_semaphores` moves it then.
+    """
 
     def __init__(self, value: int = 1, *, name: str) -> None:
         if not isinstance(name, str) or not name:
@@ -56,110 +63,235 @@ class Semaphore(asyncio.Semaphore):
             raise ValueError(f"Semaphore(value=...): expected a whole number >= 1, got {value!r}")
         super().__init__(value)
         self.name = name
-        self._labels = LabeledStats.labels("asyncio_semaphore_in_use", INTERNAL.service, name)
-        self._wait_labels = LabeledStats.labels("asyncio_semaphore_wait_seconds", INTERNAL.service, name)
         self._capacity = value
-        STATS.add("asyncio_semaphore_capacity", self._labels, value)
-        STATS.add("asyncio_semaphore_in_use", self._labels, 0)
+        self._held = 0  # permits taken through acquire() and not yet released
+        self._register(INTERNAL.service)
+        _semaphores.add(self)
+
+    def _register(self, service: str) -> None:
+        self._service = service
+        self._labels = LabeledStats.labels("asyncio_semaphore_in_use", service, self.name)
+        self._wait_labels = LabeledStats.labels("asyncio_semaphore_wait_seconds", service, self.name)
+        STATS.add("asyncio_semaphore_capacity", self._labels, self._capacity)
+        STATS.add("asyncio_semaphore_in_use", self._labels, self._held)
         STATS.add("asyncio_semaphore_waiters", self._labels, 0)
-        weakref.finalize(self, _release_capacity, self._labels, value, STATS.generation)
+        self._generation = STATS.generation
+        self._finalizer = weakref.finalize(
+            self, _release_capacity, self._labels, self._capacity, self._generation
+        )
+
+    def _relabel(self, service: str) -> None:
+        """Move this semaphore's gauges to ``service`` (its waiters, if any, stay counted where
+        they started and leave from there)."""
+        if service == self._service:
+            return
+        self._finalizer.detach()
+        if STATS.generation == self._generation:
+            STATS.add("asyncio_semaphore_capacity", self._labels, -self._capacity)
+            STATS.add("asyncio_semaphore_in_use", self._labels, -self._held)
+            STATS.drop_zero(self._labels)
+        self._register(service)
 
     async def acquire(self) -> Literal[True]:
         try:
-            loop = asyncio.get_running_loop()
-            if loop not in _monitored:
-                watch_event_loop(loop)
+            watch_event_loop(asyncio.get_running_loop())
         except Exception as exc:  # pragma: no cover - defensive
             hook_error("semaphore.monitor", exc)
+        labels = self._labels
         if not self.locked():
             await super().acquire()
-            STATS.add("asyncio_semaphore_in_use", self._labels, 1)
+            self._held += 1
+            STATS.add("asyncio_semaphore_in_use", labels, 1)
             STATS.observe("asyncio_semaphore_wait_seconds", self._wait_labels, 0.0)
             return True
-        STATS.add("asyncio_semaphore_waiters", self._labels, 1)
+        STATS.add("asyncio_semaphore_waiters", labels, 1)
         t0 = _perf()
         try:
             await super().acquire()
         finally:
-            STATS.add("asyncio_semaphore_waiters", self._labels, -1)
+            STATS.add("asyncio_semaphore_waiters", labels, -1)
             STATS.observe("asyncio_semaphore_wait_seconds", self._wait_labels, _perf() - t0)
+        self._held += 1
         STATS.add("asyncio_semaphore_in_use", self._labels, 1)
         return True
 
     def release(self) -> None:
         super().release()
-        STATS.add("asyncio_semaphore_in_use", self._labels, -1)
+        if self._held > 0:  # a release() without acquire() raises no permit count below zero
+            self._held -= 1
+            STATS.add("asyncio_semaphore_in_use", self._labels, -1)
+
+
+def relabel_semaphores(service: str) -> None:
+    """Semaphores created before ``instrument()`` (at import) take the service it names."""
+    for sem in list(_semaphores):
+        try:
+            sem._relabel(service)
+        except Exception as exc:
+            hook_error("semaphore.relabel", exc)
 
 
 class _LoopMonitor:
-    __slots__ = ("loop", "thread_ident", "last_beat", "expected", "blocked_since", "handle",
-                 "__weakref__")  # fmt: skip
+    """Beats on the loop it watches; holds only a weak reference to it, so a finished loop
+    (``asyncio.run()`` per Celery task) is freed and its monitor pruned by the watchdog."""
+
+    __slots__ = ("loop_ref", "thread_ident", "last_beat", "expected", "blocked_since", "handle",
+                 "samples", "reported", "__weakref__")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop_ref = weakref.ref(loop)
         self.thread_ident = threading.get_ident()
         self.last_beat = _perf()
         self.expected = self.last_beat + CONFIG.beat_interval
         self.blocked_since: float | None = None
+        self.samples: dict[str, int] = {}  # innermost user frame -> times seen this episode
+        self.reported = False
         self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
+
+    def alive(self) -> bool:
+        loop = self.loop_ref()
+        return loop is not None and not loop.is_closed()
 
     def beat(self) -> None:
         now = _perf()
         try:
             STATS.observe("event_loop_lag_seconds", (("service", INTERNAL.service),),
                           max(0.0, now - self.expected))  # fmt: skip
-            if self.blocked_since is not None:
+            if self.reported and self.blocked_since is not None:
+                site, seen, total = self.summary()
                 emit("warning", "event_loop_blocked", status="resumed",
-                     blocked_seconds=round(now - self.blocked_since, 3))  # fmt: skip
-                self.blocked_since = None
+                     blocked_seconds=round(now - self.blocked_since, 3),
+                     call_site=site, call_site_samples=seen, samples=total)  # fmt: skip
         except Exception as exc:
             hook_error("loop.beat", exc)
+        self.blocked_since = None
+        self.reported = False
+        self.samples = {}
         self.last_beat = now
         self.expected = now + CONFIG.beat_interval
-        if not self.loop.is_closed():
-            self.handle = self.loop.call_later(CONFIG.beat_interval, self.beat)
+        loop = self.loop_ref()
+        if loop is not None and not loop.is_closed():
+            self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
+
+    def summary(self) -> tuple[str | None, int, int]:
+        """The frame seen most in this episode's samples, how often, and of how many."""
+        samples = dict(self.samples)
+        if not samples:
+            return None, 0, 0
+        site = max(samples, key=lambda k: samples[k])
+        return site, samples[site], sum(samples.values())
 
     def check(self, now: float) -> None:
-        """Watchdog side (another thread): report a loop stuck past the threshold, once."""
-        if self.loop.is_closed() or not self.loop.is_running():
+        """Watchdog side (another thread). From half the threshold on, sample the loop thread's
+        stack at every tick; at the threshold report the line seen most, once per episode. One
+        sample alone can land on an innocent line when the machine is short of CPU."""
+        loop = self.loop_ref()
+        if loop is None or loop.is_closed() or not loop.is_running():
             return
         overdue = now - self.expected
-        if overdue < CONFIG.blocked_threshold or self.blocked_since is not None:
+        if overdue < CONFIG.blocked_threshold / 2:
             return
-        self.blocked_since = self.expected
-        STATS.inc("event_loop_blocked_total", (("service", INTERNAL.service),))
-        task = asyncio.tasks._current_tasks.get(self.loop)  # type: ignore[attr-defined]
+        if self.blocked_since is None:
+            self.blocked_since = self.expected
         frames = _stacks.holder_stack(self.thread_ident, None)
+        site = _stacks.call_site(frames) or "unknown"
+        self.samples[site] = self.samples.get(site, 0) + 1
+        if overdue < CONFIG.blocked_threshold or self.reported:
+            return
+        self.reported = True
+        STATS.inc("event_loop_blocked_total", (("service", INTERNAL.service),))
+        task = asyncio.tasks._current_tasks.get(loop)  # type: ignore[attr-defined]
+        best, seen, total = self.summary()
         emit(
             "warning", "event_loop_blocked", status="blocked",
             blocked_seconds=round(overdue, 3), threshold_seconds=CONFIG.blocked_threshold,
-            call_site=_stacks.call_site(frames), frames=frames,
+            call_site=best, call_site_samples=seen, samples=total, frames=frames,
             task=task.get_name() if task is not None else None,
             **(TASK_TRACES.get(task, {}) if task is not None else {}),
         )  # fmt: skip
 
 
-_monitored: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopMonitor] = (
-    weakref.WeakKeyDictionary()
-)
+#: id(loop) -> its monitor. Not a WeakKeyDictionary: its weakref callbacks can change it while
+#: the watchdog thread iterates ("dictionary changed size during iteration"); dead and closed
+#: loops are pruned by the watchdog instead.
+_monitored: dict[int, _LoopMonitor] = {}
+_monitored_lock = threading.Lock()
+
+
+def is_watched(loop: asyncio.AbstractEventLoop) -> bool:
+    monitor = _monitored.get(id(loop))
+    return monitor is not None and monitor.loop_ref() is loop
 
 
 def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Measure lag and report blocking of ``loop`` (default: the running loop). Idempotent.
     Must be called from the loop's own thread."""
     loop = loop or asyncio.get_running_loop()
-    if loop in _monitored:
+    if is_watched(loop) or loop.is_closed():
         return
-    _monitored[loop] = _LoopMonitor(loop)
+    with _monitored_lock:
+        _monitored[id(loop)] = _LoopMonitor(loop)  # replaces a dead loop's monitor at that id
 
 
 def check_loops() -> None:
     now = _perf()
-    for monitor in list(_monitored.values()):
+    with _monitored_lock:
+        monitors = list(_monitored.items())
+    dead = []
+    for key, monitor in monitors:
+        if not monitor.alive():
+            dead.append((key, monitor))
+            continue
         try:
             monitor.check(now)
         except Exception as exc:
             hook_error("loop.check", exc)
+    if dead:
+        with _monitored_lock:
+            for key, monitor in dead:
+                if _monitored.get(key) is monitor:
+                    del _monitored[key]
+
+
+def watched_loops() -> int:
+    return len(_monitored)
+
+
+# --------------------------------------------------------------------------- every loop
+
+_original_run_forever: Any = None
+
+
+def install_loop_hook() -> None:
+    """Watch every asyncio loop from the moment it runs (``asyncio.run``, uvicorn, Celery
+    tasks), not only those that touch the database or serve a request first."""
+    global _original_run_forever
+    if _original_run_forever is not None:
+        return
+    from asyncio import base_events
+
+    original = base_events.BaseEventLoop.run_forever
+
+    def run_forever(self: Any) -> None:
+        try:
+            watch_event_loop(self)
+        except Exception as exc:
+            hook_error("loop.watch", exc)
+        original(self)
+
+    run_forever.__wrapped__ = original  # type: ignore[attr-defined]
+    _original_run_forever = original
+    base_events.BaseEventLoop.run_forever = run_forever  # type: ignore[method-assign]
+
+
+def uninstall_loop_hook() -> None:
+    global _original_run_forever
+    if _original_run_forever is None:
+        return
+    from asyncio import base_events
+
+    base_events.BaseEventLoop.run_forever = _original_run_forever  # type: ignore[method-assign]
+    _original_run_forever = None
 
 
 def request_trace(task: Any) -> None:
@@ -169,7 +301,15 @@ def request_trace(task: Any) -> None:
         TASK_TRACES[task] = ids
 
 
+def after_fork_in_child() -> None:
+    """The parent's loops do not run in the child."""
+    global _monitored_lock
+    _monitored_lock = threading.Lock()
+    _monitored.clear()
+
+
 def reset() -> None:
+    uninstall_loop_hook()
     for monitor in list(_monitored.values()):
         try:
             monitor.handle.cancel()

@@ -180,7 +180,7 @@ def install(*, spans: bool = True) -> None:
     try:
         from celery import signals
     except ImportError as exc:  # pragma: no cover - depends on extras
-        raise ImportError("Celery instrumentation needs the 'celery' extra: pip install 'telemetry[celery]'") from exc
+        raise ImportError("Celery instrumentation needs Celery, which is not installed") from exc
     if _connected:
         return
     pairs = [

@@ -36,10 +36,15 @@ def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any
         by_name.setdefault(name, []).append((labels, value))
     for (name, labels), value in total.get("h", {}).items():
         by_name.setdefault(name, []).append((labels, value))
+    reporting = set()
     for pid, snap in live:
         for name, labels, value in snap.get("g", []):
-            lb = tuple(tuple(p) for p in labels) + (("pid", str(pid)),)
-            by_name.setdefault(name, []).append((lb, value))
+            key = tuple(tuple(p) for p in labels)
+            reporting.add((name, key))
+            by_name.setdefault(name, []).append((key + (("pid", str(pid)),), value))
+    for name, key in total.get("z", {}):  # series whose processes are all gone read 0
+        if (name, key) not in reporting:
+            by_name.setdefault(name, []).append((key + (("pid", ""),), 0))
     out: list[Metric] = []
     for name in sorted(by_name):
         spec = CATALOGUE.get(name)
@@ -101,8 +106,32 @@ def host_registry(directory: str | None, own: _multiprocess.ProcessFile | None =
     return registry
 
 
+class MetricsApp:
+    """``/metrics`` as an ASGI application: route it (``app.add_route("/metrics", ...)``: a plain
+    GET answers 200, no redirect) or mount it. It is a class, not a function, so Starlette treats
+    it as an ASGI app rather than a request handler; it answers lifespan messages itself
+    (prometheus-client's app asserts on them)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._app = make_asgi_app(registry)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope.get("type") != "http":
+            return
+        await self._app(scope, receive, send)
+
+
 def asgi_app(registry: CollectorRegistry) -> Any:
-    return make_asgi_app(registry)
+    return MetricsApp(registry)
 
 
 def _guarded(app: Any, basic_auth: tuple[str, str] | None, bearer_token: str | None) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import prometheus_client
 
-from . import _exposition, _log, _multiprocess, _stats
+from . import _exposition, _log, _multiprocess, _stats, _versions
 from ._settings import ConfigError, Settings
 
 _lock = threading.RLock()
@@ -26,6 +26,8 @@ class _Runtime:
         self.process_file: _multiprocess.ProcessFile | None = None
         self.collector: _exposition.TelemetryCollector | None = None
         self.housekeeper: _Housekeeper | None = None
+        self.complete = False  # instrument() ran (instrument_sqlalchemy() alone starts less)
+        self.sql_instrumentor: Any = None
 
 
 _runtime: _Runtime | None = None
@@ -104,44 +106,56 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
     """
     global _runtime
     with _lock:
-        if _runtime is not None:
+        if _runtime is not None and _runtime.complete:
             return _runtime.settings
         loaded = Settings.load(service=service, **settings)
-        runtime = _Runtime(loaded)
+        runtime = _runtime or _start_runtime(loaded)
+        runtime.settings = loaded
         _log.INTERNAL.service = loaded.service
-        if loaded.multiproc_dir:
-            _multiprocess.check_dir(loaded.multiproc_dir)
-            runtime.process_file = _multiprocess.ProcessFile(loaded.multiproc_dir)
-            try:
-                runtime.process_file.flush()
-            except OSError as exc:
-                raise ConfigError(
-                    f"invalid TELEMETRY_MULTIPROC_DIR={loaded.multiproc_dir!r}: cannot write "
-                    f"there ({exc})"
-                ) from None
-            _check_stock_env(loaded.multiproc_dir)
-        else:
-            runtime.collector = _exposition.TelemetryCollector()
-            prometheus_client.REGISTRY.register(runtime.collector)
         if loaded.sqlalchemy:
             _install_sqlalchemy(loaded, auto=True)
-        _install_integrations(loaded)
-        runtime.housekeeper = _Housekeeper(runtime)
-        runtime.housekeeper.start()
-        _runtime = runtime
-        _register_fork_hook()
-        if runtime.process_file is not None:
-            _flush_at_child_exit()
+        _install_integrations(loaded, runtime)
+        runtime.complete = True
         return loaded
 
 
+def _start_runtime(loaded: Settings) -> _Runtime:
+    """What every public verb needs under it: the exposition (this process's collector, or its
+    file in the multiprocess directory), the housekeeper thread and the fork hook."""
+    global _runtime
+    runtime = _Runtime(loaded)
+    _log.INTERNAL.service = loaded.service
+    if loaded.multiproc_dir:
+        _multiprocess.check_dir(loaded.multiproc_dir)
+        runtime.process_file = _multiprocess.ProcessFile(loaded.multiproc_dir)
+        try:
+            runtime.process_file.flush()
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid TELEMETRY_MULTIPROC_DIR={loaded.multiproc_dir!r}: cannot write "
+                f"there ({exc})"
+            ) from None
+        _check_stock_env(loaded.multiproc_dir)
+    else:
+        runtime.collector = _exposition.TelemetryCollector()
+        prometheus_client.REGISTRY.register(runtime.collector)
+    runtime.housekeeper = _Housekeeper(runtime)
+    runtime.housekeeper.start()
+    _runtime = runtime
+    _register_fork_hook()
+    if runtime.process_file is not None:
+        _flush_at_child_exit()
+    return runtime
+
+
 def _install_sqlalchemy(settings: Settings, *, auto: bool) -> None:
-    try:
-        from . import _pool
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "SQLAlchemy instrumentation needs the 'sqlalchemy' extra: pip install 'telemetry[sqlalchemy]'"
-        ) from exc
+    if not _available("sqlalchemy"):
+        if auto:
+            return  # nothing to instrument in this process
+        raise ImportError("instrument_sqlalchemy() needs SQLAlchemy, which is not installed")
+    _versions.check("sqlalchemy")
+    from . import _pool
+
     _pool.CONFIG.service = settings.service
     _pool.CONFIG.hold_threshold = settings.hold_threshold_seconds
     _pool.CONFIG.critical_ratio = settings.critical_usage_ratio
@@ -151,13 +165,23 @@ def _install_sqlalchemy(settings: Settings, *, auto: bool) -> None:
     _pool.install(auto=auto)
 
 
-def _install_integrations(settings: Settings) -> None:
+def _available(module: str) -> bool:
+    """Whether ``module`` can be imported; ``find_spec("a.b")`` raises when ``a`` is missing."""
     import importlib.util
 
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _install_integrations(settings: Settings, runtime: _Runtime) -> None:
     from . import _asyncio
 
     _asyncio.CONFIG.blocked_threshold = settings.loop_blocked_seconds
-    if settings.tracing and importlib.util.find_spec("opentelemetry.sdk") is not None:
+    _asyncio.relabel_semaphores(settings.service)
+    _asyncio.install_loop_hook()
+    if settings.tracing and _available("opentelemetry.sdk"):
         from . import _tracing
 
         _tracing.setup(settings.service)
@@ -170,14 +194,20 @@ def _install_integrations(settings: Settings) -> None:
             instrumentor = SQLAlchemyInstrumentor()
             if not instrumentor.is_instrumented_by_opentelemetry:
                 # engines that exist now, and those created later through sqlalchemy's module
-                # functions (a create_async_engine imported before this call is not seen)
+                # functions (a create_async_engine imported before this call is not seen).
+                # skip_dep_check: it declares sqlalchemy < 2.1 and would instrument nothing on
+                # 2.1; tests/test_tracing.py proves its statement spans on the 2.1 we run.
                 existing = [o for o in gc.get_objects() if isinstance(o, Engine)]
-                instrumentor.instrument(engines=existing, enable_commenter=False)
-    if settings.celery and importlib.util.find_spec("celery") is not None:
+                instrumentor.instrument(engines=existing, enable_commenter=False, skip_dep_check=True)
+                runtime.sql_instrumentor = instrumentor
+    if settings.celery and _available("celery"):
+        _versions.check("celery")
         from . import _celery
 
         _celery.install(spans=settings.tracing)
-    if settings.fastapi and importlib.util.find_spec("starlette") is not None:
+    if settings.fastapi and _available("starlette"):
+        _versions.check("starlette")
+        _versions.check("fastapi")
         from . import _asgi
 
         _asgi.TRACING["enabled"] = settings.tracing
@@ -209,10 +239,9 @@ def instrument_sqlalchemy(engine: Any, name: str | None = None) -> None:
     from . import _pool
 
     with _lock:
+        runtime = _runtime or _start_runtime(Settings.load())  # so what it measures is exported
         if not _pool.installed():
-            settings = _runtime.settings if _runtime else Settings.load()
-            _log.INTERNAL.service = settings.service
-            _install_sqlalchemy(settings, auto=False)
+            _install_sqlalchemy(runtime.settings, auto=False)
         _pool.register_engine(engine, name)
 
 
@@ -232,6 +261,8 @@ def uninstrument() -> None:
                     pass
             if runtime.collector is not None:
                 prometheus_client.REGISTRY.unregister(runtime.collector)
+            if runtime.sql_instrumentor is not None:
+                runtime.sql_instrumentor.uninstrument()
         import sys
 
         for name in ("_pool", "_celery", "_asgi", "_asyncio"):
@@ -319,7 +350,7 @@ def _after_fork_in_child() -> None:
         modules["_pool"]._lock = threading.RLock()  # type: ignore[attr-defined]
         modules["_pool"].after_fork_in_child()
     if modules["_asyncio"] is not None:
-        modules["_asyncio"]._monitored.clear()
+        modules["_asyncio"].after_fork_in_child()
     if modules["_celery"] is not None:
         modules["_celery"]._running.clear()
     if modules["_tracing"] is not None:

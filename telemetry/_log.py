@@ -56,6 +56,22 @@ def add_pid(
     return event_dict
 
 
+def drop_color_message(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: uvicorn attaches ``color_message`` (the message with terminal colour
+    codes) to its records; JSON wants the plain ``event`` only."""
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
+def _is_console_handler(handler: logging.Handler) -> bool:
+    """A plain stream handler on stdout/stderr, as ``logging.basicConfig()`` installs."""
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (
+        sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__,
+    )  # fmt: skip
+
+
 class AddService:
     """structlog processor: add ``service`` (events of the package already carry it)."""
 
@@ -108,7 +124,7 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), drop_color_message, *shared],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -119,7 +135,9 @@ def configure_logging(
     handler.setFormatter(formatter)
     handler.set_name("telemetry-json")
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == "telemetry-json"]:
+    # ours from an earlier call, and the console handler of logging.basicConfig(): left in place,
+    # every record would print twice (once plain, once JSON). File and other handlers stay.
+    for old in [h for h in root.handlers if h.get_name() == "telemetry-json" or _is_console_handler(h)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

@@ -55,6 +55,15 @@ class MetricSpec:
     buckets: tuple[float, ...] = ()
 
 
+#: "how many right now" gauges: when the last process reporting a series is gone (a recycled
+#: Celery child, a replaced uvicorn worker), the host view shows it at 0 instead of dropping it,
+#: so a dashboard can tell "idle" from "not reporting"
+ZERO_WHEN_GONE = frozenset({
+    "db_pool_connections_in_use", "db_pool_pending_requests", "celery_tasks_in_progress",
+    "http_server_requests_in_flight", "asyncio_semaphore_in_use", "asyncio_semaphore_waiters",
+})  # fmt: skip
+
+
 _SPECS = [
     MetricSpec(
         "db_pool_connections_in_use", GAUGE, POOL_PID, "connections",

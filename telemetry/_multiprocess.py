@@ -6,7 +6,11 @@ slow down as workers recycle. Here each process keeps plain in-memory counts and
 flush (default every second, and at exit) replaces one file per process atomically:
 ``telemetry-<pid>-<start>.json``. A scrape, under an exclusive lock (see ``_locked``):
 
-* reads the live processes' files (the serving process uses its own fresh snapshot);
+* reads the live processes' files. The serving process uses its own fresh snapshot and writes it
+  to its file first, inside the lock: whatever a scrape shows of a process is on disk before the
+  answer leaves, so a later scrape answered by another worker (or after this one is killed) reads
+  at least as much, and no counter goes backwards between scrapes. A process's writes are
+  serialized, so an older snapshot never replaces a newer one;
 * folds each dead process's counters and histograms into ``telemetry-archive.json`` and deletes
   its file, so the sum over dead and live processes is preserved, counters never go backwards and
   the scrape reads (live processes + 1) files however many processes ever lived;
@@ -30,6 +34,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ._metrics import ZERO_WHEN_GONE
 from ._stats import snapshot
 
 PREFIX = "telemetry-"
@@ -69,9 +74,14 @@ def file_name(pid: int, start: str) -> str:
     return f"{PREFIX}{pid}-{start}.json"
 
 
+TMP_PREFIX = ".tmp-"
+#: a temporary file older than this was left by a process killed while writing it
+TMP_MAX_AGE_SECONDS = 60.0
+
+
 def _write_atomic(path: str, payload: Any) -> None:
     directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=directory)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(payload, fh, separators=(",", ":"))
@@ -119,9 +129,14 @@ class ProcessFile:
     def renew(self) -> None:
         self.pid, self.start = _identity()
         self.path = os.path.join(self.directory, file_name(self.pid, self.start))
+        self._lock = threading.Lock()  # new after fork: a parent thread may have held the old one
 
-    def flush(self) -> None:
-        _write_atomic(self.path, {"pid": self.pid, "start": self.start, "snap": snapshot()})
+    def flush(self) -> Snap:
+        """Write this process's snapshot now and return it."""
+        with self._lock:
+            snap = snapshot()
+            _write_atomic(self.path, {"pid": self.pid, "start": self.start, "snap": snap})
+        return snap
 
     def remove(self) -> None:
         """Final flush for a clean exit: the scrape will archive it as a dead process."""
@@ -164,10 +179,18 @@ def _load(path: str) -> Any:
         return None
 
 
-def merge_into(total: dict[str, dict[tuple[Any, ...], Any]], snap: Snap) -> None:
-    """Add a snapshot's counters and histograms into ``total`` (gauges are per process)."""
+def merge_into(total: dict[str, dict[tuple[Any, ...], Any]], snap: Snap, *, dead: bool = False) -> None:
+    """Add a snapshot's counters and histograms into ``total`` (gauges are per process; of a dead
+    process only the keys of its "how many right now" gauges are kept, to read 0)."""
     counters = total.setdefault("c", {})
     hists = total.setdefault("h", {})
+    gone = total.setdefault("z", {})
+    for name, labels, *_ in snap.get("z", []):
+        gone[(name, tuple(tuple(p) for p in labels))] = 0
+    if dead:
+        for name, labels, _value in snap.get("g", []):
+            if name in ZERO_WHEN_GONE:
+                gone[(name, tuple(tuple(p) for p in labels))] = 0
     for name, labels, value in snap.get("c", []):
         key = (name, tuple(tuple(p) for p in labels))
         counters[key] = counters.get(key, 0) + value
@@ -186,6 +209,7 @@ def _to_snap(total: dict[str, dict[tuple[Any, ...], Any]]) -> Snap:
         "c": [[n, [list(p) for p in lb], v] for (n, lb), v in total.get("c", {}).items()],
         "g": [],
         "h": [[n, [list(p) for p in lb], c, s] for (n, lb), (c, s) in total.get("h", {}).items()],
+        "z": [[n, [list(p) for p in lb]] for (n, lb) in total.get("z", {})],
     }
 
 
@@ -213,7 +237,7 @@ def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, lis
             except ValueError:
                 continue
             if own is not None and pid == own.pid and start == own.start:
-                live.append((pid, snapshot()))
+                live.append((pid, own.flush()))
                 continue
             if _proc_start(pid) == start:
                 data = _load(path)
@@ -223,7 +247,7 @@ def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, lis
             if base not in merged:
                 data = _load(path)
                 if data is not None:
-                    merge_into(total, data["snap"])
+                    merge_into(total, data["snap"], dead=True)
                 merged.add(base)
                 changed = True
                 dead_pids.append(pid)
@@ -235,8 +259,22 @@ def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, lis
                     os.unlink(os.path.join(directory, base))
             # the files are gone: nothing left to protect from a second merge
             _write_atomic(archive_path, {"snap": _to_snap(total), "merged": []})
+        _remove_abandoned_tmp(directory)
     _mark_stock_dead(directory, dead_pids)
     return _to_snap(total), live
+
+
+def _remove_abandoned_tmp(directory: str) -> None:
+    """Temporary files of processes that died while writing (kill -9 between create and rename)."""
+    now = time.time()
+    for path in glob.glob(os.path.join(directory, f"{TMP_PREFIX}*")):
+        try:
+            pid_text = os.path.basename(path)[len(TMP_PREFIX) :].split("-", 1)[0]
+            alive = pid_text.isdigit() and _proc_start(int(pid_text)) is not None
+            if not alive or now - os.stat(path).st_mtime > TMP_MAX_AGE_SECONDS:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
 
 
 def _mark_stock_dead(directory: str, pids: list[int]) -> None:

@@ -10,8 +10,13 @@ How it hooks in, and why:
 * ``checkin``, ``detach``, ``close``, ``invalidate``, ``soft_invalidate`` and ``connect`` are
   class-level :class:`~sqlalchemy.pool.PoolEvents`. Pool events leave no residue after removal
   (engine-level events would set ``Engine._has_events`` forever: about +30 us per statement).
+* ``_ConnectionFairy.detach`` is wrapped too: SQLAlchemy hands the record back to the pool
+  *before* the ``detach`` event fires, so another thread may already hold it by then; the wrapper
+  releases while the record is still ours.
 * The checkout side writes one tuple into :data:`_held`; every way a connection stops being held
-  (checkin, hard invalidation, detach, close) pops it. So per-connection state is bounded by the
+  (checkin, hard invalidation, detach, close) pops it. ``StaticPool`` shares one record between
+  all its checkouts, so its holders are keyed by a token per checkout instead (a separate
+  wrapper: other pools pay nothing for it). So per-connection state is bounded by the
   connections checked out right now, and ``in_use`` is exact without reading pool internals.
 * Nothing on the hot path touches prometheus-client or the logger: it adds to plain ints and
   bucket lists, read by a scrape or the multiprocess flusher.
@@ -20,6 +25,7 @@ How it hooks in, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import math
 import sys
@@ -35,7 +41,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool
+from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool.base import _ConnectionFairy
 
 from . import _stacks
 from ._log import emit, hook_error, suppressed, trace_ids
@@ -66,9 +73,15 @@ _current_task = asyncio.current_task
 #: ConnectionPoolEntry -> (checkout time, owner, PoolState, thread ident, asyncio task, otel ctx,
 #: request account or None)
 _held: dict[Any, tuple[float, str, PoolState, int | None, Any, Any, list[float] | None]] = {}
-_last_loop: Any = None
-#: entries already reported by the long-hold watchdog -> when they were reported
-_flagged: dict[Any, float] = {}
+def _no_loop() -> None:
+    return None
+
+
+_last_loop: Any = _no_loop  # weak reference to the loop of the last async checkout
+#: records reported by the long-hold watchdog -> the entry reported (still held); changed under
+#: :data:`_flag_lock` only, so a release racing a report is seen by one side or the other
+_flagged: dict[Any, Any] = {}
+_flag_lock = threading.Lock()
 
 
 class _Config:
@@ -118,7 +131,7 @@ class PoolState:
         self.max_connections = None
         if isinstance(pool, QueuePool) and pool._max_overflow >= 0 and pool.size() + pool._max_overflow > 0:
             self.max_connections = pool.size() + pool._max_overflow
-        elif type(pool).__name__ in ("StaticPool", "AssertionPool"):
+        elif type(pool).__name__ == "AssertionPool":  # StaticPool shares one connection: no bound
             self.max_connections = 1
         self.critical_at = math.inf
         if self.max_connections:
@@ -142,7 +155,7 @@ class PoolState:
         pool = self.pool_ref() if self.pool_ref is not None else None
         yield "db_pool_connections_in_use", lb, self.in_use
         yield "db_pool_pending_requests", lb, self.pending
-        flagged = sum(1 for rec in list(_flagged) if (e := _held.get(rec)) and e[2] is self)
+        flagged = sum(1 for entry in list(_flagged.values()) if entry[2] is self)
         yield "db_pool_connections_held_too_long", lb, flagged
         if isinstance(pool, QueuePool):
             yield "db_pool_connections_idle", lb, pool.checkedin()
@@ -171,7 +184,9 @@ class PoolState:
 
 _lock = threading.RLock()
 _states: dict[str, PoolState] = {}
-_names_by_creator: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+#: pool identity that survives ``dispose()``: ``recreate()`` hands the engine's own dialect object to
+#: the new pool (the ``creator`` function would not do: engines may share one)
+_names_by_dialect: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _explicit: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _seen_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -201,9 +216,9 @@ def _find_engine(pool: Pool) -> Engine | None:
     return None
 
 
-def _creator_key(pool: Pool) -> Any:
-    """The creator function: shared by a pool and the pools ``dispose()`` recreates from it."""
-    return getattr(pool, "_creator", None)
+def _identity_key(pool: Pool) -> Any:
+    """The dialect object: one per engine, shared by a pool and the pools ``dispose()`` recreates."""
+    return getattr(pool, "_dialect", None)
 
 
 def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
@@ -213,14 +228,14 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
             cached = pool.__dict__.get(_ATTR)
             if cached is not None:
                 return cached
-            creator = _creator_key(pool)
-            name = _explicit.get(creator) if creator is not None else None
+            key = _identity_key(pool)
+            name = _explicit.get(key) if key is not None else None
             if name is None:
                 if not CONFIG.auto:
                     setattr(pool, _ATTR, _SKIP)
                     _seen_pools.add(pool)
                     return _SKIP
-                name = _names_by_creator.get(creator) if creator is not None else None
+                name = _names_by_dialect.get(key) if key is not None else None
             if name is None:
                 engine = engine or _find_engine(pool)
                 if engine is not None:
@@ -232,8 +247,8 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
             if state is None:
                 state = _states[name] = PoolState(name)
                 REGISTRY.add(state)
-            if creator is not None:
-                _names_by_creator[creator] = name
+            if key is not None:
+                _names_by_dialect[key] = name
             state.attach(pool)
             setattr(pool, _ATTR, state)
             _seen_pools.add(pool)
@@ -290,7 +305,7 @@ def _wrap_connect(orig: Any) -> Any:
                     holder: tuple[int | None, Any] = (_get_ident(), None)
                 else:
                     holder = (None, _current_task(loop))
-                    if loop is not _last_loop:
+                    if loop is not _last_loop():
                         _new_loop(loop)
                 _held[fairy._connection_record] = (
                     t1, _owner_get(), st, holder[0], holder[1], _otel_context_get(), account
@@ -304,6 +319,61 @@ def _wrap_connect(orig: Any) -> Any:
 
     connect.__wrapped__ = orig  # type: ignore[attr-defined]
     return connect
+
+
+def _wrap_shared(connect: Any) -> Any:
+    """StaticPool: every checkout gets the one shared record, and SQLAlchemy fires ``checkin``
+    for that record once, at the first close. So each checkout is held under a token of its own
+    and released by its own connection's ``_checkin`` (or when it is garbage collected)."""
+
+    def shared_connect(self: Pool) -> Any:
+        fairy = connect(self)
+        try:
+            entry = _held.pop(fairy._connection_record, None)
+            if entry is not None:
+                token = object()
+                _held[token] = entry
+                fairy._checkin = functools.partial(_shared_checkin, fairy, token)
+                weakref.finalize(fairy, _release, None, token)
+        except Exception as exc:
+            hook_error("pool.checkout", exc)
+        return fairy
+
+    shared_connect.__wrapped__ = connect  # type: ignore[attr-defined]
+    return shared_connect
+
+
+def _shared_checkin(fairy: Any, token: object, transaction_was_reset: bool = False) -> None:
+    _release(None, token)
+    _ConnectionFairy._checkin(fairy, transaction_was_reset)
+
+
+def _wrap_engine_init(orig: Any) -> Any:
+    """A new engine's pool reports from creation: its gauges read 0, not absent, until used."""
+
+    def __init__(self: Engine, *args: Any, **kwargs: Any) -> None:
+        orig(self, *args, **kwargs)
+        try:
+            if CONFIG.auto:
+                _state_for(self.pool, self)
+        except Exception as exc:
+            hook_error("pool.engine_init", exc)
+
+    __init__.__wrapped__ = orig  # type: ignore[attr-defined]
+    return __init__
+
+
+def _wrap_detach(orig: Any) -> Any:
+    """Release before SQLAlchemy returns the record to the pool (see the module docstring)."""
+
+    def detach(self: Any) -> None:
+        rec = self._connection_record
+        if rec is not None and rec in _held:
+            _release(None, rec)
+        orig(self)
+
+    detach.__wrapped__ = orig  # type: ignore[attr-defined]
+    return detach
 
 
 def _release(dbapi_connection: Any, rec: Any, *rest: Any) -> None:
@@ -372,7 +442,7 @@ def _state_of_record(rec: Any) -> PoolState | None:
 def _new_loop(loop: Any) -> None:
     """First checkout seen on this event loop: start measuring its lag (once per loop)."""
     global _last_loop
-    _last_loop = loop
+    _last_loop = weakref.ref(loop)
     try:
         from ._asyncio import watch_event_loop
 
@@ -445,36 +515,45 @@ def scan_long_holds(now: float | None = None) -> int:
     for rec, entry in list(_held.items()):
         if now - entry[0] < threshold or rec in _flagged:
             continue
-        _flagged[rec] = now
-        reported += 1
-        try:
-            frames = _stacks.holder_stack(entry[3], entry[4])
-            emit(
-                "warning", "db_connection_held_too_long",
-                status="held", pool=entry[2].name, owner=entry[1],
-                held_seconds=round(now - entry[0], 3), threshold_seconds=threshold,
-                call_site=_stacks.call_site(frames), frames=frames,
-                **trace_ids(entry[5]),
-            )  # fmt: skip
-        except Exception as exc:
-            hook_error("pool.long_hold", exc)
+        with _flag_lock:
+            # flag first, then check it is still held: a release that popped the entry before
+            # this check finds no report to follow up, one after it finds the flag (and waits
+            # for the lock, so "released" is always logged after "held")
+            _flagged[rec] = entry
+            if _held.get(rec) is not entry:
+                del _flagged[rec]
+                continue
+            reported += 1
+            try:
+                frames = _stacks.holder_stack(entry[3], entry[4])
+                emit(
+                    "warning", "db_connection_held_too_long",
+                    status="held", pool=entry[2].name, owner=entry[1],
+                    held_seconds=round(now - entry[0], 3), threshold_seconds=threshold,
+                    call_site=_stacks.call_site(frames), frames=frames,
+                    **trace_ids(entry[5]),
+                )  # fmt: skip
+            except Exception as exc:
+                hook_error("pool.long_hold", exc)
     return reported
 
 
 def _released_after_long_hold(rec: Any, entry: tuple[Any, ...], held: float) -> None:
-    _flagged.pop(rec, None)
-    emit(
-        "warning", "db_connection_held_too_long",
-        status="released", pool=entry[2].name, owner=entry[1], held_seconds=round(held, 3),
-        threshold_seconds=CONFIG.hold_threshold, **trace_ids(entry[5]),
-    )  # fmt: skip
+    with _flag_lock:
+        if _flagged.get(rec) is not entry:
+            return  # the report lost the race: it saw the release and was withdrawn
+        del _flagged[rec]
+        emit(
+            "warning", "db_connection_held_too_long",
+            status="released", pool=entry[2].name, owner=entry[1], held_seconds=round(held, 3),
+            threshold_seconds=CONFIG.hold_threshold, **trace_ids(entry[5]),
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- lifecycle
 
 _LISTENERS = (
     ("checkin", _release),
-    ("detach", _release),
     ("close", _release),
     ("invalidate", _on_invalidate),
     ("soft_invalidate", _on_soft_invalidate),
@@ -504,6 +583,12 @@ def install(*, auto: bool) -> None:
             orig = cls.__dict__["connect"]
             _patched[cls] = orig
             setattr(cls, "connect", _wrap_connect(orig))  # noqa: B010
+        StaticPool.connect = _wrap_shared(Pool.connect)  # type: ignore[method-assign]
+        _patched[StaticPool] = None  # inherited: restored by deleting the override
+        _patched[_ConnectionFairy] = _ConnectionFairy.__dict__["detach"]
+        _patched[Engine] = Engine.__dict__["__init__"]
+        Engine.__init__ = _wrap_engine_init(Engine.__init__)  # type: ignore[method-assign]
+        _ConnectionFairy.detach = _wrap_detach(_ConnectionFairy.detach)  # type: ignore[method-assign]
         for name, fn in _LISTENERS:
             event.listen(Pool, name, fn)
         if auto:
@@ -531,8 +616,7 @@ def register_engine(engine: Any, name: str | None) -> PoolState:
     install(auto=False)
     with _lock:
         pool = engine.pool
-        creator = _creator_key(pool)
-        _explicit[creator] = name or _engine_name(engine)
+        _explicit[_identity_key(pool)] = name or _engine_name(engine)
         if pool.__dict__.get(_ATTR) is not None:
             delattr(pool, _ATTR)
         state = _state_for(pool, engine)
@@ -548,18 +632,25 @@ def uninstall() -> None:
             if event.contains(Pool, name, fn):
                 event.remove(Pool, name, fn)
         for cls, orig in _patched.items():
-            setattr(cls, "connect", orig)  # noqa: B010 - restoring a patched method
+            if cls is StaticPool:
+                del StaticPool.connect
+            elif cls is _ConnectionFairy:
+                _ConnectionFairy.detach = orig  # type: ignore[method-assign]
+            elif cls is Engine:
+                Engine.__init__ = orig  # type: ignore[method-assign]
+            else:
+                setattr(cls, "connect", orig)  # noqa: B010 - restoring a patched method
         _patched.clear()
         for pool in list(_seen_pools):
             pool.__dict__.pop(_ATTR, None)
         _seen_pools.clear()
         if "_telemetry_state" in Pool.__dict__:
             del Pool._telemetry_state  # type: ignore[attr-defined]
-        _last_loop = None
+        _last_loop = _no_loop
         _held.clear()
         _flagged.clear()
         _states.clear()
-        _names_by_creator.clear()
+        _names_by_dialect.clear()
         _explicit.clear()
         CONFIG.auto = True
         CONFIG.connection_limit = None
@@ -568,8 +659,9 @@ def uninstall() -> None:
 def after_fork_in_child() -> None:
     """The parent's held connections are not the child's (the counts are reset with every
     other source by the caller)."""
-    global _last_loop
-    _last_loop = None
+    global _last_loop, _flag_lock
+    _last_loop = _no_loop
+    _flag_lock = threading.Lock()
     _held.clear()
     _flagged.clear()
 

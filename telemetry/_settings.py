@@ -7,6 +7,8 @@ Every value is validated at start-up; a bad one raises :class:`ConfigError` nami
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -34,22 +36,26 @@ def _bool(raw: Any) -> bool:
     raise ValueError("one of true/false, 1/0, yes/no, on/off")
 
 
-def _number(low: float, high: float | None, *, low_open: bool) -> Callable[[Any], float]:
+def _number(
+    low: float, high: float | None, *, low_open: bool, high_open: bool = False
+) -> Callable[[Any], float]:
     if high is None:
-        accepted = f"a number {'>' if low_open else '>='} {low:g}"
+        accepted = f"a finite number {'>' if low_open else '>='} {low:g}"
     else:
-        accepted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+        accepted = (
+            f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        )
 
     def parse(raw: Any) -> float:
         if isinstance(raw, bool):
             raise ValueError(accepted)
         try:
             value = float(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(accepted) from None
-        if value != value or (value <= low if low_open else value < low):
+        if not math.isfinite(value) or (value <= low if low_open else value < low):
             raise ValueError(accepted)
-        if high is not None and value > high:
+        if high is not None and (value >= high if high_open else value > high):
             raise ValueError(accepted)
         return value
 
@@ -82,6 +88,27 @@ def _name(raw: Any) -> str:
     return text
 
 
+def _address(raw: Any) -> str:
+    """An address to bind: an IPv4/IPv6 address or a host name, without a port."""
+    text = str(raw).strip()
+    accepted = (
+        "an IP address or host name without a port (e.g. 127.0.0.1, 0.0.0.0, ::1, localhost); "
+        "the port is TELEMETRY_METRICS_PORT"
+    )
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return text.strip("[]")
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if not text or len(text) > 253 or not all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum()
+        and not label.startswith("-") for label in labels
+    ):  # fmt: skip
+        raise ValueError(accepted)
+    return text
+
+
 def _optional_path(raw: Any) -> str | None:
     text = str(raw).strip() if raw is not None else ""
     return text or None
@@ -109,7 +136,7 @@ _FIELDS: dict[str, _Field] = {
     ),
     "critical_usage_ratio": _Field(
         ("TELEMETRY_DB_CRITICAL_USAGE_RATIO",),
-        _number(0.0, 1.0, low_open=True),
+        _number(0.0, 1.0, low_open=True, high_open=True),  # the event fires above it: 1 never would
         lambda: thresholds.POOL_USAGE_LOG,
     ),
     "critical_log_interval_seconds": _Field(
@@ -134,7 +161,7 @@ _FIELDS: dict[str, _Field] = {
         lambda: thresholds.LOOP_BLOCKED_SECONDS,
     ),
     "metrics_port": _Field(("TELEMETRY_METRICS_PORT",), _port, lambda: None),
-    "metrics_addr": _Field(("TELEMETRY_METRICS_ADDR",), _name, lambda: "127.0.0.1"),
+    "metrics_addr": _Field(("TELEMETRY_METRICS_ADDR",), _address, lambda: "127.0.0.1"),
     "connection_limit": _Field(
         ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
     ),
@@ -186,7 +213,9 @@ class Settings:
             try:
                 values[key] = field.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"invalid {origin}{raw!r}: expected {exc}") from None
+                shown = repr(raw)
+                shown = shown if len(shown) <= 60 else f"{shown[:40]}...({len(shown)} characters)"
+                raise ConfigError(f"invalid {origin}{shown}: expected {exc}") from None
         return cls(**values)
 
     @property

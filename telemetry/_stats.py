@@ -146,6 +146,12 @@ class LabeledStats:
         with self._lock:
             self.gauges[(name, labels)] = value
 
+    def drop_zero(self, labels: Labels) -> None:
+        """Forget the gauges with exactly these labels that read 0 (a series that moved)."""
+        with self._lock:
+            for key in [k for k, v in self.gauges.items() if k[1] == labels and v == 0]:
+                del self.gauges[key]
+
     def observe(self, name: str, labels: Labels, value: float) -> None:
         key = (name, labels)
         hist = self.hists.get(key)

@@ -108,7 +108,7 @@ def setup(service: str) -> Any:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
     except ImportError as exc:  # pragma: no cover - depends on extras
-        raise ImportError("tracing needs the 'tracing' extra: pip install 'telemetry[tracing]'") from exc
+        raise ImportError("tracing needs the 'tracing' extra: pip install 'poolsight[tracing]'") from exc
     exporter = _exporter_from_env()  # validate before changing anything
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):

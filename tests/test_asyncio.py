@@ -120,3 +120,87 @@ async def test_capacity_follows_live_semaphores_and_survives_a_reset():
     gc.collect()
     with pytest.raises(KeyError):
         sample("asyncio_semaphore_capacity", semaphore="S")
+
+
+def test_thousands_of_asyncio_run_leave_no_loop_behind(tmp_path):
+    """The report's content-task pattern, asyncio.run() per task, with an async engine and a
+    telemetry.Semaphore: after 2,000 runs no closed loop is still referenced, the watchdog
+    tracks none, and traced memory stays bounded."""
+    import gc
+    import tracemalloc
+
+    from sqlalchemy.pool import NullPool
+
+    telemetry.instrument(service="worker")
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite", poolclass=NullPool)
+    sem = telemetry.Semaphore(3, name="MAX_DB_CONCURRENT")
+
+    async def task() -> None:
+        async with sem:
+            async with engine.connect() as conn:
+                await conn.execute(text("select 1"))
+
+    def loops_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop))
+
+    for _ in range(50):  # warm-up: imports, caches
+        asyncio.run(task())
+    before_loops = loops_alive()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(2000):
+        asyncio.run(task())
+    telemetry.scan_now()  # a watchdog tick prunes the finished loops
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert loops_alive() <= before_loops
+    from telemetry import _asyncio
+
+    assert _asyncio.watched_loops() <= 1
+    assert grown < 1_000_000, f"{grown} bytes kept after 2,000 asyncio.run()"
+    assert sample("asyncio_semaphore_in_use", semaphore="MAX_DB_CONCURRENT") == 0
+
+
+MODULE_SEMAPHORE = telemetry.Semaphore(2, name="IMPORT_TIME")  # before any instrument()
+
+
+async def test_semaphore_created_at_import_takes_the_service_name():
+    """module-level ``Semaphore(...)`` exists before instrument(): its series carry the service
+    that instrument() names, not "unknown"."""
+    telemetry.instrument(service="content-worker")
+    async with MODULE_SEMAPHORE:
+        assert sample("asyncio_semaphore_in_use", semaphore="IMPORT_TIME", service="content-worker") == 1
+    assert sample("asyncio_semaphore_capacity", semaphore="IMPORT_TIME", service="content-worker") == 2
+    with pytest.raises(KeyError):
+        sample("asyncio_semaphore_capacity", semaphore="IMPORT_TIME", service="unknown")
+
+
+async def test_release_without_acquire_never_goes_negative():
+    telemetry.instrument(service="worker")
+    sem = telemetry.Semaphore(2, name="unbalanced")
+    sem.release()  # allowed by asyncio.Semaphore; no permit of ours was taken
+    assert sample("asyncio_semaphore_in_use", semaphore="unbalanced") == 0
+    async with sem:
+        assert sample("asyncio_semaphore_in_use", semaphore="unbalanced") == 1
+    assert sample("asyncio_semaphore_in_use", semaphore="unbalanced") == 0
+
+
+def test_a_loop_that_blocks_before_touching_anything_is_watched():
+    """asyncio.run() of code that blocks at once, before any database or request: reported, with
+    the blocking line seen in most of the samples taken during the episode."""
+    telemetry.instrument(service="worker", loop_blocked_seconds=0.2)
+
+    async def blocks_first() -> None:
+        time.sleep(0.8)  # the line to find
+        await asyncio.sleep(0.15)
+
+    with capture_logs() as logs:
+        asyncio.run(blocks_first())
+    blocked = [e for e in logs if e["event"] == "event_loop_blocked"]
+    assert [e["status"] for e in blocked] == ["blocked", "resumed"]
+    assert "in blocks_first" in blocked[0]["call_site"]
+    assert blocked[0]["samples"] >= 2 and blocked[0]["call_site_samples"] == blocked[0]["samples"]
+    assert blocked[1]["samples"] > blocked[0]["samples"]  # sampling went on until it resumed
+    assert "in blocks_first" in blocked[1]["call_site"]

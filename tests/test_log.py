@@ -59,3 +59,25 @@ def test_processors_compose_into_a_user_chain():
     event = telemetry.add_pid(None, "info", event)
     event = telemetry.add_trace_context(None, "info", event)
     assert event["service"] == "worker" and "pid" in event and "trace_id" not in event
+
+
+def test_an_app_that_called_basicconfig_logs_each_record_once_without_colour_codes():
+    """logging.basicConfig() first (as many apps do), then configure_logging(): one JSON line per
+    record, nothing plain on stderr, and uvicorn's colour-coded duplicate message dropped."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, telemetry\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "telemetry.configure_logging('api')\n"
+        "logging.getLogger('app').warning('hello')\n"
+        "logging.getLogger('uvicorn.error').info('Started server process', "
+        "extra={'color_message': 'Started server process [\\x1b[36m%d\\x1b[0m]'})\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(e["event"], e["logger"]) for e in lines] == [("hello", "app"), ("Started server process", "uvicorn.error")]
+    assert "color_message" not in lines[1] and "\x1b" not in out.stdout

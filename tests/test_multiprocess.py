@@ -229,3 +229,23 @@ def test_a_child_forked_during_a_scrape_does_not_keep_the_host_locked(tmp_path):
         os.waitpid(pid, 0)
         os.close(r)
         os.close(w)
+
+
+def test_temporary_file_of_a_process_killed_while_writing_is_removed(tmp_path):
+    """A process killed between creating its temporary file and renaming it leaves a .tmp-*
+    file; the next scrape removes it (dead writer), and leaves a live writer's alone."""
+    from telemetry import _multiprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = tmp_path / f".tmp-{child.pid}-abc123"
+    dead.write_text("{")
+    alive = tmp_path / f".tmp-{os.getpid()}-def456"
+    alive.write_text("{")
+    _multiprocess.read_host(str(tmp_path))
+    assert not dead.exists()
+    assert alive.exists()
+    old = time.time() - 2 * _multiprocess.TMP_MAX_AGE_SECONDS
+    os.utime(alive, (old, old))  # a live pid's file this old was abandoned (pid reused)
+    _multiprocess.read_host(str(tmp_path))
+    assert not alive.exists()

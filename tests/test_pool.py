@@ -358,3 +358,123 @@ def test_an_engine_per_task_keeps_one_series(tmp_path):
     names = [n for n in _pool.states() if "per-task.db" in n]
     assert names == [f"sqlite:///{tmp_path}/per-task.db"]
     assert _pool.states()[names[0]].ok == 5
+
+
+def test_static_pool_overlapping_checkouts_are_both_counted():
+    """StaticPool hands one shared record to every checkout: two overlapping connections are 2 in
+    use, both holds are recorded, and (the pool has no bound) no critical-usage event fires."""
+    from sqlalchemy.pool import StaticPool
+
+    telemetry.instrument(service="api")
+    engine = create_engine("sqlite://", poolclass=StaticPool, pool_logging_name="static")
+    with capture_logs() as logs:
+        first = engine.connect()
+        second = engine.connect()
+        assert sample("db_pool_connections_in_use", pool="static") == 2
+        first.close()
+        assert sample("db_pool_connections_in_use", pool="static") == 1
+        second.close()
+    assert sample("db_pool_connections_in_use", pool="static") == 0
+    assert sample("db_connection_hold_seconds_count", pool="static") == 2
+    assert not [e for e in logs if e["event"] == "db_pool_critical_usage"]
+    with pytest.raises(KeyError):
+        sample("db_pool_connections_max", pool="static")
+    assert not _pool._held
+
+
+def test_engines_sharing_a_creator_keep_their_own_names(tmp_path):
+    """A writer (5+0) and a reader (20+0) engine over one creator function: the reader's held
+    connections are the reader's, with its own max, also after reader.dispose()."""
+    import sqlite3
+
+    path = str(tmp_path / "db.sqlite")
+
+    def creator() -> sqlite3.Connection:
+        return sqlite3.connect(path, check_same_thread=False)
+
+    telemetry.instrument(service="api")
+    writer = create_engine("sqlite://", creator=creator, poolclass=QueuePool, pool_size=5, max_overflow=0,
+                           pool_logging_name="writer")  # fmt: skip
+    reader = create_engine("sqlite://", creator=creator, poolclass=QueuePool, pool_size=20, max_overflow=0,
+                           pool_logging_name="reader")  # fmt: skip
+    with writer.connect():
+        pass
+    held = [reader.connect() for _ in range(3)]
+    assert sample("db_pool_connections_in_use", pool="reader") == 3
+    assert sample("db_pool_connections_in_use", pool="writer") == 0
+    assert sample("db_pool_connections_max", pool="reader") == 20
+    assert sample("db_pool_connections_max", pool="writer") == 5
+    for conn in held:
+        conn.close()
+    reader.dispose()
+    with reader.connect():
+        assert sample("db_pool_connections_in_use", pool="reader") == 1
+    assert sample("db_pool_checkouts_total", pool="reader", result="ok") == 4
+    assert sample("db_pool_checkouts_total", pool="writer", result="ok") == 1
+
+
+def test_release_racing_the_long_hold_report(tmp_path, monkeypatch):
+    """The connection is released after the watchdog picked it up and before it reported: no
+    "held" event after the release, no stale held-too-long gauge, and the next long hold of the
+    same connection is reported again."""
+    telemetry.instrument(service="api", hold_threshold_seconds=100)
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite", pool_size=1, max_overflow=0,
+                           pool_logging_name="race")  # fmt: skip
+    conn = engine.connect()
+
+    class ReleaseWhileScanning(dict):
+        trigger = staticmethod(conn.close)
+
+        def __contains__(self, key: object) -> bool:
+            trigger, ReleaseWhileScanning.trigger = ReleaseWhileScanning.trigger, None  # type: ignore[assignment]
+            if trigger is not None:
+                trigger()  # the holder releases right now, on the scan's way to reporting
+            return super().__contains__(key)
+
+    monkeypatch.setattr(_pool, "_flagged", ReleaseWhileScanning())
+    with capture_logs() as logs:
+        _pool.scan_long_holds(now=time.perf_counter() + 1000)
+    assert [e for e in logs if e["event"] == "db_connection_held_too_long"] == []
+    assert sample("db_pool_connections_held_too_long", pool="race") == 0
+    assert not _pool._flagged
+    again = engine.connect()
+    with capture_logs() as logs:
+        assert _pool.scan_long_holds(now=time.perf_counter() + 1000) == 1
+        assert sample("db_pool_connections_held_too_long", pool="race") == 1
+        again.close()
+    assert [e["status"] for e in logs if e["event"] == "db_connection_held_too_long"] == ["held", "released"]
+    assert sample("db_pool_connections_held_too_long", pool="race") == 0
+
+
+def test_detach_under_thread_contention_stays_exact(tmp_path):
+    """SQLAlchemy returns a detached connection's record to the pool before the detach event:
+    with 4 threads and a tiny switch interval, another thread holds it by then. in_use ends at 0
+    and every checkout is matched by one release."""
+    import sys
+
+    telemetry.instrument(service="api")
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite", pool_size=2, max_overflow=2, pool_timeout=30,
+                           connect_args={"check_same_thread": False}, pool_logging_name="detach")  # fmt: skip
+
+    def work(k: int) -> None:
+        for i in range(150):
+            conn = engine.connect()
+            if (i + k) % 2 == 0:
+                conn.detach()
+            conn.close()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    st = _state(engine)
+    assert st.in_use == engine.pool.checkedout() == 0
+    assert sample("db_pool_connections_in_use", pool="detach") == 0
+    assert sample("db_connection_hold_seconds_count", pool="detach") == 600
+    assert not _pool._held

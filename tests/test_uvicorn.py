@@ -25,11 +25,11 @@ def _scrape(port: int) -> list:
 
 
 @contextlib.contextmanager
-def two_workers(pg, tmp_path) -> Iterator[int]:  # type: ignore[no-untyped-def]
+def two_workers(pg, tmp_path, flush_interval: float = 0.1) -> Iterator[int]:  # type: ignore[no-untyped-def]
     """tests/apps/pool_app.py under uvicorn --workers 2, multiprocess mode; yields the port."""
     port = services.free_port()
     env = dict(os.environ, APP_DATABASE_URL=pg.url("asyncpg"), TELEMETRY_MULTIPROC_DIR=str(tmp_path),
-               TELEMETRY_FLUSH_INTERVAL_SECONDS="0.1")  # fmt: skip
+               TELEMETRY_FLUSH_INTERVAL_SECONDS=str(flush_interval))  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "tests.apps.pool_app:app", "--workers", "2",
@@ -100,3 +100,63 @@ def test_kill_9_of_a_uvicorn_worker(pg, tmp_path):
         assert victim not in live and len(live) == 2  # replaced, and its gauges are gone
         ok_after = sum(s.value for s in after if s.name == "db_pool_checkouts_total" and s.labels["result"] == "ok")
         assert ok_after >= ok_before == 30
+
+
+def _monotonic_series(samples: list) -> dict:
+    """Every sample that must never decrease: counters and histogram buckets, counts and sums."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for s in samples
+        if s.name.endswith(("_total", "_bucket", "_count", "_sum"))
+    }
+
+
+def test_scrapes_never_go_backwards_whichever_worker_answers(pg, tmp_path):
+    """uvicorn --workers 2 under load, scraped every 0.1 s on new connections (so both workers
+    answer), with the default 1 s flush: no counter or bucket ever reads less than in an earlier
+    scrape. Then the worker that answered a scrape is killed with SIGKILL right after it
+    answered: what it showed is not lost either."""
+    import threading
+
+    with two_workers(pg, tmp_path, flush_interval=1.0) as port:
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=10) as c:
+                while not stop.is_set():
+                    c.get(f"http://127.0.0.1:{port}/work")
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            previous: dict = {}
+            decreases: list = []
+            answered: set[str] = set()
+            killed = None
+            for i in range(80):
+                with httpx.Client(timeout=10) as c:  # a new connection: any worker may answer
+                    try:
+                        response = c.get(f"http://127.0.0.1:{port}/metrics")
+                    except httpx.HTTPError:
+                        continue  # the killed worker's connection
+                answered.add(response.headers["x-served-by"])
+                if i == 50:  # kill the worker that just answered, before it flushes again
+                    killed = response.headers["x-served-by"]
+                    os.kill(int(killed), signal.SIGKILL)
+                current = _monotonic_series(
+                    [s for fam in text_string_to_metric_families(response.text) for s in fam.samples]
+                )
+                for key, value in current.items():
+                    if value < previous.get(key, 0):
+                        decreases.append((i, key, previous[key], value))
+                previous.update(current)
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert killed is not None and len(answered) >= 2
+        ok = [v for k, v in previous.items() if k[0] == "db_pool_checkouts_total" and ("result", "ok") in k[1]]
+        assert ok and ok[0] > 50  # the load really ran
+        assert decreases == []

@@ -26,7 +26,13 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["path"].startswith("/metrics"):
-        await metrics(scope, receive, send)
+
+        async def tell_pid(message):  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":  # which worker answered this scrape
+                message = dict(message, headers=[*message.get("headers", []), (b"x-served-by", str(os.getpid()).encode())])
+            await send(message)
+
+        await metrics(scope, receive, tell_pid)
         return
     with telemetry.db_owner("GET /work"):
         async with engine.connect() as conn:
