@@ -84,6 +84,9 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
                 start = eta
             STATS.observe("celery_task_queue_wait_seconds", _labels("celery_task_queue_wait_seconds", name, queue),
                           max(0.0, now - start))  # fmt: skip
+        else:
+            STATS.inc("celery_tasks_without_publish_time_total",
+                      _labels("celery_tasks_without_publish_time_total", name, queue))  # fmt: skip
         STATS.add("celery_tasks_in_progress", _labels("celery_tasks_in_progress", name, queue), 1)
         token = OWNER.set(name)
         _running[task_id] = (time.perf_counter(), token, queue)
@@ -155,9 +158,41 @@ def _on_worker_init(**_: Any) -> None:
 
         current = settings()
         if current is not None and current.metrics_port is not None and metrics_server is None:
-            metrics_server = start_metrics_server(current.metrics_port, current.metrics_addr)
+            metrics_server = _serve_host_metrics(current, start_metrics_server)
     except Exception as exc:
         hook_error("celery.worker_init", exc)
+
+
+def _serve_host_metrics(current: Any, start: Any) -> Any:
+    """Serve the host's /metrics from this prefork parent, and say in words who serves it."""
+    import errno
+    import os
+
+    from ._log import emit
+
+    address = f"{current.metrics_addr}:{current.metrics_port}"
+    try:
+        server = start(current.metrics_port, current.metrics_addr)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        shared = current.multiproc_dir is not None
+        emit(
+            "warning", "telemetry_metrics_server", status="port_in_use", address=address,
+            pid=os.getpid(),
+            message=(
+                f"{address} is already served by another process on this host (another worker "
+                "with the same TELEMETRY_METRICS_PORT?). "
+                + ("This worker writes to the same TELEMETRY_MULTIPROC_DIR, so that /metrics "
+                   "includes it." if shared else
+                   "This worker has no TELEMETRY_MULTIPROC_DIR: its metrics are NOT on that "
+                   "/metrics. Give each worker its own port or share one directory.")
+            ),
+        )  # fmt: skip
+        return None
+    emit("info", "telemetry_metrics_server", status="serving", address=address, pid=os.getpid(),
+         message=f"this process serves the host's /metrics on {address}")  # fmt: skip
+    return server
 
 
 def _on_child_shutdown(**_: Any) -> None:

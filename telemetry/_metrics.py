@@ -161,6 +161,11 @@ _SPECS = [
         "Publish (or ETA/countdown, when later) to start of the task in a worker.", "", TASK_BUCKETS,
     ),
     MetricSpec(
+        "celery_tasks_without_publish_time_total", COUNTER, ("service", "task", "queue"), "tasks",
+        "Tasks started whose message carries no publish time (sent by a producer without the "
+        "package): their queue wait is unknown and not in celery_task_queue_wait_seconds.",
+    ),
+    MetricSpec(
         "celery_tasks_in_progress", GAUGE, ("service", "task", "queue", "pid"), "tasks",
         "Tasks running in this worker process right now.",
     ),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import create_engine
@@ -72,3 +73,52 @@ def test_task_outcomes_queue_wait_and_owner(tmp_path):
     assert sample("celery_task_queue_wait_seconds_bucket", task="ok", le="0.25") == 1
     assert sample("celery_task_queue_wait_seconds_sum", task="ok") < 3 * 1.2 + 0.25
     assert sample("db_connection_hold_seconds_count", owner="ok") == 4
+
+
+def test_task_without_publish_time_is_counted():
+    """A task that reaches a worker without the package's publish stamp (here run through
+    Celery's own apply(), as a producer without the package would send it): counted, and its
+    queue wait is not invented."""
+    from celery import Celery
+
+    from .conftest import sample
+
+    telemetry.instrument(service="worker")
+    app = Celery("unstamped", broker="memory://", backend="cache+memory://")
+
+    @app.task(name="unstamped.add")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert add.apply(args=(1, 2)).get() == 3
+    assert sample("celery_tasks_without_publish_time_total", task="unstamped.add") == 1
+    with pytest.raises(KeyError):
+        sample("celery_task_queue_wait_seconds_count", task="unstamped.add")
+
+
+def test_a_second_worker_on_the_same_metrics_port_says_who_serves(tmp_path):
+    """Two workers configured with one TELEMETRY_METRICS_PORT: the second does not fail or hide
+    it in a hook error; it says, in words, that another process serves the host's /metrics."""
+    import socket
+
+    from structlog.testing import capture_logs
+
+    from telemetry import _celery
+
+    from . import services
+
+    port = services.free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    try:
+        settings = telemetry.instrument(service="worker", metrics_port=port, multiproc_dir=str(tmp_path))
+        with capture_logs() as logs:
+            assert _celery._serve_host_metrics(settings, telemetry.start_metrics_server) is None
+    finally:
+        taken.close()
+    events = [e for e in logs if e["event"] == "telemetry_metrics_server"]
+    assert [e["status"] for e in events] == ["port_in_use"]
+    assert "already served by another process" in events[0]["message"]
+    assert "includes it" in events[0]["message"]
+    assert not [e for e in logs if e["event"] == "telemetry_hook_error"]
