@@ -1,7 +1,7 @@
 """API: request rate, latency by route, the share spent waiting for the pool, loop lag."""
 
 from telemetry import thresholds as T
-from telemetry._dashboards import OPS, PERCENT, RATE, SECONDS, SHORT, SVC, dashboard, series
+from telemetry.tools.dashboards import OPS, PERCENT, RATE, SECONDS, SHORT, SVC, dashboard, series
 
 REQ = f"http_server_request_duration_seconds{{{SVC}}}"
 

@@ -1,7 +1,7 @@
 """Celery: task rate and outcomes, run time, queue wait, in progress, the DB semaphore."""
 
 from telemetry import thresholds as T
-from telemetry._dashboards import OPS, RATE, SECONDS, SHORT, SVC, dashboard, series
+from telemetry.tools.dashboards import OPS, RATE, SECONDS, SHORT, SVC, dashboard, series
 
 dashboard = dashboard(
     "Celery", T.DASHBOARD_UID_CELERY, "Tasks by name and queue, and the MAX_DB_CONCURRENT semaphore.",

@@ -4,8 +4,8 @@ import json
 import urllib.parse
 
 from telemetry import thresholds as T
-from telemetry._dashboards import PERCENT, RATE, SECONDS, SHORT, dashboard, series, stat, text
-from telemetry._rules import LOG_QUERIES
+from telemetry.tools.dashboards import PERCENT, RATE, SECONDS, SHORT, dashboard, series, stat, text
+from telemetry.tools.rules import LOG_QUERIES
 
 API = 'service=~"$service", instance=~"$instance"'
 

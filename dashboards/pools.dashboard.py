@@ -1,7 +1,7 @@
 """Database pools: usage per service and process, pressure, wait, hold by owner, budget."""
 
 from telemetry import thresholds as T
-from telemetry._dashboards import (
+from telemetry.tools.dashboards import (
     OPS,
     PERCENT,
     POOL,

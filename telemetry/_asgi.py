@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ._log import INTERNAL, hook_error
-from ._owner import ACCOUNT, OWNER
+from ._owner import ACCOUNT, OWNER, RequestAccount
 from ._stats import REGISTRY, LabeledStats
 
 STATS = LabeledStats()
@@ -148,7 +148,7 @@ class TelemetryMiddleware:
             flight = LabeledStats.labels("http_server_requests_in_flight", service, method, route)
             STATS.add("http_server_requests_in_flight", flight, 1)
             owner_token = OWNER.set(f"{method} {route}")
-            account = [0.0, 0.0]
+            account = RequestAccount()
             account_token = ACCOUNT.set(account)
             from ._asyncio import request_trace, watch_event_loop
 
@@ -185,8 +185,8 @@ class TelemetryMiddleware:
                               LabeledStats.labels("http_server_request_duration_seconds", service, method, route, code),
                               elapsed)  # fmt: skip
                 split = LabeledStats.labels("http_server_pool_wait_seconds", service, method, route)
-                STATS.observe("http_server_pool_wait_seconds", split, account[0])
-                STATS.observe("http_server_pool_hold_seconds", split, account[1])
+                STATS.observe("http_server_pool_wait_seconds", split, account.wait)
+                STATS.observe("http_server_pool_hold_seconds", split, account.hold)
                 STATS.add("http_server_requests_in_flight", flight, -1)
                 OWNER.reset(owner_token)
                 ACCOUNT.reset(account_token)

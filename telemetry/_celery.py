@@ -36,6 +36,8 @@ HEADER = "telemetry_published_at"
 MAX_EXCEPTION_TYPES = 50
 
 _running: dict[str, tuple[float, Any, Any]] = {}
+#: exception type names already labelled (bounded: past MAX_EXCEPTION_TYPES they read "other")
+_exception_kinds: set[str] = set()
 _connected: list[tuple[Any, Any]] = []
 _otel: Any = None
 _logging_configured = False
@@ -123,9 +125,11 @@ def _on_postrun(task_id: str | None = None, task: Any = None, retval: Any = None
 
 def _failure(name: str, queue: str, exc: Any) -> None:
     kind = type(exc).__name__ if isinstance(exc, BaseException) else "unknown"
-    known = {lb[3][1] for (n, lb) in list(STATS.counters) if n == "celery_task_failures_total"}
-    if kind not in known and len(known) >= MAX_EXCEPTION_TYPES:
-        kind = "other"
+    if kind not in _exception_kinds:
+        if len(_exception_kinds) >= MAX_EXCEPTION_TYPES:
+            kind = "other"
+        else:
+            _exception_kinds.add(kind)
     STATS.inc("celery_task_failures_total", _labels("celery_task_failures_total", name, queue, kind))
 
 

@@ -16,9 +16,18 @@ from typing import Any, TypeVar
 DEFAULT_OWNER = "unattributed"
 OWNER: contextvars.ContextVar[str] = contextvars.ContextVar("telemetry_owner", default=DEFAULT_OWNER)
 
-#: Per-request accumulator ``[seconds waiting for checkouts, seconds holding connections]`` set
-#: by the ASGI middleware; the pool hot path adds to it when it is set.
-ACCOUNT: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+class RequestAccount:
+    """Per-request totals the pool hot path adds to: seconds waiting for checkouts, seconds
+    holding connections (overlapping holds add up). Set by the ASGI middleware."""
+
+    __slots__ = ("wait", "hold")
+
+    def __init__(self) -> None:
+        self.wait = 0.0
+        self.hold = 0.0
+
+
+ACCOUNT: contextvars.ContextVar[RequestAccount | None] = contextvars.ContextVar(
     "telemetry_account", default=None
 )
 

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "telemetry.cli", "budget", *args],
+    return subprocess.run([sys.executable, "-m", "telemetry.tools.cli", "budget", *args],
                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
 
 

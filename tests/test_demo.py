@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from telemetry import _report
+from telemetry.tools import report as _report
 
 from . import services
 
@@ -24,7 +24,7 @@ SHORT = ["--duration", "6", "--generations", "8", "--concepts", "6", "--rate", "
 
 
 def _demo(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
-    out = subprocess.run([sys.executable, "-m", "telemetry.cli", "demo", *SHORT, "--out", str(tmp_path), *extra],
+    out = subprocess.run([sys.executable, "-m", "telemetry.tools.cli", "demo", *SHORT, "--out", str(tmp_path), *extra],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with open(tmp_path / "report.json") as fh:
@@ -86,7 +86,7 @@ def test_demo_on_postgres_and_redis(tmp_path, redis_server):
     ],
 )
 def test_bad_arguments(args, message, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "telemetry.cli", "demo", "--out", str(tmp_path), *args],
+    out = subprocess.run([sys.executable, "-m", "telemetry.tools.cli", "demo", "--out", str(tmp_path), *args],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from telemetry import _generate
 from telemetry._metrics import CATALOGUE, COUNTER, GAUGE
+from telemetry.tools import generate as _generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

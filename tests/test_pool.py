@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, QueuePool
 from structlog.testing import capture_logs
 
 import telemetry
@@ -33,7 +33,7 @@ def _exact(pool, st: _pool.PoolState) -> None:
     """After a burst settles, our gauges equal SQLAlchemy's own view and nothing is held."""
     assert st.in_use == pool.checkedout() == 0
     assert st.pending == 0
-    assert not [e for e in _pool._held.values() if e[2] is st]
+    assert not [h for h in _pool._held.values() if h.state is st]
     assert sample("db_pool_connections_in_use", pool=st.name) == 0
     assert sample("db_pool_connections_idle", pool=st.name) == pool.checkedin()
     assert sample("db_pool_overflow", pool=st.name) == pool.overflow()
@@ -259,7 +259,7 @@ async def test_long_hold_reported_while_held_then_on_release(tmp_path):
     """db_connection_held_too_long fires while the connection is still held, names the owner and
     the line of the holder, and a follow-up on release gives the total hold."""
     telemetry.instrument(service="content", hold_threshold_seconds=0.2)
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/h.db", pool_size=1, max_overflow=0)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/h.db", poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
     seen_while_held: list[dict] = []
     with capture_logs() as logs:
         with telemetry.db_owner("save-concept"):

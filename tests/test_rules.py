@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from telemetry import _rules
 from telemetry._metrics import CATALOGUE
+from telemetry.tools import rules as _rules
 
 from . import services
 

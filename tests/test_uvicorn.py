@@ -122,9 +122,13 @@ def test_scrapes_never_go_backwards_whichever_worker_answers(pg, tmp_path):
         stop = threading.Event()
 
         def client() -> None:
-            with httpx.Client(timeout=10) as c:
-                while not stop.is_set():
-                    c.get(f"http://127.0.0.1:{port}/work")
+            while not stop.is_set():
+                with httpx.Client(timeout=10) as c:
+                    try:
+                        while not stop.is_set():
+                            c.get(f"http://127.0.0.1:{port}/work")
+                    except httpx.HTTPError:
+                        continue  # its worker was the one killed: reconnect to the other
 
         threads = [threading.Thread(target=client) for _ in range(3)]
         for t in threads:

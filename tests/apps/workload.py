@@ -28,12 +28,12 @@ from celery.contrib.testing.worker import start_worker  # noqa: E402
 from fastapi import FastAPI, HTTPException  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
-from sqlalchemy.pool import QueuePool  # noqa: E402
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool  # noqa: E402
 
 tmp = tempfile.mkdtemp()
 sync_engine = create_engine(f"sqlite:///{tmp}/a.db", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.05)
 broken = create_engine("postgresql+psycopg://x@127.0.0.1:1/none", pool_size=1, max_overflow=0)
-async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp}/b.db", pool_size=2, max_overflow=1)
+async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp}/b.db", poolclass=AsyncAdaptedQueuePool, pool_size=2, max_overflow=1)
 deadline = time.monotonic() + SECONDS
 
 app = FastAPI()

@@ -34,7 +34,7 @@ def _positive(kind: type) -> Any:
 
 
 def _read_secret(path: str, flag: str) -> str:
-    from ._settings import ConfigError
+    from .._settings import ConfigError
 
     try:
         with open(path) as fh:
@@ -47,7 +47,7 @@ def _read_secret(path: str, flag: str) -> str:
 
 
 def _root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-out", help="where report.json and report.html go")
     args = parser.parse_args(argv)
 
-    from ._settings import ConfigError
+    from .._settings import ConfigError
 
     try:
         if args.command == "demo":
-            from ._demo import DemoError, run
+            from .demo import DemoError, run
 
             try:
                 return run(args)
@@ -94,18 +94,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"telemetry demo: {exc}", file=sys.stderr)
                 return 2
         if args.command == "generate":
-            from ._generate import generate
+            from .generate import generate
 
             changed = generate(args.root)
             print("\n".join(f"wrote {c}" for c in changed) or "all generated files up to date")
         elif args.command == "prepare-multiproc-dir":
-            from ._multiprocess import prepare_dir
+            from .._multiprocess import prepare_dir
 
             print(f"removed {prepare_dir(args.directory)} file(s) from {args.directory}")
         elif args.command == "budget":
             return _budget(args)
         elif args.command == "serve-metrics":
-            from ._instrument import start_metrics_server
+            from .._instrument import start_metrics_server
 
             auth: dict[str, Any] = {}
             if args.bearer_token_file:
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from . import _budget as b
-    from ._settings import ConfigError
+    from .._settings import ConfigError
+    from . import budget as b
 
     if args.file and (args.service or args.limit is not None):
         raise ConfigError("budget: give either a FILE or --limit/--service flags, not both")

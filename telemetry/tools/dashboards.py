@@ -25,7 +25,7 @@ from grafanalib.core import (
     TimeSeries,
 )
 
-from . import thresholds as T
+from .. import thresholds as T
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"

@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any
 
-from . import _report
+from . import report as _report
 
 SCENARIOS: dict[str, dict[str, str]] = {
     # the report's configuration
@@ -42,7 +42,7 @@ class DemoError(Exception):
 
 
 def _root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Any
 
-from ._settings import ConfigError
+from .._settings import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

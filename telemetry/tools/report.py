@@ -10,7 +10,7 @@ import html
 import math
 from typing import Any
 
-from . import thresholds as T
+from .. import thresholds as T
 
 Samples = list[tuple[str, dict[str, str], float]]
 

@@ -11,7 +11,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 
-from ._metrics import CATALOGUE
+from .._metrics import CATALOGUE
 
 BEGIN = "<!-- BEGIN GENERATED: metric table (telemetry generate) -->"
 END = "<!-- END GENERATED -->"
@@ -44,14 +44,14 @@ def _splice(path: str, body: str) -> str:
 def targets(root: str) -> dict[str, Callable[[], str]]:
     """Relative path -> function rendering its full expected content."""
     metrics_doc = os.path.join(root, "docs", "metrics.md")
-    from . import _rules
+    from . import rules as _rules
 
     out: dict[str, Callable[[], str]] = {
         "docs/metrics.md": lambda: _splice(metrics_doc, metric_table()),
         "alerts/telemetry.rules.yml": _rules.render_rules,
     }
     if importlib.util.find_spec("grafanalib") is not None and os.path.isdir(os.path.join(root, "dashboards")):
-        from . import _dashboards
+        from . import dashboards as _dashboards
 
         for path in _dashboards.dashboard_files(root):
             rel = os.path.relpath(_dashboards.json_path(path), root)
