@@ -19,6 +19,7 @@ import asyncio
 import time
 from typing import Any
 
+from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._owner import ACCOUNT, OWNER, RequestAccount
 from ._stats import REGISTRY, LabeledStats
@@ -200,13 +201,10 @@ def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"{method} {route}", {"http.route": route}
 
 
-TRACING = {"enabled": True}
-
-
 def wrap(app: Any, starlette_app: Any = None) -> Any:
     """Our middleware inside OpenTelemetry's (so the request span is current in ours)."""
     wrapped = TelemetryMiddleware(app, starlette_app=starlette_app)
-    if not TRACING["enabled"]:
+    if _installed is None or not _installed.tracing:
         return wrapped
     try:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -273,3 +271,26 @@ def uninstall() -> None:
         cls.build_middleware_stack = original  # type: ignore[attr-defined]
     _originals.clear()
     STATS.reset()
+
+
+_installed: ASGIIntegration | None = None
+
+
+class ASGIIntegration(Integration):
+    """The middleware on every Starlette/FastAPI app, created before or after."""
+
+    name = "asgi"
+
+    def __init__(self) -> None:
+        self.tracing = False
+
+    def install(self, runtime: Any) -> None:
+        global _installed
+        self.tracing = runtime.settings.tracing
+        _installed = self
+        install()
+
+    def uninstall(self) -> None:
+        global _installed
+        _installed = None
+        uninstall()

@@ -18,6 +18,7 @@ import weakref
 from typing import Any, Literal
 
 from . import _stacks
+from ._integration import Integration
 from ._log import INTERNAL, emit, hook_error, trace_ids
 from ._stats import REGISTRY, LabeledStats
 
@@ -317,3 +318,23 @@ def reset() -> None:
             pass
     _monitored.clear()
     STATS.reset()
+
+
+class AsyncioIntegration(Integration):
+    """Loop lag and blocked-loop reports for every loop, and the semaphores' service label."""
+
+    name = "asyncio"
+
+    def install(self, runtime: Any) -> None:
+        CONFIG.blocked_threshold = runtime.settings.loop_blocked_seconds
+        relabel_semaphores(runtime.settings.service)
+        install_loop_hook()
+
+    def uninstall(self) -> None:
+        reset()
+
+    def after_fork(self) -> None:
+        after_fork_in_child()
+
+    def tick(self, now: float) -> None:
+        check_loops()

@@ -25,6 +25,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._owner import OWNER
 from ._stats import REGISTRY, LabeledStats
@@ -40,8 +41,7 @@ _running: dict[str, tuple[float, Any, Any]] = {}
 _exception_kinds: set[str] = set()
 _connected: list[tuple[Any, Any]] = []
 _otel: Any = None
-_logging_configured = False
-metrics_server: Any = None
+_installed: CeleryIntegration | None = None
 
 
 def _queue(task: Any) -> str:
@@ -156,13 +156,13 @@ def _on_revoked(request: Any = None, sender: Any = None, **_: Any) -> None:
 
 def _on_worker_init(**_: Any) -> None:
     """The prefork parent: serve the host aggregate if a port is configured."""
-    global metrics_server
     try:
-        from ._instrument import settings, start_metrics_server
-
-        current = settings()
-        if current is not None and current.metrics_port is not None and metrics_server is None:
-            metrics_server = _serve_host_metrics(current, start_metrics_server)
+        integration = _installed
+        if integration is None or integration.runtime is None:
+            return
+        runtime = integration.runtime
+        if runtime.settings.metrics_port is not None and not runtime.metrics_servers:
+            _serve_host_metrics(runtime.settings, runtime.serve_metrics)
     except Exception as exc:
         hook_error("celery.worker_init", exc)
 
@@ -200,12 +200,11 @@ def _serve_host_metrics(current: Any, start: Any) -> Any:
 
 
 def _on_child_shutdown(**_: Any) -> None:
+    """In the child, just before ``os._exit``: spans and measurements out now."""
     try:
-        from . import _tracing
-        from ._instrument import flush
-
-        _tracing.flush()
-        flush()
+        integration = _installed
+        if integration is not None and integration.runtime is not None:
+            integration.runtime.flush()
     except Exception as exc:
         hook_error("celery.child_shutdown", exc)
 
@@ -252,17 +251,36 @@ def install(*, spans: bool = True) -> None:
 
 
 def uninstall() -> None:
-    global _otel, metrics_server
+    global _otel
     for signal, fn in _connected:
         signal.disconnect(fn)
     _connected.clear()
     _running.clear()
+    _exception_kinds.clear()
     if _otel is not None:
         _otel.uninstrument()
         _otel = None
-    if metrics_server is not None:
-        server, _thread = metrics_server
-        server.shutdown()
-        server.server_close()
-        metrics_server = None
     STATS.reset()
+
+
+class CeleryIntegration(Integration):
+    """Signals for task metrics and owners, spans, and the prefork parent's /metrics."""
+
+    name = "celery"
+
+    def __init__(self) -> None:
+        self.runtime: Any = None
+
+    def install(self, runtime: Any) -> None:
+        global _installed
+        self.runtime = runtime
+        _installed = self
+        install(spans=runtime.settings.tracing)
+
+    def uninstall(self) -> None:
+        global _installed
+        _installed = None
+        uninstall()
+
+    def after_fork(self) -> None:
+        _running.clear()

@@ -20,31 +20,30 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from . import _multiprocess
+from . import _multiprocess, _snapshot
 from ._metrics import CATALOGUE, COUNTER, GAUGE, HISTOGRAM
 from ._stats import snapshot
 
 
 def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any]]]) -> list[Metric]:
-    total: dict[str, dict[tuple[Any, ...], Any]] = {}
+    total = _snapshot.Total()
     if archive:
-        _multiprocess.merge_into(total, archive)
+        total.add(archive)
     for _pid, snap in live:
-        _multiprocess.merge_into(total, snap)
+        total.add(snap)
     by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], Any]]] = {}
-    for (name, labels), value in total.get("c", {}).items():
-        by_name.setdefault(name, []).append((labels, value))
-    for (name, labels), value in total.get("h", {}).items():
-        by_name.setdefault(name, []).append((labels, value))
+    for (name, labels), count in total.counters.items():
+        by_name.setdefault(name, []).append((labels, count))
+    for (name, labels), hist in total.hists.items():
+        by_name.setdefault(name, []).append((labels, hist))
     reporting = set()
     for pid, snap in live:
-        for name, labels, value in snap.get("g", []):
-            key = tuple(tuple(p) for p in labels)
-            reporting.add((name, key))
-            by_name.setdefault(name, []).append((key + (("pid", str(pid)),), value))
-    for name, key in total.get("z", {}):  # series whose processes are all gone read 0
-        if (name, key) not in reporting:
-            by_name.setdefault(name, []).append((key + (("pid", ""),), 0))
+        for (name, labels), value in _snapshot.gauges(snap):
+            reporting.add((name, labels))
+            by_name.setdefault(name, []).append((labels + (("pid", str(pid)),), value))
+    for name, labels in total.gone:  # series whose processes are all gone read 0
+        if (name, labels) not in reporting:
+            by_name.setdefault(name, []).append((labels + (("pid", ""),), 0))
     out: list[Metric] = []
     for name in sorted(by_name):
         spec = CATALOGUE.get(name)

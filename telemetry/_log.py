@@ -177,6 +177,11 @@ INTERNAL = _InternalStats()
 REGISTRY.add(INTERNAL)
 
 
+def after_fork_in_child() -> None:
+    """A lock a parent thread held at fork time would never be released in the child."""
+    INTERNAL._lock = threading.Lock()
+
+
 def hook_error(hook: str, exc: BaseException) -> None:
     """Count an exception raised inside a hook and log it the first time only. Never raises."""
     try:

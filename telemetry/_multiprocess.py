@@ -34,14 +34,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ._metrics import ZERO_WHEN_GONE
+from . import _snapshot
+from ._snapshot import Snap
 from ._stats import snapshot
 
 PREFIX = "telemetry-"
 ARCHIVE = "telemetry-archive.json"
 LOCK = "telemetry.lock"
 
-Snap = dict[str, list[list[Any]]]
 
 
 def _proc_start(pid: int) -> str | None:
@@ -179,50 +179,16 @@ def _load(path: str) -> Any:
         return None
 
 
-def merge_into(total: dict[str, dict[tuple[Any, ...], Any]], snap: Snap, *, dead: bool = False) -> None:
-    """Add a snapshot's counters and histograms into ``total`` (gauges are per process; of a dead
-    process only the keys of its "how many right now" gauges are kept, to read 0)."""
-    counters = total.setdefault("c", {})
-    hists = total.setdefault("h", {})
-    gone = total.setdefault("z", {})
-    for name, labels, *_ in snap.get("z", []):
-        gone[(name, tuple(tuple(p) for p in labels))] = 0
-    if dead:
-        for name, labels, _value in snap.get("g", []):
-            if name in ZERO_WHEN_GONE:
-                gone[(name, tuple(tuple(p) for p in labels))] = 0
-    for name, labels, value in snap.get("c", []):
-        key = (name, tuple(tuple(p) for p in labels))
-        counters[key] = counters.get(key, 0) + value
-    for name, labels, counts, total_sum in snap.get("h", []):
-        key = (name, tuple(tuple(p) for p in labels))
-        prev = hists.get(key)
-        if prev is None:
-            hists[key] = [list(counts), total_sum]
-        else:
-            prev[0] = [a + b for a, b in zip(prev[0], counts, strict=True)]
-            prev[1] += total_sum
-
-
-def _to_snap(total: dict[str, dict[tuple[Any, ...], Any]]) -> Snap:
-    return {
-        "c": [[n, [list(p) for p in lb], v] for (n, lb), v in total.get("c", {}).items()],
-        "g": [],
-        "h": [[n, [list(p) for p in lb], c, s] for (n, lb), (c, s) in total.get("h", {}).items()],
-        "z": [[n, [list(p) for p in lb]] for (n, lb) in total.get("z", {})],
-    }
-
-
 def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, list[tuple[int, Snap]]]:
     """The archive of dead processes and the snapshot of each live one (archiving the dead)."""
     live: list[tuple[int, Snap]] = []
     dead_pids: list[int] = []
     with _locked(directory):
         archive_path = os.path.join(directory, ARCHIVE)
-        archive = _load(archive_path) or {"snap": {"c": [], "g": [], "h": []}, "merged": []}
+        archive = _load(archive_path) or {"snap": _snapshot.empty(), "merged": []}
         merged = set(archive.get("merged", []))
-        total: dict[str, dict[tuple[Any, ...], Any]] = {}
-        merge_into(total, archive["snap"])
+        total = _snapshot.Total()
+        total.add(archive["snap"])
         changed = False
         names = sorted(glob.glob(os.path.join(directory, f"{PREFIX}*-*.json")))
         present = set()
@@ -247,21 +213,21 @@ def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, lis
             if base not in merged:
                 data = _load(path)
                 if data is not None:
-                    merge_into(total, data["snap"], dead=True)
+                    total.add(data["snap"], dead=True)
                 merged.add(base)
                 changed = True
                 dead_pids.append(pid)
         if changed:
-            _write_atomic(archive_path, {"snap": _to_snap(total), "merged": sorted(merged)})
+            _write_atomic(archive_path, {"snap": total.snap(), "merged": sorted(merged)})
         if merged:
             for base in merged & present:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, base))
             # the files are gone: nothing left to protect from a second merge
-            _write_atomic(archive_path, {"snap": _to_snap(total), "merged": []})
+            _write_atomic(archive_path, {"snap": total.snap(), "merged": []})
         _remove_abandoned_tmp(directory)
     _mark_stock_dead(directory, dead_pids)
-    return _to_snap(total), live
+    return total.snap(), live
 
 
 def _remove_abandoned_tmp(directory: str) -> None:

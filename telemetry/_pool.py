@@ -44,6 +44,7 @@ from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool, StaticPool
 from sqlalchemy.pool.base import _ConnectionFairy
 
 from . import _stacks
+from ._integration import Integration
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from ._owner import ACCOUNT, OWNER, RequestAccount
@@ -115,6 +116,8 @@ _flag_lock = threading.Lock()
 
 
 class _Config:
+    """The settings the hot path reads, copied once at install (attribute reads stay cheap)."""
+
     service = "unknown"
     hold_threshold = 5.0
     critical_ratio = 0.9
@@ -122,6 +125,14 @@ class _Config:
     max_owners = 100
     connection_limit: int | None = None
     auto = True
+
+    def load(self, settings: Any) -> None:
+        self.service = settings.service
+        self.hold_threshold = settings.hold_threshold_seconds
+        self.critical_ratio = settings.critical_usage_ratio
+        self.critical_interval = settings.critical_log_interval_seconds
+        self.max_owners = settings.max_owners
+        self.connection_limit = settings.connection_limit
 
 
 CONFIG = _Config()
@@ -706,8 +717,9 @@ def uninstall() -> None:
 
 def after_fork_in_child() -> None:
     """The parent's held connections are not the child's (the counts are reset with every
-    other source by the caller)."""
-    global _last_loop, _flag_lock
+    other source by the runtime)."""
+    global _last_loop, _flag_lock, _lock
+    _lock = threading.RLock()
     _last_loop = _no_loop
     _flag_lock = threading.Lock()
     _held.clear()
@@ -716,3 +728,37 @@ def after_fork_in_child() -> None:
 
 def states() -> dict[str, PoolState]:
     return dict(_states)
+
+
+class SQLAlchemyIntegration(Integration):
+    """Every pool in the process (``auto``), or only the engines registered explicitly."""
+
+    name = "sqlalchemy"
+
+    def __init__(self, *, auto: bool) -> None:
+        self.auto = auto
+        self.runtime: Any = None
+
+    def install(self, runtime: Any) -> None:
+        self.runtime = runtime
+        CONFIG.load(runtime.settings)
+        install(auto=self.auto)
+
+    def enable_auto(self) -> None:
+        """``instrument()`` after ``instrument_sqlalchemy()``: every pool, with its settings."""
+        CONFIG.load(self.runtime.settings)
+        self.auto = True
+        install(auto=True)
+
+    def register_engine(self, engine: Any, name: str | None) -> PoolState:
+        return register_engine(engine, name)
+
+    def uninstall(self) -> None:
+        uninstall()
+        REGISTRY.discard(lambda source: isinstance(source, PoolState))
+
+    def after_fork(self) -> None:
+        after_fork_in_child()
+
+    def tick(self, now: float) -> None:
+        scan_long_holds()

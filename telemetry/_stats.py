@@ -13,7 +13,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from ._metrics import CATALOGUE, COUNTER, GAUGE, HISTOGRAM
+from ._metrics import CATALOGUE
+from ._snapshot import Snap, from_samples
 
 Labels = tuple[tuple[str, str], ...]
 Sample = tuple[str, Labels, Any]
@@ -76,35 +77,19 @@ class _Registry:
 REGISTRY = _Registry()
 
 
+def after_fork_in_child() -> None:
+    """A lock a parent thread held at fork time would never be released in the child."""
+    REGISTRY._lock = threading.Lock()
+
+
 def iter_samples() -> Iterator[Sample]:
     for source in REGISTRY.sources():
         yield from source.samples()
 
 
-def snapshot() -> dict[str, list[list[Any]]]:
+def snapshot() -> Snap:
     """Everything this process has measured, in the JSON shape the multiprocess files use."""
-    counters: dict[tuple[str, Labels], float] = {}
-    gauges: dict[tuple[str, Labels], float] = {}
-    hists: dict[tuple[str, Labels], list[Any]] = {}
-    for name, labels, value in iter_samples():
-        kind = CATALOGUE[name].kind
-        key = (name, labels)
-        if kind == COUNTER:
-            counters[key] = counters.get(key, 0) + value
-        elif kind == GAUGE:
-            gauges[key] = gauges.get(key, 0) + value
-        elif kind == HISTOGRAM:
-            merged = hists.get(key)
-            if merged is None:
-                hists[key] = [list(value.counts), value.total]
-            else:
-                merged[0] = [a + b for a, b in zip(merged[0], value.counts, strict=True)]
-                merged[1] += value.total
-    return {
-        "c": [[n, [list(p) for p in lb], v] for (n, lb), v in counters.items()],
-        "g": [[n, [list(p) for p in lb], v] for (n, lb), v in gauges.items()],
-        "h": [[n, [list(p) for p in lb], c, s] for (n, lb), (c, s) in hists.items()],
-    }
+    return from_samples(iter_samples())
 
 
 def assert_kind(name: str, kind: str) -> None:

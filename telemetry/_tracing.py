@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._settings import ConfigError
 from ._stats import REGISTRY, LabeledStats
@@ -152,3 +153,48 @@ def instance_id() -> str | None:
         return None
     value = _provider.resource.attributes.get("service.instance.id")
     return str(value) if value is not None else None
+
+
+class TracingIntegration(Integration):
+    """The TracerProvider (kept for the process: OpenTelemetry's global provider cannot be
+    unset) and, with ``trace_sql``, OpenTelemetry's SQLAlchemy instrumentation (removed on
+    uninstall)."""
+
+    name = "tracing"
+
+    def __init__(self) -> None:
+        self.sql_instrumentor: Any = None
+
+    def install(self, runtime: Any) -> None:
+        setup(runtime.settings.service)
+        if runtime.settings.trace_sql:
+            self.sql_instrumentor = _instrument_sql()
+
+    def uninstall(self) -> None:
+        if self.sql_instrumentor is not None:
+            self.sql_instrumentor.uninstrument()
+            self.sql_instrumentor = None
+
+    def after_fork(self) -> None:
+        after_fork_in_child()
+
+    def flush(self) -> None:
+        flush()
+
+
+def _instrument_sql() -> Any:
+    """Statement spans from opentelemetry-instrumentation-sqlalchemy, on the engines that exist
+    now and those created later through sqlalchemy's module functions (a create_async_engine
+    imported before this call is not seen). ``skip_dep_check``: it declares sqlalchemy < 2.1 and
+    would instrument nothing on 2.1; tests/test_tracing.py proves its spans on the 2.1 we run."""
+    import gc
+
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    from sqlalchemy.engine import Engine
+
+    instrumentor = SQLAlchemyInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        return None  # the application did it: not ours to remove
+    existing = [o for o in gc.get_objects() if isinstance(o, Engine)]
+    instrumentor.instrument(engines=existing, enable_commenter=False, skip_dep_check=True)
+    return instrumentor

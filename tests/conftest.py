@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import telemetry
+from telemetry.testing import sample  # noqa: F401 - re-exported for the tests
 
 from . import services
 
@@ -30,21 +31,6 @@ def _clean_telemetry() -> Iterator[None]:
     telemetry.uninstrument()
     yield
     telemetry.uninstrument()
-
-
-def sample(name: str, **labels: str) -> float:
-    """Sum of the exposed samples named ``name`` whose labels include ``labels``."""
-    from prometheus_client import REGISTRY
-
-    total, found = 0.0, False
-    for family in REGISTRY.collect():
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-                found = True
-    if not found:
-        raise KeyError(f"no sample {name} {labels}")
-    return total
 
 
 async def starve(engine: Any, waiters: int, hold: float = 1.0, owner: str = "hog") -> list[str]:

@@ -20,8 +20,6 @@ import yaml
 
 from . import services
 
-pytestmark = pytest.mark.integration
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "alerts", "alertmanager.yml")
 
@@ -55,6 +53,7 @@ def _local_config(tmp: str, receiver_port: int, group_wait: str = "1s") -> str:
     return path
 
 
+@pytest.mark.integration
 def test_amtool_check_config_and_routes(tmp_path):
     amtool = _bin("amtool")
     for path in (CONFIG, _local_config(str(tmp_path), 9)):
@@ -160,6 +159,7 @@ def _wait_for(pred: Any, timeout: float = 20.0) -> bool:
     return False
 
 
+@pytest.mark.integration
 def test_real_alertmanager_routes_renders_and_inhibits(tmp_path, receiver):
     config = _local_config(str(tmp_path), receiver.port)
     proc, port = start_alertmanager(config, str(tmp_path))

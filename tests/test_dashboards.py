@@ -15,9 +15,10 @@ import time
 import httpx
 import pytest
 
-from telemetry import _dashboards, _rules
 from telemetry import thresholds as T
 from telemetry._metrics import CATALOGUE
+from telemetry.tools import dashboards as _dashboards
+from telemetry.tools import rules as _rules
 
 from . import services
 

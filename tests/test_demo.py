@@ -16,8 +16,6 @@ from telemetry.tools import report as _report
 
 from . import services
 
-pytestmark = pytest.mark.integration
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--duration", "6", "--generations", "8", "--concepts", "6", "--rate", "12",
          "--llm-seconds", "0.1", "--save-seconds", "0.1", "--pool-timeout", "2"]  # fmt: skip
@@ -60,6 +58,7 @@ def _check(report: dict, scenarios: list[str], tasks: int = 8) -> None:
     assert {row["scenario"] for row in report["comparison"]} == set(scenarios)
 
 
+@pytest.mark.integration
 def test_demo_on_embedded_defaults(tmp_path):
     out, report = _demo(tmp_path, "--scenario", "all")
     _check(report, ["seed", "fixed", "batched"])
@@ -69,6 +68,7 @@ def test_demo_on_embedded_defaults(tmp_path):
     assert html.count("<svg") == 6 and "polyline" in html
 
 
+@pytest.mark.integration
 def test_demo_on_postgres_and_redis(tmp_path, redis_server):
     # room for 4 API x 4 + 6 children x 4 connections: the limit here is the pools, not the server
     with services.start_postgres(max_connections=100) as pg:

@@ -35,3 +35,47 @@ def test_import_has_no_side_effects():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_the_runtime_never_imports_the_tools():
+    """instrument() with every integration present loads no module of telemetry.tools (the
+    generators, demo, report and CLI never run in a user's process), and no runtime module
+    names it."""
+    import pathlib
+
+    code = (
+        "import sys, telemetry\n"
+        "telemetry.instrument(service='api', trace_sql=True)\n"
+        "import fastapi, celery, sqlalchemy\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('telemetry.tools'))\n"
+        "print(loaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    package = pathlib.Path(telemetry.__file__).parent
+    offenders = [p.name for p in package.glob("*.py") if ".tools" in p.read_text() and "import" in p.read_text()
+                 and any(line.lstrip().startswith(("from .tools", "from . import tools", "import telemetry.tools"))
+                         for line in p.read_text().splitlines())]  # fmt: skip
+    assert offenders == []
+
+
+def test_testing_helpers_read_metrics_and_events():
+    from sqlalchemy import create_engine
+
+    from telemetry.testing import capture_events, metrics, sample
+
+    telemetry.instrument(service="api", critical_usage_ratio=0.5)
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_logging_name="helpers")
+    with capture_events("db_pool_critical_usage") as events:
+        with engine.connect():
+            assert sample("db_pool_connections_in_use", pool="helpers") == 1
+    assert [e["checked_out"] for e in events] == [1]
+    assert ("db_pool_checkouts_total", frozenset({("service", "api"), ("pool", "helpers"), ("result", "ok")})) in metrics()
+    try:
+        sample("db_pool_checkouts_total", pool="nowhere")
+    except KeyError:
+        pass
+    else:  # pragma: no cover - the assertion that matters
+        raise AssertionError("absent must not read as 0")

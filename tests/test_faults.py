@@ -25,8 +25,6 @@ from telemetry import _exposition, _log, _pool
 from . import services
 from .conftest import sample, starve
 
-pytestmark = pytest.mark.integration
-
 
 def _state(engine) -> _pool.PoolState:  # type: ignore[no-untyped-def]
     pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool
@@ -43,6 +41,7 @@ def _counters(st: _pool.PoolState) -> tuple[int, ...]:
     return (st.ok, st.timeouts, st.errors, st.connects, st.invalid_hard, st.wait.count)
 
 
+@pytest.mark.integration
 def test_postgres_restarted_while_connections_are_checked_out():
     with services.start_postgres(max_connections=20) as pg:
         telemetry.instrument(service="api")
@@ -66,6 +65,7 @@ def test_postgres_restarted_while_connections_are_checked_out():
         engine.dispose()
 
 
+@pytest.mark.integration
 def test_server_max_connections_reached():
     """The server refuses connections: connect errors counted, the pool's state exact."""
     with services.start_postgres(max_connections=4) as pg:
@@ -98,6 +98,7 @@ def test_server_max_connections_reached():
         engine.dispose()
 
 
+@pytest.mark.integration
 async def test_pool_timeout_storm(pg):
     """300 waiters time out behind one hog: every one counted, one log event, the rest counted
     as suppressed, the wait histogram has all 301."""

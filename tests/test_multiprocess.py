@@ -23,8 +23,6 @@ from telemetry import _exposition, _multiprocess
 
 from . import services
 
-pytestmark = pytest.mark.integration
-
 
 def _host(directory: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the host aggregate, as {(name, sorted labels): value}."""

@@ -22,8 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import services
 from .otlp import OtlpReceiver
 
-pytestmark = pytest.mark.integration
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TASKS = 4
@@ -109,6 +107,7 @@ def stack(pg, redis_server, tmp_path) -> Iterator[dict]:
         api_out.close()
 
 
+@pytest.mark.integration
 def test_pipeline_end_to_end(stack):
     base = f"http://127.0.0.1:{stack['api']}"
     headers = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
@@ -199,6 +198,7 @@ def test_pipeline_end_to_end(stack):
     assert blocked[0].get("trace_id") and len(blocked[0]["trace_id"]) == 32
 
 
+@pytest.mark.integration
 def test_kill_9_of_a_celery_child_mid_task(stack):
     """A prefork child killed with SIGKILL in the middle of a task: billiard replaces it, the host
     view drops the dead child's gauges at the next scrape, counters never go backwards, and the

@@ -19,8 +19,6 @@ from telemetry import _pool
 
 from .conftest import sample, starve
 
-pytestmark = pytest.mark.integration
-
 
 def _state(engine) -> _pool.PoolState:
     pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool
@@ -39,6 +37,7 @@ def _exact(pool, st: _pool.PoolState) -> None:
     assert sample("db_pool_overflow", pool=st.name) == pool.overflow()
 
 
+@pytest.mark.integration
 async def test_200_coroutines_on_a_2_plus_2_asyncpg_pool(pg):
     """200 concurrent coroutines: every gauge exact afterwards, wait count == checkouts,
     hold histogram split by owner, peak in_use never above max."""
@@ -70,6 +69,7 @@ async def test_200_coroutines_on_a_2_plus_2_asyncpg_pool(pg):
     await engine.dispose()
 
 
+@pytest.mark.integration
 async def test_timeouts_counted_and_logged_with_a_snapshot(pg):
     """Waiters that hit pool_timeout are counted as timeouts, their wait is in the histogram,
     and db_pool_timeout carries the pool snapshot and who holds the connections."""
@@ -94,6 +94,7 @@ async def test_timeouts_counted_and_logged_with_a_snapshot(pg):
     await engine.dispose()
 
 
+@pytest.mark.integration
 def test_threads_on_sync_psycopg_pool_are_exact(pg):
     """16 threads x 40 checkouts on a 2+2 psycopg pool: counts exact under thread contention."""
     telemetry.instrument(service="api")
@@ -118,6 +119,7 @@ def test_threads_on_sync_psycopg_pool_are_exact(pg):
     engine.dispose()
 
 
+@pytest.mark.integration
 def test_pg_terminate_backend_leaves_no_stale_state(pg):
     """A backend killed under a held connection: the error reaches the caller as usual, the
     connection is invalidated, and nothing stays held."""
@@ -201,6 +203,7 @@ def test_engines_before_after_and_dispose(tmp_path):
     assert sample("db_pool_checkouts_total", pool="content", result="ok") == 1
 
 
+@pytest.mark.integration
 def test_password_never_in_pool_name(pg):
     telemetry.instrument(service="api")
     engine = create_engine(pg.url(password="s3cr3t-pw") + "?application_name=x&password=q")

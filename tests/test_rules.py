@@ -16,8 +16,6 @@ from telemetry.tools import rules as _rules
 
 from . import services
 
-pytestmark = pytest.mark.integration
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = os.path.join(ROOT, "alerts", "telemetry.rules.yml")
 POOL = 'service="api",pool="main-db"'
@@ -197,6 +195,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.integration
 def test_rules_pass_promtool_check():
     out = subprocess.run([_promtool(), "check", "rules", RULES], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -210,6 +209,7 @@ def test_every_alert_has_a_case_and_a_runbook():
         assert os.path.exists(os.path.join(ROOT, "docs", "runbooks", f"{alert.name}.md")), alert.name
 
 
+@pytest.mark.integration
 def test_alerts_with_promtool(tmp_path):
     tests = {"rule_files": [RULES], "evaluation_interval": "1m", "tests": CASES}
     path = tmp_path / "telemetry.test.yml"

@@ -16,8 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import services
 
-pytestmark = pytest.mark.integration
-
 
 def _scrape(port: int) -> list:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -44,6 +42,7 @@ def two_workers(pg, tmp_path, flush_interval: float = 0.1) -> Iterator[int]:  # 
         proc.wait(timeout=20)
 
 
+@pytest.mark.integration
 def test_two_workers_one_metrics_endpoint(pg, tmp_path):
     with two_workers(pg, tmp_path) as port:
         served_by = set()
@@ -73,6 +72,7 @@ def test_two_workers_one_metrics_endpoint(pg, tmp_path):
         assert maxes == [4, 4]
 
 
+@pytest.mark.integration
 def test_kill_9_of_a_uvicorn_worker(pg, tmp_path):
     """A worker killed with SIGKILL: uvicorn replaces it; the host view drops its gauges at the
     next scrape and its flushed counters stay (nothing goes backwards)."""
@@ -111,6 +111,7 @@ def _monotonic_series(samples: list) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_scrapes_never_go_backwards_whichever_worker_answers(pg, tmp_path):
     """uvicorn --workers 2 under load, scraped every 0.1 s on new connections (so both workers
     answer), with the default 1 s flush: no counter or bucket ever reads less than in an earlier

@@ -1,0 +1,87 @@
+"""The lifecycle: instrument() installs each integration once; uninstrument() removes exactly
+what was attached (patched methods, pool listeners, Celery signals, the ASGI patch, the loop hook,
+OpenTelemetry's SQLAlchemy instrumentor, the collector, the housekeeper); instrument() after
+instrument_sqlalchemy() completes the set."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import prometheus_client
+from celery import signals
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool.base import _ConnectionFairy
+from starlette.applications import Starlette
+
+import telemetry
+from telemetry import _runtime
+
+from .conftest import sample
+
+
+def _attached() -> dict[str, object]:
+    """Everything the package can attach, as it stands now."""
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    from telemetry import _pool
+
+    return {
+        "Pool.connect": Pool.__dict__["connect"],
+        "SingletonThreadPool.connect": SingletonThreadPool.__dict__["connect"],
+        "StaticPool.connect": StaticPool.__dict__.get("connect"),
+        "fairy.detach": _ConnectionFairy.__dict__["detach"],
+        "Engine.__init__": Engine.__dict__["__init__"],
+        "pool listeners": [name for name, fn in _pool._LISTENERS if event.contains(Pool, name, fn)],
+        "celery receivers": sum(len(s.receivers or []) for s in (signals.task_prerun, signals.task_postrun,
+                                                                 signals.before_task_publish, signals.worker_init)),
+        "starlette": Starlette.__dict__["build_middleware_stack"],
+        "run_forever": asyncio.base_events.BaseEventLoop.__dict__["run_forever"],
+        "sql instrumentor": SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry,
+        "collectors": len(list(prometheus_client.REGISTRY._collector_to_names)),
+        "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("telemetry")),
+    }  # fmt: skip
+
+
+def test_uninstrument_after_everything_leaves_nothing():
+    before = _attached()
+    create_engine("sqlite://")  # an engine that exists before (trace_sql instruments it)
+    telemetry.instrument(service="api", trace_sql=True)
+    during = _attached()
+    changed = {k for k in before if before[k] != during[k]}
+    assert changed == set(before)  # every kind of attachment was made...
+    assert _runtime.current() is not None and set(_runtime.current().integrations) == {
+        "sqlalchemy", "asyncio", "tracing", "celery", "asgi"}  # fmt: skip
+    telemetry.uninstrument()
+    assert _attached() == before
+    assert _runtime.current() is None
+
+
+def test_second_instrument_is_a_no_op():
+    first = telemetry.instrument(service="api")
+    runtime = _runtime.current()
+    assert telemetry.instrument(service="other") is first
+    assert _runtime.current() is runtime
+
+
+def test_instrument_after_instrument_sqlalchemy_completes_the_set(tmp_path):
+    """An explicitly registered engine first (only that one measured), then instrument(): every
+    pool is measured, with the settings instrument() names."""
+    explicit = create_engine(f"sqlite:///{tmp_path}/a.db", pool_logging_name="explicit")
+    other = create_engine(f"sqlite:///{tmp_path}/b.db", pool_logging_name="other")
+    telemetry.instrument_sqlalchemy(explicit)
+    with explicit.connect(), other.connect():
+        pass
+    assert sample("db_pool_checkouts_total", pool="explicit", result="ok") == 1
+    try:
+        sample("db_pool_checkouts_total", pool="other", result="ok")
+        raise AssertionError("an engine not registered was measured")
+    except KeyError:
+        pass
+    telemetry.instrument(service="api")
+    assert set(_runtime.current().integrations) >= {"sqlalchemy", "asyncio", "asgi"}
+    with other.connect():
+        pass
+    assert sample("db_pool_checkouts_total", pool="other", result="ok", service="api") == 1
