@@ -35,7 +35,7 @@ def capture_events(*names: str) -> Iterator[list[dict[str, Any]]]:
         try:
             yield captured
         finally:
-            captured.extend(e for e in logs if not names or e.get("event") in names)
+            captured.extend(dict(e) for e in logs if not names or e.get("event") in names)
 
 
 def metrics(registry: Any = None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
