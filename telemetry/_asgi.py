@@ -19,10 +19,12 @@ import asyncio
 import time
 from typing import Any
 
+from . import _tracing
+from ._asyncio import remember_request_span, watch_event_loop
 from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._owner import ACCOUNT, OWNER, RequestAccount
-from ._stats import REGISTRY, LabeledStats
+from ._stats import REGISTRY, Histogram, LabeledStats
 
 STATS = LabeledStats()
 REGISTRY.add(STATS)
@@ -131,68 +133,121 @@ def _match_included(route: Any, scope: dict[str, Any], prefix: str, depth: int) 
 _ACTIVE_KEY = "telemetry.active"
 
 
+class _RouteLabels:
+    """Per (service, method, route): the owner string and direct handles on the route's
+    in-flight gauge and histograms, built once (building label tuples and looking series up per
+    request was most of the middleware's own cost)."""
+
+    __slots__ = ("owner", "flight", "wait", "hold", "durations", "service", "method", "route",
+                 "generation")  # fmt: skip
+
+    def __init__(self, service: str, method: str, route: str) -> None:
+        self.service, self.method, self.route = service, method, route
+        self.owner = f"{method} {route}"
+        self.generation = STATS.generation
+        flight = LabeledStats.labels("http_server_requests_in_flight", service, method, route)
+        split = LabeledStats.labels("http_server_pool_wait_seconds", service, method, route)
+        self.flight = STATS.gauge_cell("http_server_requests_in_flight", flight)
+        self.wait = STATS.histogram("http_server_pool_wait_seconds", split)
+        self.hold = STATS.histogram("http_server_pool_hold_seconds", split)
+        self.durations: dict[int, Histogram] = {}
+
+    def duration(self, status: int) -> Histogram:
+        hist = self.durations.get(status)
+        if hist is None:
+            labels = LabeledStats.labels(
+                "http_server_request_duration_seconds", self.service, self.method, self.route, str(status)
+            )
+            hist = self.durations[status] = STATS.histogram("http_server_request_duration_seconds", labels)
+        return hist
+
+
+_LABELS: dict[tuple[str, str, str], _RouteLabels] = {}  # bounded: templates, not paths
+_perf = time.perf_counter
+
+
+def _route_labels(service: str, method: str, route: str) -> _RouteLabels:
+    key = (service, method, route)
+    labels = _LABELS.get(key)
+    if labels is None or labels.generation != STATS.generation:  # counts reset (fork, uninstall)
+        labels = _LABELS[key] = _RouteLabels(service, method, route)
+    return labels
+
+
 class TelemetryMiddleware:
-    def __init__(self, app: Any, *, starlette_app: Any = None) -> None:
+    """Request metrics, owner and pool-wait split; with tracing on, one SERVER span per request
+    (HTTP semantic conventions, ``traceparent`` honoured) and nothing per message."""
+
+    def __init__(self, app: Any, *, starlette_app: Any = None, spans: bool = False) -> None:
         self.app = app
         self.starlette_app = starlette_app
+        self.spans = spans
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope.get("type")
         if kind not in ("http", "websocket") or scope.get(_ACTIVE_KEY):
             await self.app(scope, receive, send)
             return
+        span = context_token = None
         try:
             scope[_ACTIVE_KEY] = True
             method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
-            route = route_template(scope, self.starlette_app)
-            service = INTERNAL.service
-            flight = LabeledStats.labels("http_server_requests_in_flight", service, method, route)
-            STATS.add("http_server_requests_in_flight", flight, 1)
-            owner_token = OWNER.set(f"{method} {route}")
+            labels = _route_labels(INTERNAL.service, method, route_template(scope, self.starlette_app))
+            labels.flight[0] += 1
+            owner_token = OWNER.set(labels.owner)
             account = RequestAccount()
             account_token = ACCOUNT.set(account)
-            from ._asyncio import request_trace, watch_event_loop
-
-            watch_event_loop()
-            request_trace(asyncio.current_task())
+            loop = asyncio.get_running_loop()
+            if loop is not _last_loop[0]:  # loops not started through run_forever (uvloop)
+                _last_loop[0] = loop
+                watch_event_loop(loop)
+            if self.spans:
+                native = scope.get("fastapi.telemetry")  # FastAPI >= 0.16x opened its own span
+                if native is None or getattr(native, "span", None) is None:
+                    span, context_token = _tracing.start_server_span(scope, labels.method, labels.route)
+                remember_request_span(asyncio.current_task(), span or getattr(native, "span", None))
         except Exception as exc:
             hook_error("asgi.start", exc)
             await self.app(scope, receive, send)
             return
-        status = [0]
+        status = 0
 
         async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
             kind = message.get("type")
             if kind == "http.response.start" or kind == "websocket.http.response.start":
-                status[0] = int(message.get("status", 0))
+                status = int(message.get("status", 0))
             elif kind == "websocket.accept":
-                status[0] = 101
-            elif kind == "websocket.close" and not status[0]:
-                status[0] = 403  # closed before accept: the server answers the handshake 403
+                status = 101
+            elif kind == "websocket.close" and not status:
+                status = 403  # closed before accept: the server answers the handshake 403
             await send(message)
 
-        t0 = time.perf_counter()
+        t0 = _perf()
+        error: BaseException | None = None
         try:
             await self.app(scope, receive, send_wrapper)
-        except BaseException:
-            if not status[0]:
-                status[0] = 500
+        except BaseException as exc:
+            error = exc
+            if not status:
+                status = 500
             raise
         finally:
             try:
-                elapsed = time.perf_counter() - t0
-                code = str(status[0] or 500)
-                STATS.observe("http_server_request_duration_seconds",
-                              LabeledStats.labels("http_server_request_duration_seconds", service, method, route, code),
-                              elapsed)  # fmt: skip
-                split = LabeledStats.labels("http_server_pool_wait_seconds", service, method, route)
-                STATS.observe("http_server_pool_wait_seconds", split, account.wait)
-                STATS.observe("http_server_pool_hold_seconds", split, account.hold)
-                STATS.add("http_server_requests_in_flight", flight, -1)
+                elapsed = _perf() - t0
+                labels.duration(status or 500).observe(elapsed)
+                labels.wait.observe(account.wait)
+                labels.hold.observe(account.hold)
+                labels.flight[0] -= 1
                 OWNER.reset(owner_token)
                 ACCOUNT.reset(account_token)
+                if span is not None:
+                    _tracing.end_server_span(span, context_token, status or 500, error)
             except Exception as exc:
                 hook_error("asgi.end", exc)
+
+
+_last_loop: list[Any] = [None]
 
 
 def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -202,10 +257,15 @@ def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def wrap(app: Any, starlette_app: Any = None) -> Any:
-    """Our middleware inside OpenTelemetry's (so the request span is current in ours)."""
+    """Our middleware; with tracing, it opens the request's server span itself. With
+    ``http_spans="opentelemetry"`` OpenTelemetry's ASGI middleware wraps ours instead (its
+    server span plus a span per message received and sent, about four times the cost)."""
+    integration = _installed
+    if integration is None or not integration.tracing:
+        return TelemetryMiddleware(app, starlette_app=starlette_app)
+    if integration.http_spans == "server":
+        return TelemetryMiddleware(app, starlette_app=starlette_app, spans=True)
     wrapped = TelemetryMiddleware(app, starlette_app=starlette_app)
-    if _installed is None or not _installed.tracing:
-        return wrapped
     try:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -267,6 +327,8 @@ def instrument_app(app: Any) -> None:
 
 def uninstall() -> None:
     _CACHE.clear()
+    _LABELS.clear()
+    _last_loop[0] = None
     for cls, original in _originals.items():
         cls.build_middleware_stack = original  # type: ignore[attr-defined]
     _originals.clear()
@@ -283,10 +345,12 @@ class ASGIIntegration(Integration):
 
     def __init__(self) -> None:
         self.tracing = False
+        self.http_spans = "server"
 
     def install(self, runtime: Any) -> None:
         global _installed
-        self.tracing = runtime.settings.tracing
+        self.tracing = runtime.settings.tracing and _tracing.available()
+        self.http_spans = runtime.settings.http_spans
         _installed = self
         install()
 

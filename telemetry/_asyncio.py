@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from . import _stacks
 from ._integration import Integration
-from ._log import INTERNAL, emit, hook_error, trace_ids
+from ._log import INTERNAL, emit, hook_error
 from ._stats import REGISTRY, LabeledStats
 
 _perf = time.perf_counter
@@ -35,9 +35,9 @@ class _Config:
 
 CONFIG = _Config()
 
-#: asyncio task -> trace ids of the request it serves (set by the ASGI middleware), so a blocked
-#: loop can name the trace of the code that blocks it
-TASK_TRACES: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+#: asyncio task -> the span of the request it serves (set by the ASGI middleware when tracing),
+#: so a blocked loop can name the trace of the code that blocks it; ids are formatted only then
+TASK_SPANS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _release_capacity(labels: Any, value: int, generation: int) -> None:
@@ -208,7 +208,7 @@ class _LoopMonitor:
             blocked_seconds=round(overdue, 3), threshold_seconds=CONFIG.blocked_threshold,
             call_site=best, call_site_samples=seen, samples=total, frames=frames,
             task=task.get_name() if task is not None else None,
-            **(TASK_TRACES.get(task, {}) if task is not None else {}),
+            **_task_trace(task),
         )  # fmt: skip
 
 
@@ -295,11 +295,18 @@ def uninstall_loop_hook() -> None:
     _original_run_forever = None
 
 
-def request_trace(task: Any) -> None:
-    """Remember the trace of the request a task serves (called by the ASGI middleware)."""
-    ids = trace_ids()
-    if ids and task is not None:
-        TASK_TRACES[task] = ids
+def remember_request_span(task: Any, span: Any) -> None:
+    """The ASGI middleware: ``task`` serves the request of ``span``."""
+    if task is not None and span is not None:
+        TASK_SPANS[task] = span
+
+
+def _task_trace(task: Any) -> dict[str, str]:
+    span = TASK_SPANS.get(task) if task is not None else None
+    if span is None:
+        return {}
+    ctx = span.get_span_context()
+    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
 
 
 def after_fork_in_child() -> None:

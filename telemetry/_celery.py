@@ -15,8 +15,10 @@ All through Celery signals, connected once by :func:`install`:
 - ``setup_logging``: when ``telemetry.configure_logging`` was used, Celery keeps it instead of
   installing its own handlers.
 
-Spans come from ``opentelemetry-instrumentation-celery`` (publish and run spans, context carried
-in the message headers), instrumented in the parent so every child inherits it.
+Spans, with tracing on: ``apply_async/<task>`` (PRODUCER) around the publish, its context
+written into the message headers (``traceparent``), and ``run/<task>`` (CONSUMER) in the worker,
+a child of it and current while the task runs (statement spans and log lines nest under it).
+Names and attributes follow OpenTelemetry's Celery instrumentation, at a third of its cost.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from . import _tracing
 from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._owner import OWNER
@@ -36,11 +39,14 @@ REGISTRY.add(STATS)
 HEADER = "telemetry_published_at"
 MAX_EXCEPTION_TYPES = 50
 
-_running: dict[str, tuple[float, Any, Any]] = {}
+_running: dict[str, tuple[float, Any, _TaskLabels, Any, Any]] = {}
+#: task id -> its publish span, ended when the message is handed to the broker
+_publishing: dict[str, Any] = {}
+_MAX_PUBLISHING = 10_000  # a publish that fails never reaches after_task_publish
+_spans = [False]
 #: exception type names already labelled (bounded: past MAX_EXCEPTION_TYPES they read "other")
 _exception_kinds: set[str] = set()
 _connected: list[tuple[Any, Any]] = []
-_otel: Any = None
 _installed: CeleryIntegration | None = None
 
 
@@ -55,10 +61,30 @@ def _labels(name: str, task_name: str, queue: str, *extra: str) -> Any:
 
 def _on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
     try:
-        if headers is not None and HEADER not in headers:
+        if headers is None:
+            return
+        if HEADER not in headers:
             headers[HEADER] = time.time()
+        if _spans[0]:
+            name = str(sender or headers.get("task") or "unknown")
+            task_id = headers.get("id")
+            span, context = _tracing.start_producer_span(name, task_id)
+            _tracing.inject(headers, context)
+            if len(_publishing) < _MAX_PUBLISHING and task_id:
+                _publishing[str(task_id)] = span
+            else:
+                span.end()
     except Exception as exc:
         hook_error("celery.publish", exc)
+
+
+def _on_published(headers: Any = None, **_: Any) -> None:
+    try:
+        span = _publishing.pop(str((headers or {}).get("id")), None)
+        if span is not None:
+            span.end()
+    except Exception as exc:
+        hook_error("celery.published", exc)
 
 
 def _eta_timestamp(eta: Any) -> float | None:
@@ -72,26 +98,66 @@ def _eta_timestamp(eta: Any) -> float | None:
         return None
 
 
+class _TaskLabels:
+    """Per (service, task, queue): direct handles on the task's series, built once."""
+
+    __slots__ = ("name", "queue", "generation", "queue_wait", "runtime", "in_progress", "unstamped",
+                 "outcomes")  # fmt: skip
+
+    def __init__(self, name: str, queue: str) -> None:
+        self.name, self.queue = name, queue
+        self.generation = STATS.generation
+        self.queue_wait = STATS.histogram("celery_task_queue_wait_seconds", _labels("celery_task_queue_wait_seconds", name, queue))
+        self.runtime = STATS.histogram("celery_task_runtime_seconds", _labels("celery_task_runtime_seconds", name, queue))
+        self.in_progress = STATS.gauge_cell("celery_tasks_in_progress", _labels("celery_tasks_in_progress", name, queue))
+        self.unstamped = STATS.counter_cell("celery_tasks_without_publish_time_total",
+                                            _labels("celery_tasks_without_publish_time_total", name, queue))  # fmt: skip
+        self.outcomes: dict[str, list[float]] = {}
+
+    def outcome(self, outcome: str) -> list[float]:
+        cell = self.outcomes.get(outcome)
+        if cell is None:
+            cell = self.outcomes[outcome] = STATS.counter_cell(
+                "celery_tasks_total", _labels("celery_tasks_total", self.name, self.queue, outcome)
+            )
+        return cell
+
+
+_TASK_LABELS: dict[tuple[str, str, str], _TaskLabels] = {}  # bounded: task names x queues
+
+
+def _task_labels(name: str, queue: str) -> _TaskLabels:
+    key = (INTERNAL.service, name, queue)
+    labels = _TASK_LABELS.get(key)
+    if labels is None or labels.generation != STATS.generation:  # counts reset (fork, uninstall)
+        labels = _TASK_LABELS[key] = _TaskLabels(name, queue)
+    return labels
+
+
 def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     try:
         if task is None or task_id is None:
             return
-        name, queue = task.name, _queue(task)
-        now = time.time()
-        published = getattr(task.request, HEADER, None)
+        request = task.request
+        labels = _task_labels(task.name, _queue(task))
+        published = getattr(request, HEADER, None)
         if isinstance(published, (int, float)):
             start = published
-            eta = _eta_timestamp(getattr(task.request, "eta", None))
-            if eta is not None and eta > start:
-                start = eta
-            STATS.observe("celery_task_queue_wait_seconds", _labels("celery_task_queue_wait_seconds", name, queue),
-                          max(0.0, now - start))  # fmt: skip
+            eta = request.eta
+            if eta:
+                eta = _eta_timestamp(eta)
+                if eta is not None and eta > start:
+                    start = eta
+            labels.queue_wait.observe(max(0.0, time.time() - start))
         else:
-            STATS.inc("celery_tasks_without_publish_time_total",
-                      _labels("celery_tasks_without_publish_time_total", name, queue))  # fmt: skip
-        STATS.add("celery_tasks_in_progress", _labels("celery_tasks_in_progress", name, queue), 1)
-        token = OWNER.set(name)
-        _running[task_id] = (time.perf_counter(), token, queue)
+            labels.unstamped[0] += 1
+        labels.in_progress[0] += 1
+        token = OWNER.set(labels.name)
+        span = span_token = None
+        if _spans[0]:
+            parent = _tracing.extract_from_request(request)
+            span, span_token = _tracing.start_task_span(f"run/{labels.name}", "run", labels.name, task_id, parent)
+        _running[task_id] = (time.perf_counter(), token, labels, span, span_token)
     except Exception as exc:
         hook_error("celery.prerun", exc)
 
@@ -106,15 +172,15 @@ def _on_postrun(task_id: str | None = None, task: Any = None, retval: Any = None
         entry = _running.pop(task_id, None) if task_id else None
         if task is None or entry is None:
             return
-        started, token, queue = entry
-        name = task.name
-        STATS.observe("celery_task_runtime_seconds", _labels("celery_task_runtime_seconds", name, queue),
-                      time.perf_counter() - started)  # fmt: skip
-        STATS.add("celery_tasks_in_progress", _labels("celery_tasks_in_progress", name, queue), -1)
+        started, token, labels, span, span_token = entry
+        labels.runtime.observe(time.perf_counter() - started)
+        labels.in_progress[0] -= 1
         outcome = _OUTCOMES.get(state or "", "failed")
-        STATS.inc("celery_tasks_total", _labels("celery_tasks_total", name, queue, outcome))
+        labels.outcome(outcome)[0] += 1
         if outcome == "failed":
-            _failure(name, queue, retval)
+            _failure(labels.name, labels.queue, retval)
+        if span is not None:
+            _tracing.end_task_span(span, span_token, state, retval if outcome == "failed" else None)
         try:
             OWNER.reset(token)
         except ValueError:  # reset from another context: leave it, the next prerun sets it
@@ -214,15 +280,16 @@ def _on_setup_logging(**_: Any) -> None:
 
 
 def install(*, spans: bool = True) -> None:
-    global _otel
     try:
         from celery import signals
-    except ImportError as exc:  # pragma: no cover - depends on extras
+    except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("Celery instrumentation needs Celery, which is not installed") from exc
     if _connected:
         return
+    _spans[0] = spans and _tracing.available()
     pairs = [
         (signals.before_task_publish, _on_publish),
+        *([(signals.after_task_publish, _on_published)] if _spans[0] else []),
         (signals.task_prerun, _on_prerun),
         (signals.task_postrun, _on_postrun),
         (signals.task_rejected, _on_rejected),
@@ -237,29 +304,17 @@ def install(*, spans: bool = True) -> None:
     for signal, fn in pairs:
         signal.connect(fn, weak=False)
         _connected.append((signal, fn))
-    if not spans:
-        return
-    try:
-        from opentelemetry.instrumentation.celery import CeleryInstrumentor
-
-        instrumentor = CeleryInstrumentor()
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument()
-            _otel = instrumentor
-    except ImportError:  # spans are optional; metrics work without them
-        pass
 
 
 def uninstall() -> None:
-    global _otel
     for signal, fn in _connected:
         signal.disconnect(fn)
     _connected.clear()
     _running.clear()
+    _publishing.clear()
     _exception_kinds.clear()
-    if _otel is not None:
-        _otel.uninstrument()
-        _otel = None
+    _TASK_LABELS.clear()
+    _spans[0] = False
     STATS.reset()
 
 
@@ -284,3 +339,4 @@ class CeleryIntegration(Integration):
 
     def after_fork(self) -> None:
         _running.clear()
+        _publishing.clear()

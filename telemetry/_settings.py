@@ -109,6 +109,16 @@ def _address(raw: Any) -> str:
     return text
 
 
+def _choice(*accepted: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in accepted:
+            raise ValueError("one of " + ", ".join(accepted))
+        return text
+
+    return parse
+
+
 def _optional_path(raw: Any) -> str | None:
     text = str(raw).strip() if raw is not None else ""
     return text or None
@@ -153,6 +163,7 @@ _FIELDS: dict[str, _Field] = {
     "max_owners": _Field(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100),
     "tracing": _Field(("TELEMETRY_TRACING",), _bool, lambda: True),
     "trace_sql": _Field(("TELEMETRY_TRACE_SQL",), _bool, lambda: False),
+    "http_spans": _Field(("TELEMETRY_HTTP_SPANS",), _choice("server", "opentelemetry"), lambda: "server"),
     "celery": _Field(("TELEMETRY_CELERY",), _bool, lambda: True),
     "fastapi": _Field(("TELEMETRY_FASTAPI",), _bool, lambda: True),
     "loop_blocked_seconds": _Field(
@@ -182,6 +193,7 @@ class Settings:
     max_owners: int
     tracing: bool
     trace_sql: bool
+    http_spans: str
     celery: bool
     fastapi: bool
     loop_blocked_seconds: float

@@ -106,11 +106,34 @@ class LabeledStats:
         self.reset()
 
     def reset(self) -> None:
-        self.generation = getattr(self, "generation", 0) + 1  # lets late finalizers see a reset
+        self.generation = getattr(self, "generation", 0) + 1  # handles taken before are stale
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, Labels], float] = {}
         self.gauges: dict[tuple[str, Labels], float] = {}
         self.hists: dict[tuple[str, Labels], Histogram] = {}
+        #: handles for hot paths (a request, a task): one-element lists added to in place
+        self.counter_cells: dict[tuple[str, Labels], list[float]] = {}
+        self.gauge_cells: dict[tuple[str, Labels], list[float]] = {}
+
+    def histogram(self, name: str, labels: Labels) -> Histogram:
+        """The histogram of these labels, to observe into directly (valid until ``reset``:
+        compare :attr:`generation`)."""
+        key = (name, labels)
+        with self._lock:
+            hist = self.hists.get(key)
+            if hist is None:
+                hist = self.hists[key] = Histogram(CATALOGUE[name].buckets)
+            return hist
+
+    def counter_cell(self, name: str, labels: Labels) -> list[float]:
+        """``cell[0] += n`` counts (valid until ``reset``)."""
+        with self._lock:
+            return self.counter_cells.setdefault((name, labels), [0])
+
+    def gauge_cell(self, name: str, labels: Labels) -> list[float]:
+        """``cell[0] += delta`` moves the gauge (valid until ``reset``)."""
+        with self._lock:
+            return self.gauge_cells.setdefault((name, labels), [0])
 
     @staticmethod
     def labels(name: str, *values: str) -> Labels:
@@ -150,5 +173,8 @@ class LabeledStats:
             items: list[tuple[tuple[str, Labels], Any]] = [
                 *self.counters.items(), *self.gauges.items(), *self.hists.items()
             ]
+            cells = [*self.counter_cells.items(), *self.gauge_cells.items()]
         for (name, labels), value in items:
             yield name, labels, value
+        for (name, labels), cell in cells:
+            yield name, labels, cell[0]

@@ -125,6 +125,217 @@ def setup(service: str) -> Any:
     return provider
 
 
+# --------------------------------------------------------------------------- spans we make
+#
+# One SERVER span per HTTP request and one PRODUCER / CONSUMER span per Celery publish / run,
+# started with the SDK's tracer and exported by its processors like any other span. What
+# OpenTelemetry's ASGI and Celery instrumentations add on top (a span per ASGI message, their
+# attribute machinery) costs four times as much per request and is left out; set
+# ``http_spans="opentelemetry"`` to get OpenTelemetry's ASGI middleware back.
+
+_PROPAGATION_HEADERS = {b"traceparent": "traceparent", b"tracestate": "tracestate", b"baggage": "baggage"}
+_api: Any = None
+
+
+def available() -> bool:
+    """Whether the OpenTelemetry API is importable (spans are optional)."""
+    return _load_api() is not None
+
+
+def _load_api() -> Any:
+    global _api
+    if _api is None:
+        try:
+            from opentelemetry import context, propagate, trace
+            from opentelemetry.trace import SpanKind, Status, StatusCode
+        except ImportError:
+            return None
+
+        class Api:
+            pass
+
+        api = Api()
+        api.context, api.propagate, api.trace = context, propagate, trace  # type: ignore[attr-defined]
+        api.SpanKind, api.Status, api.StatusCode = SpanKind, Status, StatusCode  # type: ignore[attr-defined]
+        api.tracer = trace.get_tracer("telemetry")  # type: ignore[attr-defined]
+        api.fast = _default_propagators(propagate)  # type: ignore[attr-defined]
+        _api = api
+    return _api
+
+
+def _default_propagators(propagate: Any) -> bool:
+    """True when the global propagator is OpenTelemetry's default (W3C tracecontext + baggage):
+    then ``traceparent`` is written and parsed here directly, several times faster than the
+    composite propagator; with baggage present, or any other propagator configured
+    (``OTEL_PROPAGATORS=b3``...), the configured one is used."""
+    try:
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        textmap = propagate.get_global_textmap()
+        if not isinstance(textmap, CompositePropagator):
+            return False
+        kinds = [type(p) for p in textmap._propagators]
+        return kinds == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+    except Exception:  # pragma: no cover - API internals changed: use the propagator
+        return False
+
+
+def _parse_traceparent(value: str, tracestate: str | None) -> Any:
+    """A context whose current span is the remote parent ``value`` names, or None if invalid."""
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or parts[0] == "ff":
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state)
+    return _api.trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def start_server_span(scope: dict[str, Any], method: str, route: str) -> tuple[Any, Any]:
+    """Start the request's SERVER span as a child of an incoming ``traceparent`` and make it
+    current; returns ``(span, token)`` for :func:`end_server_span`."""
+    api = _api or _load_api()
+    carrier = None
+    for name, value in scope.get("headers") or ():
+        key = _PROPAGATION_HEADERS.get(name)
+        if key is not None:
+            if carrier is None:
+                carrier = {}
+            carrier[key] = value.decode("latin-1")
+    parent = None
+    if carrier:
+        if api.fast and "baggage" not in carrier and "traceparent" in carrier:
+            parent = _parse_traceparent(carrier["traceparent"], carrier.get("tracestate"))
+        else:
+            parent = api.propagate.extract(carrier)
+    server = scope.get("server") or (None, None)
+    attributes = {
+        "http.request.method": method if method != "WEBSOCKET" else "GET",
+        "http.route": route,
+        "url.scheme": scope.get("scheme", "http"),
+        "url.path": scope.get("path", ""),
+    }
+    if server[0] is not None:
+        attributes["server.address"] = server[0]
+        if server[1] is not None:
+            attributes["server.port"] = server[1]
+    span = api.tracer.start_span(f"{method} {route}", context=parent, kind=api.SpanKind.SERVER,
+                                 attributes=attributes)  # fmt: skip
+    token = api.context.attach(api.trace.set_span_in_context(span, parent))
+    return span, token
+
+
+def end_server_span(span: Any, token: Any, status: int, error: BaseException | None) -> None:
+    api = _api
+    span.set_attribute("http.response.status_code", status)
+    if error is not None and not isinstance(error, Exception):
+        pass  # cancelled (client went away): not an error of the server
+    elif error is not None or status >= 500:
+        if error is not None:
+            span.record_exception(error)
+            span.set_attribute("error.type", type(error).__qualname__)
+        else:
+            span.set_attribute("error.type", str(status))
+        span.set_status(api.Status(api.StatusCode.ERROR))
+    span.end()
+    api.context.detach(token)
+
+
+def start_task_span(name: str, kind: str, task_name: str, task_id: str | None, parent: Any = None) -> tuple[Any, Any]:
+    """A Celery PRODUCER (``apply_async/<task>``) or CONSUMER (``run/<task>``) span, current
+    until :func:`end_task_span`; named and attributed as OpenTelemetry's Celery instrumentation
+    names them, so existing queries keep working."""
+    api = _api or _load_api()
+    attributes = {"celery.action": kind, "celery.task_name": task_name, "messaging.system": "celery"}
+    if task_id:
+        attributes["messaging.message.id"] = task_id
+    span_kind = api.SpanKind.PRODUCER if kind == "apply_async" else api.SpanKind.CONSUMER
+    span = api.tracer.start_span(name, context=parent, kind=span_kind, attributes=attributes)
+    token = api.context.attach(api.trace.set_span_in_context(span, parent))
+    return span, token
+
+
+def end_task_span(span: Any, token: Any, state: str | None = None, error: Any = None) -> None:
+    api = _api
+    if state:
+        span.set_attribute("celery.state", state)
+    if isinstance(error, BaseException):
+        span.record_exception(error)
+        span.set_attribute("error.type", type(error).__qualname__)
+        span.set_status(api.Status(api.StatusCode.ERROR))
+    span.end()
+    try:
+        api.context.detach(token)
+    except Exception:  # detached in another context (a task that switched threads)
+        pass
+
+
+def start_producer_span(task_name: str, task_id: str | None) -> tuple[Any, Any]:
+    """The publish span (not made current: it ends in another signal); returns it and the
+    context to inject into the message."""
+    api = _api or _load_api()
+    attributes = {"celery.action": "apply_async", "celery.task_name": task_name, "messaging.system": "celery"}
+    if task_id:
+        attributes["messaging.message.id"] = task_id
+    span = api.tracer.start_span(f"apply_async/{task_name}", kind=api.SpanKind.PRODUCER, attributes=attributes)
+    return span, api.trace.set_span_in_context(span)
+
+
+def inject(carrier: dict[str, Any], context: Any = None) -> None:
+    """Write the trace context (default: the current one) into a message's headers."""
+    api = _api or _load_api()
+    if api.fast and not _has_baggage(api, context):
+        ctx = api.trace.get_current_span(context).get_span_context()
+        if ctx.is_valid:
+            carrier["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+            if ctx.trace_state:
+                carrier["tracestate"] = ctx.trace_state.to_header()
+        return
+    api.propagate.inject(carrier, context=context)
+
+
+def _has_baggage(api: Any, context: Any) -> bool:
+    from opentelemetry import baggage
+
+    return bool(baggage.get_all(context))
+
+
+class _RequestGetter:
+    """Reads propagation headers from a Celery ``task.request`` (message headers become its
+    attributes)."""
+
+    @staticmethod
+    def get(carrier: Any, key: str) -> list[str] | None:
+        value = getattr(carrier, key, None)
+        if value is None:
+            return None
+        return [value] if isinstance(value, str) else list(value)
+
+    @staticmethod
+    def keys(carrier: Any) -> list[str]:
+        return []
+
+
+def extract_from_request(request: Any) -> Any:
+    """The parent context a task's message carried, or None."""
+    traceparent = getattr(request, "traceparent", None)
+    if traceparent is None:
+        return None
+    api = _api or _load_api()
+    if api.fast and getattr(request, "baggage", None) is None and isinstance(traceparent, str):
+        return _parse_traceparent(traceparent, getattr(request, "tracestate", None))
+    return api.propagate.extract(request, getter=_RequestGetter)
+
+
 def after_fork_in_child() -> None:
     """A new process: a new ``service.instance.id`` (the batch processor restarts itself)."""
     if _provider is None or not _ours:
