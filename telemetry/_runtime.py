@@ -136,30 +136,26 @@ class Runtime:
             server.shutdown()
             server.server_close()
         self.metrics_servers.clear()
-        for integration in reversed(list(self.integrations.values())):
-            try:
-                integration.uninstall()
-            except Exception as exc:
-                _log.hook_error(f"{integration.name}.uninstall", exc)
+        self._each("uninstall", reverse=True)
         self.integrations.clear()
 
     # ------------------------------------------------------------------ running
 
-    def tick(self) -> None:
-        now = time.perf_counter()
-        for integration in list(self.integrations.values()):
+    def _each(self, step: str, *args: Any, reverse: bool = False) -> None:
+        """``integration.<step>(*args)`` for each integration; an error is counted, never raised."""
+        integrations = list(self.integrations.values())
+        for integration in reversed(integrations) if reverse else integrations:
             try:
-                integration.tick(now)
+                getattr(integration, step)(*args)
             except Exception as exc:
-                _log.hook_error(f"{integration.name}.tick", exc)
+                _log.hook_error(f"{integration.name}.{step}", exc)
+
+    def tick(self) -> None:
+        self._each("tick", time.perf_counter())
 
     def flush(self) -> None:
         """Spans and this process's measurements, now (a child about to exit)."""
-        for integration in list(self.integrations.values()):
-            try:
-                integration.flush()
-            except Exception as exc:
-                _log.hook_error(f"{integration.name}.flush", exc)
+        self._each("flush")
         if self.process_file is not None:
             self.process_file.flush()
 
@@ -180,11 +176,7 @@ class Runtime:
     # ------------------------------------------------------------------ fork
 
     def after_fork_in_child(self) -> None:
-        for integration in list(self.integrations.values()):
-            try:
-                integration.after_fork()
-            except Exception as exc:
-                _log.hook_error(f"{integration.name}.after_fork", exc)
+        self._each("after_fork")
         # a forked child does not inherit the parent's threads: its servers are the parent's
         self.metrics_servers = []
         if self.process_file is not None:

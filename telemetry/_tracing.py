@@ -90,8 +90,13 @@ def _counting_classes() -> tuple[type, type]:
     class CountingBatchSpanProcessor(BatchSpanProcessor):
         def on_end(self, span: Any) -> None:
             try:
-                inner = self._batch_processor
-                if len(inner._queue) >= inner._max_queue_size:
+                # SDK >= 1.33 keeps the queue in a shared _batch_processor; older ones on self
+                inner: Any = getattr(self, "_batch_processor", self)
+                queue = getattr(inner, "_queue", None)
+                if queue is None:
+                    queue = inner.queue
+                limit = getattr(inner, "_max_queue_size", None) or inner.max_queue_size
+                if len(queue) >= limit:
                     _count("dropped", 1)  # the deque drops its oldest span to take this one
             except Exception as exc:  # pragma: no cover - SDK internals changed
                 hook_error("tracing.queue", exc)
