@@ -247,3 +247,31 @@ def test_temporary_file_of_a_process_killed_while_writing_is_removed(tmp_path):
     os.utime(alive, (old, old))  # a live pid's file this old was abandoned (pid reused)
     _multiprocess.read_host(str(tmp_path))
     assert not alive.exists()
+
+
+def _child_with_own_pool(url: str) -> None:
+    engine = create_engine(url, poolclass=QueuePool, pool_size=2, max_overflow=0, pool_logging_name="child-only")
+    held = engine.connect()  # still held when the child exits: in use 1 in its last flush
+    telemetry.flush()
+    held.close()
+    telemetry.flush()
+
+
+def test_a_gone_process_count_gauge_reads_zero_not_absent(tmp_path):
+    """A pool only a recycled child had: after the child is gone, the host view still has its
+    "in use" series, at 0 and without a pid, so a dashboard tells idle from not reporting; its
+    size gauge (not a count of things in flight) is dropped with the process."""
+    directory = str(tmp_path / "mp")
+    os.mkdir(directory)
+    telemetry.instrument(service="worker", multiproc_dir=directory)
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_child_with_own_pool, args=(f"sqlite:///{tmp_path}/db.sqlite",))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    host = _host(directory)
+    rows = {dict(lb).get("pid"): v for (n, lb), v in host.items()
+            if n == "db_pool_connections_in_use" and ("pool", "child-only") in lb}  # fmt: skip
+    assert rows == {"": 0}
+    assert not [lb for (n, lb) in host if n == "db_pool_size" and ("pool", "child-only") in lb]
+    assert _total(host, "db_pool_checkouts_total", pool="child-only", result="ok") == 1

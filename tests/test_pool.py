@@ -481,3 +481,14 @@ def test_detach_under_thread_contention_stays_exact(tmp_path):
     assert sample("db_pool_connections_in_use", pool="detach") == 0
     assert sample("db_connection_hold_seconds_count", pool="detach") == 600
     assert not _pool._held
+
+
+def test_gauges_exist_from_engine_creation_not_first_checkout(tmp_path):
+    """An engine created after instrument(): its pool's gauges read 0 (and its max is known)
+    before anything checks a connection out, so idle is not "not reporting"."""
+    telemetry.instrument(service="api")
+    create_engine(f"sqlite:///{tmp_path}/db.sqlite", poolclass=QueuePool, pool_size=3, max_overflow=1,
+                  pool_logging_name="fresh")  # fmt: skip
+    assert sample("db_pool_connections_in_use", pool="fresh") == 0
+    assert sample("db_pool_pending_requests", pool="fresh") == 0
+    assert sample("db_pool_connections_max", pool="fresh") == 4
