@@ -35,8 +35,8 @@ def _runtime_for(settings: Settings | None = None) -> Runtime:
 
 def instrument(service: str | None = None, **settings: Any) -> Settings:
     """Instrument this process: every SQLAlchemy pool (sync and async, created before or after
-    this call), asyncio loops and semaphores, Celery, FastAPI/Starlette and tracing, when their
-    libraries are installed. Call once at start-up of the API and each worker.
+    this call), asyncio loops and semaphores, redis-py pools, Celery, FastAPI/Starlette and
+    tracing, when their libraries are installed. Call once at start-up of the API and each worker.
 
     Settings come from keyword arguments, else ``TELEMETRY_*``/``OTEL_*`` environment variables;
     an invalid one raises :class:`ConfigError` naming it and the accepted values.
@@ -58,6 +58,11 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             from ._tracing import TracingIntegration
 
             runtime.add(TracingIntegration())
+        if loaded.redis and _available("redis"):
+            _versions.check("redis")
+            from ._redis import RedisIntegration
+
+            runtime.add(RedisIntegration())
         if loaded.celery and _available("celery"):
             _versions.check("celery")
             from ._celery import CeleryIntegration

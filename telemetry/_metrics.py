@@ -60,6 +60,7 @@ class MetricSpec:
 #: so a dashboard can tell "idle" from "not reporting"
 ZERO_WHEN_GONE = frozenset({
     "db_pool_connections_in_use", "db_pool_pending_requests", "celery_tasks_in_progress",
+    "redis_pool_connections_in_use", "redis_pool_pending_requests",
     "http_server_requests_in_flight", "asyncio_semaphore_in_use", "asyncio_semaphore_waiters",
 })  # fmt: skip
 
@@ -155,6 +156,40 @@ _SPECS = [
     MetricSpec(
         "celery_task_runtime_seconds", HISTOGRAM, ("service", "task", "queue"), "seconds",
         "Task run time in the worker, prerun to postrun.", "", TASK_BUCKETS,
+    ),
+    MetricSpec(
+        "redis_pool_connections_in_use", GAUGE, POOL_PID, "connections",
+        "Redis connections checked out of the pool right now (a pub/sub subscription holds one).",
+        "db.client.connection.count{state=used}",
+    ),
+    MetricSpec(
+        "redis_pool_connections_max", GAUGE, POOL_PID, "connections",
+        "The pool's max_connections, when it has a limit. Usage is in_use / this.",
+        "db.client.connection.max",
+    ),
+    MetricSpec(
+        "redis_pool_pending_requests", GAUGE, POOL_PID, "requests",
+        "Callers waiting for a connection (BlockingConnectionPool) right now.",
+        "db.client.connection.pending_requests",
+    ),
+    MetricSpec(
+        "redis_pool_connections_held_too_long", GAUGE, POOL_PID, "connections",
+        "Connections held past the hold threshold and still held (redis_connection_held_too_long).",
+    ),
+    MetricSpec(
+        "redis_pool_checkouts_total", COUNTER, ("service", "pool", "result"), "checkouts",
+        "Connection checkouts by result: ok, timeout (BlockingConnectionPool waited its timeout), "
+        "too_many (ConnectionPool past max_connections), error.",
+    ),
+    MetricSpec(
+        "redis_pool_checkout_wait_seconds", HISTOGRAM, POOL, "seconds",
+        "Time to get a connection from the pool, including failed attempts.",
+        "db.client.connection.wait_time", WAIT_BUCKETS,
+    ),
+    MetricSpec(
+        "redis_connection_hold_seconds", HISTOGRAM, ("service", "pool", "owner"), "seconds",
+        "Checkout to release of a Redis connection, by owner (route template, task, db_owner).",
+        "db.client.connection.use_time", HOLD_BUCKETS,
     ),
     MetricSpec(
         "celery_task_queue_wait_seconds", HISTOGRAM, ("service", "task", "queue"), "seconds",

@@ -165,6 +165,7 @@ _FIELDS: dict[str, _Field] = {
     "trace_sql": _Field(("TELEMETRY_TRACE_SQL",), _bool, lambda: False),
     "http_spans": _Field(("TELEMETRY_HTTP_SPANS",), _choice("server", "opentelemetry"), lambda: "server"),
     "celery": _Field(("TELEMETRY_CELERY",), _bool, lambda: True),
+    "redis": _Field(("TELEMETRY_REDIS",), _bool, lambda: True),
     "fastapi": _Field(("TELEMETRY_FASTAPI",), _bool, lambda: True),
     "loop_blocked_seconds": _Field(
         ("TELEMETRY_LOOP_BLOCKED_SECONDS",),
@@ -195,6 +196,7 @@ class Settings:
     trace_sql: bool
     http_spans: str
     celery: bool
+    redis: bool
     fastapi: bool
     loop_blocked_seconds: float
     metrics_port: int | None

@@ -9,6 +9,8 @@ import asyncio
 import threading
 
 import prometheus_client
+import redis.asyncio.connection
+import redis.connection
 from celery import signals
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
@@ -39,6 +41,10 @@ def _attached() -> dict[str, object]:
                                                                  signals.before_task_publish, signals.worker_init)),
         "starlette": Starlette.__dict__["build_middleware_stack"],
         "run_forever": asyncio.base_events.BaseEventLoop.__dict__["run_forever"],
+        "redis pools": [cls.__dict__[m] for cls in (redis.connection.ConnectionPool, redis.connection.BlockingConnectionPool,
+                                                    redis.asyncio.connection.ConnectionPool,
+                                                    redis.asyncio.connection.BlockingConnectionPool)
+                        for m in ("get_connection", "release")],
         "sql instrumentor": SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry,
         "collectors": len(list(prometheus_client.REGISTRY._collector_to_names)),
         "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("telemetry")),
@@ -53,7 +59,7 @@ def test_uninstrument_after_everything_leaves_nothing():
     changed = {k for k in before if before[k] != during[k]}
     assert changed == set(before)  # every kind of attachment was made...
     assert _runtime.current() is not None and set(_runtime.current().integrations) == {
-        "sqlalchemy", "asyncio", "tracing", "celery", "asgi"}  # fmt: skip
+        "sqlalchemy", "asyncio", "tracing", "redis", "celery", "asgi"}  # fmt: skip
     telemetry.uninstrument()
     assert _attached() == before
     assert _runtime.current() is None

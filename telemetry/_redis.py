@@ -1,0 +1,355 @@
+"""redis-py connection pools: in use against the pool's limit, callers waiting, checkout wait,
+timeouts and "too many connections", hold time by owner, and connections held too long.
+
+``get_connection`` and ``release`` are wrapped at class level on ``ConnectionPool`` and
+``BlockingConnectionPool``, sync (``redis.connection``) and asyncio (``redis.asyncio``), so every
+pool in the process is covered, created before or after ``instrument()``: the app's own, and
+those kombu (Celery's Redis broker) and Celery's Redis result backend create. A pub/sub
+subscription takes its connection at the first ``subscribe`` and gives it back at ``close``: a
+status stream that keeps one open shows up as a long hold by its route.
+
+A pool is named ``host:port/db`` (``unix:path/db``), never with its password; pools to the same
+address share a series. ``BlockingConnectionPool`` raises ``ConnectionError("No connection
+available.")`` after its timeout (counted as ``result="timeout"``); ``ConnectionPool`` raises
+"Too many connections" past ``max_connections`` (``result="too_many"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Any
+
+from . import _stacks
+from ._integration import Integration
+from ._log import emit, hook_error
+from ._metrics import HOLD_BUCKETS, WAIT_BUCKETS
+from ._owner import OWNER
+from ._stats import REGISTRY, Histogram, Sample
+
+_perf = time.perf_counter
+_owner_get = OWNER.get
+_get_ident = threading.get_ident
+_current_task = asyncio.current_task
+_ATTR = "_telemetry_redis"
+#: a limit above this is redis-py's "no limit" default (2**31)
+UNBOUNDED = 1_000_000
+
+
+class _Config:
+    service = "unknown"
+    hold_threshold = 5.0
+    max_owners = 100
+
+
+CONFIG = _Config()
+
+
+class RedisPoolState:
+    """Everything measured for one named Redis pool in this process."""
+
+    __slots__ = ("name", "labels", "in_use", "pending", "ok", "timeouts", "too_many", "errors",
+                 "wait", "hold", "max_connections", "owner_overflow")  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.labels = (("service", CONFIG.service), ("pool", name))
+        self.max_connections: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.in_use = self.pending = 0
+        self.ok = self.timeouts = self.too_many = self.errors = self.owner_overflow = 0
+        self.wait = Histogram(WAIT_BUCKETS)
+        self.hold: dict[str, Histogram] = {}
+
+    def hold_histogram(self, owner: str) -> Histogram:
+        hist = self.hold.get(owner)
+        if hist is None:
+            if len(self.hold) >= CONFIG.max_owners and owner != "other":
+                self.owner_overflow += 1
+                return self.hold_histogram("other")
+            hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
+        return hist
+
+    def samples(self) -> Iterable[Sample]:
+        lb = self.labels
+        yield "redis_pool_connections_in_use", lb, self.in_use
+        yield "redis_pool_pending_requests", lb, self.pending
+        yield "redis_pool_connections_held_too_long", lb, held_too_long(self)
+        if self.max_connections is not None:
+            yield "redis_pool_connections_max", lb, self.max_connections
+        for result, n in (("ok", self.ok), ("timeout", self.timeouts), ("too_many", self.too_many),
+                          ("error", self.errors)):  # fmt: skip
+            yield "redis_pool_checkouts_total", lb + (("result", result),), n
+        yield "redis_pool_checkout_wait_seconds", lb, self.wait
+        for owner, hist in list(self.hold.items()):
+            yield "redis_connection_hold_seconds", lb + (("owner", owner),), hist
+
+
+_lock = threading.RLock()
+_states: dict[str, RedisPoolState] = {}
+#: connection -> (checkout time, owner, state, holding thread ident or asyncio task)
+_held: dict[Any, tuple[float, str, RedisPoolState, Any]] = {}
+#: connections reported held too long -> the checkout time reported
+_flagged: dict[Any, float] = {}
+_flag_lock = threading.Lock()
+
+
+def pool_name(pool: Any) -> str:
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    db = kwargs.get("db", 0)
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']}/{db}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
+
+
+def _state(pool: Any) -> RedisPoolState:
+    st = pool.__dict__.get(_ATTR)
+    if st is not None:
+        return st
+    with _lock:
+        name = pool_name(pool)
+        st = _states.get(name)
+        if st is None:
+            st = _states[name] = RedisPoolState(name)
+            REGISTRY.add(st)
+        limit = getattr(pool, "max_connections", None)
+        st.max_connections = limit if isinstance(limit, int) and limit < UNBOUNDED else None
+        pool.__dict__[_ATTR] = st
+        return st
+
+
+def _failure(st: RedisPoolState, waited: float, exc: BaseException) -> None:
+    try:
+        st.pending -= 1
+        st.wait.observe(waited)
+        text = str(exc)
+        if "No connection available" in text:
+            st.timeouts += 1
+        elif "Too many connections" in text:
+            st.too_many += 1
+        else:
+            st.errors += 1
+    except Exception as err:
+        hook_error("redis.checkout_failed", err)
+
+
+def _account_release(connection: Any, entry: tuple[float, str, RedisPoolState, Any]) -> None:
+    try:
+        since, owner, st, _holder = entry
+        held = _perf() - since
+        st.in_use -= 1
+        hist = st.hold.get(owner) or st.hold_histogram(owner)
+        hist.counts[bisect_left(HOLD_BUCKETS, held)] += 1
+        hist.total += held
+        if _flagged and connection in _flagged:
+            _released_after_long_hold(connection, entry, held)
+    except Exception as exc:
+        hook_error("redis.release", exc)
+
+
+def _wrap_get(orig: Any) -> Any:
+    def get_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        st = self.__dict__.get(_ATTR)
+        if st is None:
+            st = _state(self)
+        st.pending += 1
+        t0 = _perf()
+        try:
+            connection = orig(self, *args, **kwargs)
+        except BaseException as exc:
+            _failure(st, _perf() - t0, exc)
+            raise
+        t1 = _perf()
+        st.pending -= 1
+        try:
+            waited = t1 - t0
+            wait = st.wait
+            wait.counts[bisect_left(WAIT_BUCKETS, waited)] += 1
+            wait.total += waited
+            st.ok += 1
+            if connection not in _held:
+                st.in_use += 1
+            _held[connection] = (t1, _owner_get(), st, _get_ident())
+        except Exception as exc:
+            hook_error("redis.checkout", exc)
+        return connection
+
+    get_connection.__wrapped__ = orig  # type: ignore[attr-defined]
+    return get_connection
+
+
+def _wrap_get_async(orig: Any) -> Any:
+    async def get_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        st = self.__dict__.get(_ATTR)
+        if st is None:
+            st = _state(self)
+        st.pending += 1
+        t0 = _perf()
+        try:
+            connection = await orig(self, *args, **kwargs)
+        except BaseException as exc:
+            _failure(st, _perf() - t0, exc)
+            raise
+        t1 = _perf()
+        st.pending -= 1
+        try:
+            waited = t1 - t0
+            wait = st.wait
+            wait.counts[bisect_left(WAIT_BUCKETS, waited)] += 1
+            wait.total += waited
+            st.ok += 1
+            if connection not in _held:
+                st.in_use += 1
+            _held[connection] = (t1, _owner_get(), st, _current_task())
+        except Exception as exc:
+            hook_error("redis.checkout", exc)
+        return connection
+
+    get_connection.__wrapped__ = orig  # type: ignore[attr-defined]
+    return get_connection
+
+
+def _wrap_release(orig: Any) -> Any:
+    def release(self: Any, connection: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = _held.pop(connection, None)  # idempotent: a subclass's release may call the base's
+        if entry is not None:
+            _account_release(connection, entry)
+        return orig(self, connection, *args, **kwargs)
+
+    release.__wrapped__ = orig  # type: ignore[attr-defined]
+    return release
+
+
+def _wrap_release_async(orig: Any) -> Any:
+    async def release(self: Any, connection: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = _held.pop(connection, None)
+        if entry is not None:
+            _account_release(connection, entry)
+        return await orig(self, connection, *args, **kwargs)
+
+    release.__wrapped__ = orig  # type: ignore[attr-defined]
+    return release
+
+
+# --------------------------------------------------------------------------- long holds
+
+
+def scan_long_holds(now: float | None = None) -> int:
+    """Report connections held past the threshold while still held (a subscription kept open
+    by a stream); returns how many were new."""
+    now = _perf() if now is None else now
+    reported = 0
+    for connection, entry in list(_held.items()):
+        since, owner, st, holder = entry
+        if now - since < CONFIG.hold_threshold or connection in _flagged:
+            continue
+        with _flag_lock:
+            _flagged[connection] = since
+            current = _held.get(connection)
+            if current is None or current[0] != since:
+                del _flagged[connection]
+                continue
+            reported += 1
+            try:
+                frames = _stacks.holder_stack(holder if isinstance(holder, int) else None,
+                                              None if isinstance(holder, int) else holder)  # fmt: skip
+                emit(
+                    "warning", "redis_connection_held_too_long", status="held", pool=st.name,
+                    owner=owner, held_seconds=round(now - since, 3),
+                    threshold_seconds=CONFIG.hold_threshold, call_site=_stacks.call_site(frames),
+                    frames=frames,
+                )  # fmt: skip
+            except Exception as exc:
+                hook_error("redis.long_hold", exc)
+    return reported
+
+
+def _released_after_long_hold(connection: Any, entry: tuple[Any, ...], held: float) -> None:
+    with _flag_lock:
+        if _flagged.get(connection) != entry[0]:
+            return
+        del _flagged[connection]
+        emit("warning", "redis_connection_held_too_long", status="released", pool=entry[2].name,
+             owner=entry[1], held_seconds=round(held, 3), threshold_seconds=CONFIG.hold_threshold)  # fmt: skip
+
+
+def held_too_long(st: RedisPoolState) -> int:
+    return sum(1 for c, since in list(_flagged.items()) if (e := _held.get(c)) and e[2] is st and e[0] == since)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+_patched: list[tuple[type, str, Any]] = []
+
+
+def _classes() -> list[tuple[type, bool]]:
+    import redis.connection as sync
+    from redis.asyncio import connection as aio
+
+    return [(sync.ConnectionPool, False), (sync.BlockingConnectionPool, False),
+            (aio.ConnectionPool, True), (aio.BlockingConnectionPool, True)]  # fmt: skip
+
+
+def install() -> None:
+    with _lock:
+        if _patched:
+            return
+        for cls, is_async in _classes():
+            for method, wrap in (("get_connection", _wrap_get_async if is_async else _wrap_get),
+                                 ("release", _wrap_release_async if is_async else _wrap_release)):  # fmt: skip
+                orig = cls.__dict__.get(method)
+                if orig is None:
+                    continue
+                _patched.append((cls, method, orig))
+                setattr(cls, method, wrap(orig))
+
+
+def uninstall() -> None:
+    with _lock:
+        for cls, method, orig in reversed(_patched):
+            setattr(cls, method, orig)
+        _patched.clear()
+        _held.clear()
+        _flagged.clear()
+        _states.clear()
+        REGISTRY.discard(lambda source: isinstance(source, RedisPoolState))
+
+
+def after_fork_in_child() -> None:
+    """redis-py pools reset themselves in a child (pid check); so does what they held."""
+    global _lock, _flag_lock
+    _lock = threading.RLock()
+    _flag_lock = threading.Lock()
+    _held.clear()
+    _flagged.clear()
+
+
+class RedisIntegration(Integration):
+    """Every redis-py pool in the process, sync and asyncio."""
+
+    name = "redis"
+
+    def install(self, runtime: Any) -> None:
+        CONFIG.service = runtime.settings.service
+        CONFIG.hold_threshold = runtime.settings.hold_threshold_seconds
+        CONFIG.max_owners = runtime.settings.max_owners
+        install()
+
+    def uninstall(self) -> None:
+        uninstall()
+
+    def after_fork(self) -> None:
+        after_fork_in_child()
+
+    def tick(self, now: float) -> None:
+        scan_long_holds()
+
+
+def states() -> dict[str, RedisPoolState]:
+    return dict(_states)
+

@@ -1,0 +1,129 @@
+"""redis-py pools on a real Redis: a status stream's subscriptions hold the pool's connections and
+its publishers time out, counted exactly and the stream's route named as holder (also while it
+still holds); "too many connections"; a server that is down; sync and asyncio pools alike."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+import telemetry
+from telemetry.testing import capture_events
+
+from . import services
+from .conftest import sample
+
+pytestmark = pytest.mark.integration
+
+
+async def test_streams_holding_subscriptions_starve_the_publishers(redis_server):
+    """3 status streams subscribe through the app's shared BlockingConnectionPool(3, timeout 1 s)
+    and keep their connection for the stream's life; 5 publishes meanwhile all time out. The
+    timeouts are counted exactly, the streams' route holds the connections (reported while
+    held), and the publishes after the streams end succeed."""
+    telemetry.instrument(service="api", hold_threshold_seconds=0.3)
+    pool = aioredis.BlockingConnectionPool.from_url(redis_server.url, max_connections=3, timeout=1)
+    client = aioredis.Redis(connection_pool=pool)
+    name = f"127.0.0.1:{redis_server.port}/0"
+    app = FastAPI()
+    subscribed = asyncio.Event()
+    streams_open = [0]
+
+    @app.get("/tasks/{task_id}/stream")
+    async def stream(task_id: str) -> StreamingResponse:
+        async def events():  # type: ignore[no-untyped-def]
+            pubsub = client.pubsub()
+            await pubsub.subscribe(f"task:{task_id}")
+            streams_open[0] += 1
+            if streams_open[0] == 3:
+                subscribed.set()
+            try:
+                for _ in range(30):  # 3 s of status updates: longer than the publishers wait
+                    await pubsub.get_message(timeout=0.1)
+                    yield b"data: tick\n\n"
+            finally:
+                await pubsub.aclose() if hasattr(pubsub, "aclose") else await pubsub.close()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/publish")
+    async def publish() -> dict:
+        try:
+            await client.publish("task:1", "done")
+        except redis.exceptions.ConnectionError as exc:
+            return {"error": str(exc)}
+        return {"ok": True}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as http:
+        async def publisher() -> list:
+            await subscribed.wait()
+            with capture_events("redis_connection_held_too_long") as held:
+                await asyncio.sleep(0.5)
+                telemetry.scan_now()  # the watchdog reports the streams while they still hold
+            results = await asyncio.gather(*(http.post("/publish") for _ in range(5)))
+            return [held, [r.json() for r in results]]
+
+        outcome = await asyncio.gather(*(http.get(f"/tasks/{i}/stream") for i in range(3)), publisher())
+        held_events, published = outcome[-1]
+        assert all(r.status_code == 200 for r in outcome[:3])
+    assert published == [{"error": "No connection available."}] * 5
+    assert sample("redis_pool_checkouts_total", pool=name, result="timeout") == 5
+    assert sample("redis_pool_connections_max", pool=name) == 3
+    assert {e["owner"] for e in held_events if e["status"] == "held"} == {"GET /tasks/{task_id}/stream"}
+    assert len([e for e in held_events if e["status"] == "held"]) == 3
+    assert sample("redis_connection_hold_seconds_count", pool=name, owner="GET /tasks/{task_id}/stream") == 3
+    assert sample("redis_connection_hold_seconds_sum", pool=name, owner="GET /tasks/{task_id}/stream") >= 3 * 1.0
+    assert sample("redis_pool_connections_in_use", pool=name) == 0
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        assert (await http.post("/publish")).json() == {"ok": True}
+    await pool.disconnect()
+
+
+def test_sync_pool_too_many_connections_and_owner(redis_server):
+    telemetry.instrument(service="worker")
+    pool = redis.ConnectionPool.from_url(redis_server.url, max_connections=1)
+    client = redis.Redis(connection_pool=pool)
+    name = f"127.0.0.1:{redis_server.port}/0"
+    with telemetry.db_owner("resume-step"):
+        assert client.ping()
+        pubsub = client.pubsub()
+        pubsub.subscribe("ch")  # holds the only connection
+        assert sample("redis_pool_connections_in_use", pool=name) == 1
+        with pytest.raises(redis.exceptions.ConnectionError, match="Too many connections"):
+            client.ping()
+        pubsub.close()
+    assert sample("redis_pool_checkouts_total", pool=name, result="too_many") == 1
+    assert sample("redis_pool_checkouts_total", pool=name, result="ok") == 2
+    assert sample("redis_connection_hold_seconds_count", pool=name, owner="resume-step") == 2
+    assert sample("redis_pool_connections_in_use", pool=name) == 0
+    pool.disconnect()
+
+
+def test_a_server_that_is_down_is_counted_and_the_error_reaches_the_caller_unchanged():
+    telemetry.instrument(service="worker")
+    port = services.free_port()  # nothing listens there
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.ping()
+    name = f"127.0.0.1:{port}/0"
+    assert sample("redis_pool_checkouts_total", pool=name, result="error") >= 1
+    assert sample("redis_pool_connections_in_use", pool=name) == 0
+    try:
+        hook_errors = sample("telemetry_hook_errors_total")
+    except KeyError:  # none was ever counted
+        hook_errors = 0
+    assert hook_errors == 0
+
+
+def test_password_never_in_the_pool_name(redis_server):
+    telemetry.instrument(service="worker")
+    pool = redis.ConnectionPool.from_url(f"redis://:s3cr3t-pw@127.0.0.1:{redis_server.port}/2")
+    from telemetry import _redis
+
+    assert _redis.pool_name(pool) == f"127.0.0.1:{redis_server.port}/2"
