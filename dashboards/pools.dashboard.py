@@ -1,4 +1,5 @@
-"""Database pools: usage per service and process, pressure, wait, hold by owner, budget."""
+"""Database and Redis pools: usage per service and process, pressure, wait, hold by owner,
+budget."""
 
 from telemetry import thresholds as T
 from telemetry.tools.dashboards import (
@@ -8,12 +9,15 @@ from telemetry.tools.dashboards import (
     RATE,
     SECONDS,
     SHORT,
+    SVC,
     dashboard,
     heatmap,
     series,
 )
 
 USAGE = f"db_pool_connections_in_use{{{POOL}}} / db_pool_connections_max{{{POOL}}}"
+#: Redis pools are named host:port/db, not database pools: filtered by service only
+REDIS_USAGE = f"redis_pool_connections_in_use{{{SVC}}} / redis_pool_connections_max{{{SVC}}}"
 
 dashboard = dashboard(
     "Database pools", T.DASHBOARD_UID_POOLS,
@@ -58,5 +62,25 @@ dashboard = dashboard(
             ('sum by (pool) (db_pool_connections_in_use{pool=~"$pool"})', "in use {{pool}}"),
             ('max by (pool) (db_server_connection_limit{pool=~"$pool"})', "server limit {{pool}}"),
         ], SHORT, (12, 32, 12, 8), "All services and processes together (pools to one database share a name)."),
+        series("Redis pool usage of the busiest process", [(f"max by (service, pool) ({REDIS_USAGE})", "{{service}} {{pool}}")],
+               PERCENT, (0, 40, 12, 8), "redis-py pools (the app's, kombu's, the result backend's) against max_connections.",
+               lines=(T.POOL_USAGE_WARNING, T.POOL_USAGE_CRITICAL)),
+        series("Redis in use / waiting / held too long (host)", [
+            (f"sum by (service, pool) (redis_pool_connections_in_use{{{SVC}}})", "in use {{service}} {{pool}}"),
+            (f"sum by (service, pool) (redis_pool_pending_requests{{{SVC}}})", "waiting {{service}} {{pool}}"),
+            (f"sum by (service, pool) (redis_pool_connections_held_too_long{{{SVC}}})", "held past threshold {{service}} {{pool}}"),
+        ], SHORT, (12, 40, 12, 8)),
+        series("Redis checkout failures and wait p95", [
+            (f'sum by (service, pool, result) (rate(redis_pool_checkouts_total{{{SVC}, result!="ok"}}[{RATE}]))',
+             "{{result}} {{service}} {{pool}}"),
+            (f"histogram_quantile(0.95, sum by (le, service, pool) (rate(redis_pool_checkout_wait_seconds_bucket{{{SVC}}}[{RATE}])))",
+             "wait p95 s {{service}} {{pool}}"),
+        ], OPS, (0, 48, 12, 8), "timeout: BlockingConnectionPool waited its timeout; too_many: past max_connections."),
+        series("Redis hold p95 and connections held on average, by owner", [
+            (f"histogram_quantile(0.95, sum by (le, service, owner) (rate(redis_connection_hold_seconds_bucket{{{SVC}}}[{RATE}])))",
+             "p95 s {{service}} {{owner}}"),
+            (f"topk(10, sum by (service, owner) (rate(redis_connection_hold_seconds_sum{{{SVC}}}[{RATE}])))",
+             "held on average {{service}} {{owner}}"),
+        ], SECONDS, (12, 48, 12, 8), "A stream that keeps a subscription shows as a long hold by its route."),
     ],
 )  # fmt: skip

@@ -103,10 +103,11 @@ def _substitute(expr: str) -> str:
 
 
 @pytest.mark.integration
-def test_every_panel_returns_data_from_a_real_prometheus(tmp_path):
+def test_every_panel_returns_data_from_a_real_prometheus(tmp_path, redis_server):
     binary = services.binary("prometheus", "prometheus")
     target, prom = services.free_port(), services.free_port()
     workload = subprocess.Popen([sys.executable, "-m", "tests.apps.workload", str(target), "40"], cwd=ROOT,
+                                env=dict(os.environ, WORKLOAD_REDIS_URL=redis_server.url),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     config = tmp_path / "prometheus.yml"
     config.write_text(

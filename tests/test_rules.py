@@ -26,9 +26,12 @@ def _promtool() -> str:
 
 
 def _annotations(alert: str, labels: dict[str, str], summary: str, description: str) -> dict[str, str]:
-    """Expected annotations; links expanded for service=api, pool=main-db (nothing to escape)."""
+    """Expected annotations, links expanded as Prometheus' ``urlquery`` (Go's QueryEscape) does:
+    a Redis pool named ``127.0.0.1:6379/0`` is escaped, ``main-db`` has nothing to escape."""
+    from urllib.parse import quote_plus
+
     spec = next(a for a in _rules.ALERTS if a.name == alert)
-    service, pool = labels.get("service", ""), labels.get("pool", "")
+    service, pool = quote_plus(labels.get("service", "")), quote_plus(labels.get("pool", ""))
     out = {
         "summary": summary,
         "description": description,
@@ -89,6 +92,13 @@ MANY_AT_HALF = [
         {"series": f'db_pool_connections_max{{{POOL},pid="{pid}"}}', "values": "4x30"},
     )
 ]  # fmt: skip
+REDIS_POOL = 'service="api",pool="127.0.0.1:6379/0"'
+REDIS_ONE_HOT_ONE_IDLE = [
+    {"series": f'redis_pool_connections_in_use{{{REDIS_POOL},pid="1"}}', "values": "3x30"},
+    {"series": f'redis_pool_connections_max{{{REDIS_POOL},pid="1"}}', "values": "3x30"},
+    {"series": f'redis_pool_connections_in_use{{{REDIS_POOL},pid="2"}}', "values": "0x30"},
+    {"series": f'redis_pool_connections_max{{{REDIS_POOL},pid="2"}}', "values": "3x30"},
+]
 BUDGET = [
     {"series": 'db_pool_connections_max{service="api",pool="main-db",pid="1"}', "values": "4x30"},
     {"series": 'db_pool_connections_max{service="api",pool="main-db",pid="2"}', "values": "4x30"},
@@ -178,6 +188,27 @@ CASES = [
         {"series": 'celery_task_queue_wait_seconds_bucket{service="worker",task="t",queue="q",le="+Inf"}', "values": "0+10x30"},
         {"series": 'telemetry_spans_total{service="api",result="exported"}', "values": "0+600x30"},
     ], "25m", ["EventLoopBlocked", "SemaphoreConvoy", "CeleryTaskFailureRateHigh", "CeleryQueueWaitHigh", "TelemetrySpansLost"]),
+    _case("RedisPoolUsageWarning", REDIS_ONE_HOT_ONE_IDLE, "4m", "5m", {"service": "api", "pool": "127.0.0.1:6379/0"},
+          "Redis pool 127.0.0.1:6379/0 of api is above 80% usage",
+          "The busiest api process uses 100% of max_connections on Redis 127.0.0.1:6379/0."),
+    _case("RedisPoolUsageCritical", REDIS_ONE_HOT_ONE_IDLE, "1m", "2m", {"service": "api", "pool": "127.0.0.1:6379/0"},
+          "Redis pool 127.0.0.1:6379/0 of api is exhausted",
+          "The busiest api process uses 100% of max_connections on Redis 127.0.0.1:6379/0: new "
+          "commands wait or fail."),
+    # 6 timeouts a minute from t=0 (the stream/publish exhaustion); rate()[5m] at 2m: 0.04/s
+    _case("RedisPoolCheckoutFailures",
+          [{"series": f'redis_pool_checkouts_total{{{REDIS_POOL},result="timeout"}}', "values": "0+6x30"},
+           {"series": f'redis_pool_checkouts_total{{{REDIS_POOL},result="ok"}}', "values": "0+600x30"}],
+          "1m", "2m", {"service": "api", "pool": "127.0.0.1:6379/0"},
+          "Redis commands of api find no connection on 127.0.0.1:6379/0",
+          "0.04 checkouts per second on Redis 127.0.0.1:6379/0 (api) time out or exceed "
+          "max_connections: callers get errors."),
+    _silent("redis: many processes at half, failures flat: nothing fires",
+            [s for pid in range(1, 22) for s in (
+                {"series": f'redis_pool_connections_in_use{{{REDIS_POOL},pid="{pid}"}}', "values": "1x30"},
+                {"series": f'redis_pool_connections_max{{{REDIS_POOL},pid="{pid}"}}', "values": "2x30"})]
+            + [{"series": f'redis_pool_checkouts_total{{{REDIS_POOL},result="timeout"}}', "values": "4x30"}],
+            "20m", ["RedisPoolUsageWarning", "RedisPoolUsageCritical", "RedisPoolCheckoutFailures"]),
     _silent("21 processes each at 50%: no usage alert", MANY_AT_HALF, "20m",
             ["DbPoolUsageWarning", "DbPoolUsageCritical"]),
     _silent("idle pools, flat counters: nothing fires",

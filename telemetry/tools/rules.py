@@ -44,6 +44,11 @@ RECORDING: list[tuple[str, str]] = [
      "histogram_quantile(0.95, sum by (le, service, task, queue) (rate(celery_task_queue_wait_seconds_bucket[5m])))"),
     ("service:telemetry_spans_lost:rate5m",
      'sum by (service) (rate(telemetry_spans_total{result=~"failed|dropped"}[5m]))'),
+    # redis-py pools: the same maths as the database pools (max over processes, never sum)
+    ("service_pool:redis_pool_usage:max",
+     f"max by ({POOL_LABELS}) (redis_pool_connections_in_use / redis_pool_connections_max)"),
+    ("service_pool:redis_pool_checkout_failures:rate5m",
+     f'sum by ({POOL_LABELS}) (rate(redis_pool_checkouts_total{{result=~"timeout|too_many"}}[5m]))'),
     # the connection budget: pools to one database share a name across services
     ("pool:db_pool_connections_max:sum", "sum by (pool) (db_pool_connections_max)"),
     ("pool:db_server_connection_limit:max", "max by (pool) (db_server_connection_limit)"),
@@ -54,6 +59,7 @@ LOG_QUERIES = {
     "db_pool_critical_usage": '{service="$service"} | json | event="db_pool_critical_usage" | pool="$pool"',
     "db_connection_held_too_long": '{service="$service"} | json | event="db_connection_held_too_long" | pool="$pool"',
     "db_pool_timeout": '{service="$service"} | json | event="db_pool_timeout" | pool="$pool"',
+    "redis_connection_held_too_long": '{service="$service"} | json | event="redis_connection_held_too_long" | pool="$pool"',
 }
 
 
@@ -108,6 +114,33 @@ ALERTS: list[Alert] = [
         "Checkouts of {{ $labels.service }} wait for connections on {{ $labels.pool }}",
         "p95 checkout wait on {{ $labels.pool }} ({{ $labels.service }}) is "
         "{{ $value | humanizeDuration }}: requests spend that long before their first query.",
+    ),
+    Alert(
+        "RedisPoolUsageWarning",
+        f"service_pool:redis_pool_usage:max > {T.POOL_USAGE_WARNING}",
+        T.FOR_USAGE_WARNING, "warning",
+        "Redis pool {{ $labels.pool }} of {{ $labels.service }} is above " + _pct(T.POOL_USAGE_WARNING) + " usage",
+        "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
+        "max_connections on Redis {{ $labels.pool }}.",
+        log_event="redis_connection_held_too_long",
+    ),
+    Alert(
+        "RedisPoolUsageCritical",
+        f"service_pool:redis_pool_usage:max > {T.POOL_USAGE_CRITICAL}",
+        T.FOR_USAGE_CRITICAL, "critical",
+        "Redis pool {{ $labels.pool }} of {{ $labels.service }} is exhausted",
+        "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
+        "max_connections on Redis {{ $labels.pool }}: new commands wait or fail.",
+        log_event="redis_connection_held_too_long",
+    ),
+    Alert(
+        "RedisPoolCheckoutFailures",
+        "service_pool:redis_pool_checkout_failures:rate5m > 0",
+        T.FOR_TIMEOUTS, "critical",
+        "Redis commands of {{ $labels.service }} find no connection on {{ $labels.pool }}",
+        "{{ printf \"%.2f\" $value }} checkouts per second on Redis {{ $labels.pool }} "
+        "({{ $labels.service }}) time out or exceed max_connections: callers get errors.",
+        log_event="redis_connection_held_too_long",
     ),
     Alert(
         "DbPoolCheckoutTimeouts",

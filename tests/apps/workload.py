@@ -99,8 +99,45 @@ def generate_content(n: int) -> int:
     return n
 
 
+def redis_work() -> None:
+    """A subscription holds one of two connections (a status stream); two command threads
+    share the other, so some checkouts wait and time out; a 1-connection pool overflows."""
+    import redis
+
+    url = os.environ["WORKLOAD_REDIS_URL"]
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=2, timeout=0.05)
+    client = redis.Redis(connection_pool=pool)
+    with telemetry.db_owner("GET /tasks/{task_id}/stream"):
+        pubsub = client.pubsub()
+        pubsub.subscribe("status")
+
+    def commands() -> None:
+        with telemetry.db_owner("POST /publish"):
+            while time.monotonic() < deadline:
+                try:
+                    with client.pipeline() as pipe:  # holds its connection for the whole batch
+                        pipe.publish("status", "x").execute()
+                        time.sleep(0.08)
+                except redis.exceptions.ConnectionError:
+                    pass
+
+    for _ in range(2):
+        threading.Thread(target=commands, daemon=True).start()
+    tiny = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url.replace("/0", "/1"), max_connections=1))
+    while time.monotonic() < deadline:
+        held = tiny.pubsub()
+        held.subscribe("tiny")
+        try:
+            tiny.ping()
+        except redis.exceptions.ConnectionError:  # "Too many connections"
+            pass
+        held.close()
+        time.sleep(0.2)
+
+
 def main() -> None:
     threading.Thread(target=sync_work, daemon=True).start()
+    threading.Thread(target=redis_work, daemon=True).start()
     with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=5):
         t = threading.Thread(target=lambda: asyncio.run(loop_work()), daemon=True)
         t.start()
