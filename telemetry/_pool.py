@@ -115,6 +115,9 @@ _flagged: dict[Any, int] = {}
 _flag_lock = threading.Lock()
 
 
+_hist_lock = threading.Lock()  # only taken when an owner's histogram does not exist yet
+
+
 class _Config:
     """The settings the hot path reads, copied once at install (attribute reads stay cheap)."""
 
@@ -183,13 +186,19 @@ class PoolState:
             self.critical_at = n
 
     def hold_histogram(self, owner: str) -> Histogram:
-        hist = self.hold.get(owner)
-        if hist is None:
-            if len(self.hold) >= CONFIG.max_owners and owner != "other":
-                self.owner_overflow += 1
-                return self.hold_histogram("other")
-            hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
-        return hist
+        """The owner's hold histogram, created on first use under a lock: two threads releasing
+        the first connections of a new owner at once must not each create one (the count
+        observed into the replaced one would be lost)."""
+        with _hist_lock:
+            hist = self.hold.get(owner)
+            if hist is None:
+                if len(self.hold) >= CONFIG.max_owners and owner != "other":
+                    self.owner_overflow += 1
+                    owner = "other"
+                    hist = self.hold.get(owner)
+                if hist is None:
+                    hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
+            return hist
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels
@@ -718,8 +727,9 @@ def uninstall() -> None:
 def after_fork_in_child() -> None:
     """The parent's held connections are not the child's (the counts are reset with every
     other source by the runtime)."""
-    global _last_loop, _flag_lock, _lock
+    global _last_loop, _flag_lock, _lock, _hist_lock
     _lock = threading.RLock()
+    _hist_lock = threading.Lock()
     _last_loop = _no_loop
     _flag_lock = threading.Lock()
     _held.clear()

@@ -39,6 +39,9 @@ _ATTR = "_telemetry_redis"
 UNBOUNDED = 1_000_000
 
 
+_hist_lock = threading.Lock()  # only taken when an owner's histogram does not exist yet
+
+
 class _Config:
     service = "unknown"
     hold_threshold = 5.0
@@ -67,13 +70,19 @@ class RedisPoolState:
         self.hold: dict[str, Histogram] = {}
 
     def hold_histogram(self, owner: str) -> Histogram:
-        hist = self.hold.get(owner)
-        if hist is None:
-            if len(self.hold) >= CONFIG.max_owners and owner != "other":
-                self.owner_overflow += 1
-                return self.hold_histogram("other")
-            hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
-        return hist
+        """The owner's hold histogram, created on first use under a lock: two threads releasing
+        the first connections of a new owner at once must not each create one (the count
+        observed into the replaced one would be lost)."""
+        with _hist_lock:
+            hist = self.hold.get(owner)
+            if hist is None:
+                if len(self.hold) >= CONFIG.max_owners and owner != "other":
+                    self.owner_overflow += 1
+                    owner = "other"
+                    hist = self.hold.get(owner)
+                if hist is None:
+                    hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
+            return hist
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels
@@ -322,8 +331,9 @@ def uninstall() -> None:
 
 def after_fork_in_child() -> None:
     """redis-py pools reset themselves in a child (pid check); so does what they held."""
-    global _lock, _flag_lock
+    global _lock, _flag_lock, _hist_lock
     _lock = threading.RLock()
+    _hist_lock = threading.Lock()
     _flag_lock = threading.Lock()
     _held.clear()
     _flagged.clear()
