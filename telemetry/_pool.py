@@ -48,7 +48,7 @@ from ._integration import Integration
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from ._owner import ACCOUNT, OWNER, RequestAccount
-from ._stats import REGISTRY, Histogram, Sample
+from ._stats import REGISTRY, Histogram, Sample, owner_histogram
 
 _ATTR = "_telemetry_state"
 _SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
@@ -113,9 +113,6 @@ _last_loop: Any = _no_loop  # weak reference to the loop of the last async check
 #: other
 _flagged: dict[Any, int] = {}
 _flag_lock = threading.Lock()
-
-
-_hist_lock = threading.Lock()  # only taken when an owner's histogram does not exist yet
 
 
 class _Config:
@@ -186,19 +183,10 @@ class PoolState:
             self.critical_at = n
 
     def hold_histogram(self, owner: str) -> Histogram:
-        """The owner's hold histogram, created on first use under a lock: two threads releasing
-        the first connections of a new owner at once must not each create one (the count
-        observed into the replaced one would be lost)."""
-        with _hist_lock:
-            hist = self.hold.get(owner)
-            if hist is None:
-                if len(self.hold) >= CONFIG.max_owners and owner != "other":
-                    self.owner_overflow += 1
-                    owner = "other"
-                    hist = self.hold.get(owner)
-                if hist is None:
-                    hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
-            return hist
+        hist, overflow = owner_histogram(self.hold, owner, HOLD_BUCKETS, CONFIG.max_owners)
+        if overflow:
+            self.owner_overflow += 1
+        return hist
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels
@@ -727,9 +715,8 @@ def uninstall() -> None:
 def after_fork_in_child() -> None:
     """The parent's held connections are not the child's (the counts are reset with every
     other source by the runtime)."""
-    global _last_loop, _flag_lock, _lock, _hist_lock
+    global _last_loop, _flag_lock, _lock
     _lock = threading.RLock()
-    _hist_lock = threading.Lock()
     _last_loop = _no_loop
     _flag_lock = threading.Lock()
     _held.clear()

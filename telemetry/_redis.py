@@ -28,7 +28,7 @@ from ._integration import Integration
 from ._log import emit, hook_error
 from ._metrics import HOLD_BUCKETS, WAIT_BUCKETS
 from ._owner import OWNER
-from ._stats import REGISTRY, Histogram, Sample
+from ._stats import REGISTRY, Histogram, Sample, owner_histogram
 
 _perf = time.perf_counter
 _owner_get = OWNER.get
@@ -37,9 +37,6 @@ _current_task = asyncio.current_task
 _ATTR = "_telemetry_redis"
 #: a limit above this is redis-py's "no limit" default (2**31)
 UNBOUNDED = 1_000_000
-
-
-_hist_lock = threading.Lock()  # only taken when an owner's histogram does not exist yet
 
 
 class _Config:
@@ -70,19 +67,10 @@ class RedisPoolState:
         self.hold: dict[str, Histogram] = {}
 
     def hold_histogram(self, owner: str) -> Histogram:
-        """The owner's hold histogram, created on first use under a lock: two threads releasing
-        the first connections of a new owner at once must not each create one (the count
-        observed into the replaced one would be lost)."""
-        with _hist_lock:
-            hist = self.hold.get(owner)
-            if hist is None:
-                if len(self.hold) >= CONFIG.max_owners and owner != "other":
-                    self.owner_overflow += 1
-                    owner = "other"
-                    hist = self.hold.get(owner)
-                if hist is None:
-                    hist = self.hold[owner] = Histogram(HOLD_BUCKETS)
-            return hist
+        hist, overflow = owner_histogram(self.hold, owner, HOLD_BUCKETS, CONFIG.max_owners)
+        if overflow:
+            self.owner_overflow += 1
+        return hist
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels
@@ -331,9 +319,8 @@ def uninstall() -> None:
 
 def after_fork_in_child() -> None:
     """redis-py pools reset themselves in a child (pid check); so does what they held."""
-    global _lock, _flag_lock, _hist_lock
+    global _lock, _flag_lock
     _lock = threading.RLock()
-    _hist_lock = threading.Lock()
     _flag_lock = threading.Lock()
     _held.clear()
     _flagged.clear()

@@ -43,6 +43,27 @@ class Histogram:
         self.total = 0.0
 
 
+_owner_lock = threading.Lock()
+
+
+def owner_histogram(table: dict[str, Histogram], owner: str, bounds: tuple[float, ...], limit: int) -> tuple[Histogram, bool]:
+    """The histogram of ``owner`` in ``table``, created on first use; past ``limit`` owners the
+    new one folds into ``"other"`` (returns True then, for the overflow counter). Creation is
+    under a lock: two threads releasing the first connections of a new owner at once must not
+    each create one (the count observed into the replaced one would be lost)."""
+    with _owner_lock:
+        hist = table.get(owner)
+        if hist is not None:
+            return hist, False
+        overflow = len(table) >= limit and owner != "other"
+        if overflow:
+            owner = "other"
+            hist = table.get(owner)
+        if hist is None:
+            hist = table[owner] = Histogram(bounds)
+        return hist, overflow
+
+
 class Source(Protocol):
     def samples(self) -> Iterable[Sample]: ...
 
@@ -79,7 +100,9 @@ REGISTRY = _Registry()
 
 def after_fork_in_child() -> None:
     """A lock a parent thread held at fork time would never be released in the child."""
+    global _owner_lock
     REGISTRY._lock = threading.Lock()
+    _owner_lock = threading.Lock()
 
 
 def iter_samples() -> Iterator[Sample]:
