@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import socket
-import statistics
 import subprocess
 import time
 
@@ -34,8 +33,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         import redis
-
-        import telemetry
+        from _ab import compare, report
 
         deadline = time.monotonic() + 10
         while True:
@@ -49,29 +47,10 @@ def main() -> None:
         pool = redis.ConnectionPool(host="127.0.0.1", port=port, max_connections=4)
         pool.release(pool.get_connection("PING"))  # connected once: the loop measures the pool
 
-        def batch(n: int) -> float:
-            get, release = pool.get_connection, pool.release
-            t0 = time.perf_counter()
-            for _ in range(n):
-                release(get("PING"))
-            return (time.perf_counter() - t0) / n * 1e6
-
-        bare, instrumented = [], []
-        for _ in range(args.batches):
-            telemetry.uninstrument()
-            batch(1000)
-            bare.append(batch(args.n))
-            telemetry.instrument(service="bench", tracing=False, sqlalchemy=False)
-            batch(1000)
-            instrumented.append(batch(args.n))
-        telemetry.uninstrument()
-        deltas = [i - b for b, i in zip(bare, instrumented, strict=True)]
-        print(f"redis-py {redis.__version__} ConnectionPool get_connection()+release(); "
-              f"{args.batches} alternating batches of {args.n}")  # fmt: skip
-        print(f"  bare          best {min(bare):6.2f} us   median {statistics.median(bare):6.2f} us")
-        print(f"  instrumented  best {min(instrumented):6.2f} us   median {statistics.median(instrumented):6.2f} us")
-        print(f"  overhead      best-vs-best +{min(instrumented) - min(bare):.2f} us   "
-              f"median of paired deltas +{statistics.median(deltas):.2f} us")  # fmt: skip
+        bare, instrumented = compare(lambda: pool.release(pool.get_connection("PING")), args.batches, args.n,
+                                     sqlalchemy=False)  # fmt: skip
+        report(f"redis-py {redis.__version__} ConnectionPool get_connection()+release(); "
+               f"{args.batches} alternating batches of {args.n}", bare, instrumented)  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -197,10 +197,7 @@ class TelemetryMiddleware:
             owner_token = OWNER.set(labels.owner)
             account = RequestAccount()
             account_token = ACCOUNT.set(account)
-            loop = asyncio.get_running_loop()
-            if loop is not _last_loop[0]:  # loops not started through run_forever (uvloop)
-                _last_loop[0] = loop
-                watch_event_loop(loop)
+            watch_event_loop(asyncio.get_running_loop())  # uvloop loops skip the run_forever hook
             if self.spans:
                 native = scope.get("fastapi.telemetry")  # FastAPI >= 0.16x opened its own span
                 if native is None or getattr(native, "span", None) is None:
@@ -245,9 +242,6 @@ class TelemetryMiddleware:
                     _tracing.end_server_span(span, context_token, status or 500, error)
             except Exception as exc:
                 hook_error("asgi.end", exc)
-
-
-_last_loop: list[Any] = [None]
 
 
 def _span_details(scope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -328,7 +322,6 @@ def instrument_app(app: Any) -> None:
 def uninstall() -> None:
     _CACHE.clear()
     _LABELS.clear()
-    _last_loop[0] = None
     for cls, original in _originals.items():
         cls.build_middleware_stack = original  # type: ignore[attr-defined]
     _originals.clear()

@@ -156,7 +156,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         span = span_token = None
         if _spans[0]:
             parent = _tracing.extract_from_request(request)
-            span, span_token = _tracing.start_task_span(f"run/{labels.name}", "run", labels.name, task_id, parent)
+            span, span_token = _tracing.start_run_span(labels.name, task_id, parent)
         _running[task_id] = (time.perf_counter(), token, labels, span, span_token)
     except Exception as exc:
         hook_error("celery.prerun", exc)

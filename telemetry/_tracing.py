@@ -16,6 +16,7 @@ say, with nothing lost silently.
 from __future__ import annotations
 
 import os
+import types
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -156,15 +157,11 @@ def _load_api() -> Any:
         except ImportError:
             return None
 
-        class Api:
-            pass
-
-        api = Api()
-        api.context, api.propagate, api.trace = context, propagate, trace  # type: ignore[attr-defined]
-        api.SpanKind, api.Status, api.StatusCode = SpanKind, Status, StatusCode  # type: ignore[attr-defined]
-        api.tracer = trace.get_tracer("telemetry")  # type: ignore[attr-defined]
-        api.fast = _default_propagators(propagate)  # type: ignore[attr-defined]
-        _api = api
+        _api = types.SimpleNamespace(
+            context=context, propagate=propagate, trace=trace, SpanKind=SpanKind, Status=Status,
+            StatusCode=StatusCode, tracer=trace.get_tracer("telemetry"),
+            fast=_default_propagators(propagate),
+        )
     return _api
 
 
@@ -255,16 +252,20 @@ def end_server_span(span: Any, token: Any, status: int, error: BaseException | N
     api.context.detach(token)
 
 
-def start_task_span(name: str, kind: str, task_name: str, task_id: str | None, parent: Any = None) -> tuple[Any, Any]:
-    """A Celery PRODUCER (``apply_async/<task>``) or CONSUMER (``run/<task>``) span, current
-    until :func:`end_task_span`; named and attributed as OpenTelemetry's Celery instrumentation
-    names them, so existing queries keep working."""
-    api = _api or _load_api()
+def _task_attributes(task_name: str, task_id: str | None) -> dict[str, str]:
     attributes = {"celery.task_name": task_name}  # each attribute costs ~2 us of SDK validation
     if task_id:
         attributes["messaging.message.id"] = task_id
-    span_kind = api.SpanKind.PRODUCER if kind == "apply_async" else api.SpanKind.CONSUMER
-    span = api.tracer.start_span(name, context=parent, kind=span_kind, attributes=attributes)
+    return attributes
+
+
+def start_run_span(task_name: str, task_id: str | None, parent: Any = None) -> tuple[Any, Any]:
+    """The task's CONSUMER span ``run/<task>``, current until :func:`end_task_span`; named and
+    attributed as OpenTelemetry's Celery instrumentation names it, so existing queries keep
+    working."""
+    api = _api or _load_api()
+    span = api.tracer.start_span(f"run/{task_name}", context=parent, kind=api.SpanKind.CONSUMER,
+                                 attributes=_task_attributes(task_name, task_id))  # fmt: skip
     token = api.context.attach(api.trace.set_span_in_context(span, parent))
     return span, token
 
@@ -288,10 +289,8 @@ def start_producer_span(task_name: str, task_id: str | None) -> tuple[Any, Any]:
     """The publish span (not made current: it ends in another signal); returns it and the
     context to inject into the message."""
     api = _api or _load_api()
-    attributes = {"celery.task_name": task_name}
-    if task_id:
-        attributes["messaging.message.id"] = task_id
-    span = api.tracer.start_span(f"apply_async/{task_name}", kind=api.SpanKind.PRODUCER, attributes=attributes)
+    span = api.tracer.start_span(f"apply_async/{task_name}", kind=api.SpanKind.PRODUCER,
+                                 attributes=_task_attributes(task_name, task_id))  # fmt: skip
     return span, api.trace.set_span_in_context(span)
 
 
