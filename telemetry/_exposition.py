@@ -37,10 +37,19 @@ def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any
     for (name, labels), hist in total.hists.items():
         by_name.setdefault(name, []).append((labels, hist))
     reporting = set()
+    host_wide: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
     for pid, snap in live:
         for (name, labels), value in _snapshot.gauges(snap):
             reporting.add((name, labels))
+            spec = CATALOGUE.get(name)
+            if spec is not None and "pid" not in spec.labels:
+                # the shared view's, from the host's one polling process (one value per series
+                # even while the poller changes hands)
+                host_wide[(name, labels)] = value
+                continue
             by_name.setdefault(name, []).append((labels + (("pid", str(pid)),), value))
+    for (name, labels), value in host_wide.items():
+        by_name.setdefault(name, []).append((labels, value))
     for name, labels in total.gone:  # series whose processes are all gone read 0
         if (name, labels) not in reporting:
             by_name.setdefault(name, []).append((labels + (("pid", ""),), 0))

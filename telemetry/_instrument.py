@@ -74,6 +74,10 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             from ._asgi import ASGIIntegration
 
             runtime.add(ASGIIntegration())
+        if loaded.server_view_url or loaded.pgbouncer_url:
+            from ._shared import SharedViewIntegration
+
+            runtime.add(SharedViewIntegration())
         runtime.complete = True
         return loaded
 

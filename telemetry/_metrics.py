@@ -65,6 +65,11 @@ ZERO_WHEN_GONE = frozenset({
 })  # fmt: skip
 
 
+#: counters read from another system (pgbouncer's own totals), published by the host's one
+#: shared-view process: taken as they are (the largest reading of the live processes), never summed
+#: over processes nor archived, so a change of the polling process neither doubles nor loses them
+EXTERNAL = frozenset({"pgbouncer_client_wait_seconds_total", "pgbouncer_transactions_total"})
+
 _SPECS = [
     MetricSpec(
         "db_pool_connections_in_use", GAUGE, POOL_PID, "connections",
@@ -256,6 +261,128 @@ _SPECS = [
     MetricSpec(
         "event_loop_blocked_total", COUNTER, ("service",), "episodes",
         "Times the loop was blocked longer than the threshold (each logged as event_loop_blocked).",
+    ),
+    # ---------------------------------------------------------------- PostgreSQL server view
+    # host-wide: published by one process per host (no pid label); see docs/shared-view.md
+    MetricSpec(
+        "db_server_connections", GAUGE, ("application", "state"), "connections",
+        "Server client backends (pg_stat_activity) by application (the service part of "
+        "application_name service/pid@host) and state: active, idle, idle in transaction, "
+        "idle in transaction (aborted).",
+    ),
+    MetricSpec(
+        "db_server_wait_events", GAUGE, ("application", "wait_event_type"), "connections",
+        "Active server backends waiting, by wait event type (Lock, LWLock, IO, Client, ...).",
+    ),
+    MetricSpec(
+        "db_server_connections_max", GAUGE, (), "connections",
+        "Connections the server accepts from ordinary roles: max_connections minus "
+        "superuser_reserved_connections (and reserved_connections on PostgreSQL 16+).",
+    ),
+    MetricSpec(
+        "db_server_oldest_transaction_seconds", GAUGE, ("application",), "seconds",
+        "Age of the oldest open transaction of the application's backends.",
+    ),
+    MetricSpec(
+        "db_server_oldest_idle_in_transaction_seconds", GAUGE, ("application",), "seconds",
+        "Longest time one of the application's backends has sat idle inside a transaction.",
+    ),
+    MetricSpec(
+        "db_server_connections_by_owner", GAUGE, ("service", "owner", "state"), "connections",
+        "Server backends joined to the owner (route template, task, db_owner) whose client "
+        "connection holds them right now, by backend state: what no server-side exporter can know.",
+    ),
+    MetricSpec(
+        "db_server_lock_waiting", GAUGE, ("application",), "connections",
+        "Backends of the application waiting for a lock (pg_locks not granted).",
+    ),
+    MetricSpec(
+        "db_server_lock_wait_longest_seconds", GAUGE, (), "seconds",
+        "The longest current lock wait on the server (pg_locks.waitstart).",
+    ),
+    MetricSpec(
+        "db_server_lock_blocking", GAUGE,
+        ("blocker_service", "blocker_owner", "blocked_service", "blocked_owner"), "connections",
+        "Backends waiting for a lock, by who blocks them (pg_blocking_pids: the blocker not itself waiting) and who "
+        "waits, each joined to its service and owner (unknown: not on this host or not ours).",
+    ),
+    MetricSpec(
+        "db_server_view_up", GAUGE, (), "boolean",
+        "1 when the last server-view poll succeeded; 0: the db_server_ figures are stale.",
+    ),
+    MetricSpec(
+        "db_server_view_age_seconds", GAUGE, (), "seconds",
+        "Seconds since the db_server_ figures were last read successfully.",
+    ),
+    MetricSpec(
+        "db_server_view_query_seconds", GAUGE, (), "seconds",
+        "Duration of the last server-view query set (pg_stat_activity, pg_locks, settings).",
+    ),
+    MetricSpec(
+        "db_server_view_errors_total", COUNTER, ("reason",), "errors",
+        "Server-view polls that failed: timeout, refused, auth, permission, not_found, error.",
+    ),
+    MetricSpec(
+        "db_server_events_total", COUNTER, ("event",), "events",
+        "Shared-view events emitted: db_lock_wait, db_idle_in_transaction, db_pooler_waiting.",
+    ),
+    # ---------------------------------------------------------------- pgbouncer view
+    MetricSpec(
+        "pgbouncer_clients", GAUGE, ("database", "user", "state"), "connections",
+        "Client connections of the pool (SHOW POOLS cl_active, cl_waiting): waiting = queued "
+        "for a server connection.",
+    ),
+    MetricSpec(
+        "pgbouncer_servers", GAUGE, ("database", "user", "state"), "connections",
+        "Server connections of the pool by state (SHOW POOLS sv_active, sv_idle, sv_used, "
+        "sv_tested, sv_login).",
+    ),
+    MetricSpec(
+        "pgbouncer_pool_size", GAUGE, ("database",), "connections",
+        "Server connections pgbouncer opens per user/database pair (SHOW DATABASES pool_size).",
+    ),
+    MetricSpec(
+        "pgbouncer_client_maxwait_seconds", GAUGE, ("database", "user"), "seconds",
+        "How long the oldest waiting client of the pool has waited (SHOW POOLS maxwait).",
+    ),
+    MetricSpec(
+        "pgbouncer_client_wait_seconds_total", COUNTER, ("database",), "seconds",
+        "Time clients spent waiting for a server connection since pgbouncer started "
+        "(SHOW STATS total_wait_time); rate() of it is the pooler's share of request time.",
+    ),
+    MetricSpec(
+        "pgbouncer_transactions_total", COUNTER, ("database",), "transactions",
+        "Transactions pooled since pgbouncer started (SHOW STATS total_xact_count).",
+    ),
+    MetricSpec(
+        "pgbouncer_clients_by_application", GAUGE, ("application", "state"), "connections",
+        "Client connections by application (SHOW CLIENTS application_name, service part) and "
+        "state: active (linked to a server connection), waiting, idle.",
+    ),
+    MetricSpec(
+        "pgbouncer_client_wait_longest_seconds", GAUGE, ("application",), "seconds",
+        "The longest current wait of the application's waiting clients (SHOW CLIENTS wait).",
+    ),
+    MetricSpec(
+        "pgbouncer_servers_by_application", GAUGE, ("database", "application"), "connections",
+        "Server connections held right now, by the application of the client they are linked "
+        "to (SHOW SERVERS link -> SHOW CLIENTS): who holds the pooler's connections.",
+    ),
+    MetricSpec(
+        "pgbouncer_view_up", GAUGE, (), "boolean",
+        "1 when the last pgbouncer poll succeeded; 0: the pgbouncer_ figures are stale.",
+    ),
+    MetricSpec(
+        "pgbouncer_view_age_seconds", GAUGE, (), "seconds",
+        "Seconds since the pgbouncer_ figures were last read successfully.",
+    ),
+    MetricSpec(
+        "pgbouncer_view_query_seconds", GAUGE, (), "seconds",
+        "Duration of the last pgbouncer admin query set (SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES).",
+    ),
+    MetricSpec(
+        "pgbouncer_view_errors_total", COUNTER, ("reason",), "errors",
+        "pgbouncer polls that failed: timeout, refused, auth, permission, not_found, error.",
     ),
     # ---------------------------------------------------------------- tracing
     MetricSpec(

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import _snapshot
 from ._snapshot import Snap
-from ._stats import snapshot
+from ._stats import owner_rows, snapshot
 
 PREFIX = "telemetry-"
 ARCHIVE = "telemetry-archive.json"
@@ -135,7 +135,11 @@ class ProcessFile:
         """Write this process's snapshot now and return it."""
         with self._lock:
             snap = snapshot()
-            _write_atomic(self.path, {"pid": self.pid, "start": self.start, "snap": snap})
+            payload = {"pid": self.pid, "start": self.start, "snap": snap}
+            owners = owner_rows()
+            if owners:
+                payload["owners"] = owners
+            _write_atomic(self.path, payload)
         return snap
 
     def remove(self) -> None:
@@ -254,3 +258,8 @@ def _mark_stock_dead(directory: str, pids: list[int]) -> None:
             multiprocess.mark_process_dead(pid, directory)
     except Exception:  # pragma: no cover - user metrics only; never break a scrape
         pass
+
+
+def proc_start(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (public name for the shared view's liveness check)."""
+    return _proc_start(pid)

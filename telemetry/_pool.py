@@ -28,6 +28,8 @@ import asyncio
 import functools
 import gc
 import math
+import os
+import socket
 import sys
 import threading
 import time
@@ -48,7 +50,7 @@ from ._integration import Integration
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from ._owner import ACCOUNT, OWNER, RequestAccount
-from ._stats import REGISTRY, Histogram, Sample, owner_histogram
+from ._stats import OWNER_SOURCES, REGISTRY, Histogram, Sample, owner_histogram
 
 _ATTR = "_telemetry_state"
 _SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
@@ -124,10 +126,12 @@ class _Config:
     critical_interval = 10.0
     max_owners = 100
     connection_limit: int | None = None
+    application_name = True
     auto = True
 
     def load(self, settings: Any) -> None:
         self.service = settings.service
+        self.application_name = settings.application_name
         self.hold_threshold = settings.hold_threshold_seconds
         self.critical_ratio = settings.critical_usage_ratio
         self.critical_interval = settings.critical_log_interval_seconds
@@ -471,6 +475,11 @@ def _on_soft_invalidate(dbapi_connection: Any, rec: Any, exc: Any) -> None:
 
 def _on_connect(dbapi_connection: Any, rec: Any) -> None:
     try:
+        rec._telemetry_peer = peer_of(dbapi_connection)
+    except Exception as exc:
+        rec._telemetry_peer = None
+        hook_error("pool.peer", exc)
+    try:
         st = _state_of_record(rec)
         if st is not None:
             st.connects += 1
@@ -486,6 +495,87 @@ def _state_of_record(rec: Any) -> PoolState | None:
         return None
     st = pool.__dict__.get(_ATTR) or _state_for(pool)
     return None if st is _SKIP else st
+
+
+# --------------------------------------------------------------------------- who is who on the server
+
+_HOST = socket.gethostname().split(".", 1)[0]
+
+
+def application_name(pid: int | None = None) -> str:
+    """``service/pid@host``, at most 63 bytes (PostgreSQL's NAMEDATALEN - 1)."""
+    name = f"{CONFIG.service}/{pid or os.getpid()}@{_HOST}"
+    return name.encode()[:63].decode(errors="ignore")
+
+
+def _has_application_name(cargs: Any, cparams: dict[str, Any]) -> bool:
+    if "application_name" in cparams or os.environ.get("PGAPPNAME"):
+        return True
+    texts = [*(a for a in cargs if isinstance(a, str)), str(cparams.get("dsn") or ""),
+             str(cparams.get("conninfo") or "")]  # fmt: skip
+    return any("application_name" in t for t in texts)
+
+
+def _on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    """Name every PostgreSQL connection after its service and process (a name the user set, in
+    the URL, ``connect_args`` or ``PGAPPNAME``, is kept)."""
+    try:
+        if not CONFIG.application_name or dialect.name != "postgresql":
+            return
+        if dialect.driver == "asyncpg":
+            settings = dict(cparams.get("server_settings") or {})
+            if "application_name" not in settings:
+                settings["application_name"] = application_name()
+                cparams["server_settings"] = settings
+        elif not _has_application_name(cargs, cparams):
+            cparams["application_name"] = application_name()
+    except Exception as exc:
+        hook_error("pool.application_name", exc)
+
+
+def _local_port(fd: int) -> int | None:
+    dup = socket.socket(fileno=os.dup(fd))
+    try:
+        name = dup.getsockname()
+    finally:
+        dup.close()
+    return int(name[1]) if isinstance(name, tuple) and len(name) >= 2 else None
+
+
+def peer_of(dbapi_connection: Any) -> tuple[int | None, int | None] | None:
+    """``(server backend pid, local TCP port)`` of a new connection, from the driver without a
+    round trip (psycopg 3, psycopg2, asyncpg); None for other drivers. Through pgbouncer the pid
+    is the pooler's, and the local port is what joins the connection to ``SHOW CLIENTS``."""
+    conn = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    info = getattr(conn, "info", None)
+    if info is not None and hasattr(info, "backend_pid") and hasattr(conn, "pgconn"):  # psycopg 3
+        return info.backend_pid, _local_port(conn.pgconn.socket)
+    if hasattr(conn, "get_backend_pid") and hasattr(conn, "fileno"):  # psycopg2
+        return conn.get_backend_pid(), _local_port(conn.fileno())
+    if hasattr(conn, "get_server_pid"):  # asyncpg
+        transport = getattr(conn, "_transport", None)
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        port = int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+        return conn.get_server_pid(), port
+    return None
+
+
+def owner_table() -> list[list[Any]]:
+    """The connections held right now whose server identity is known:
+    ``[backend_pid, local_port, service, owner, since (epoch s), trace_id]``; the shared view
+    joins server and pooler rows to owners through it (written to the process file)."""
+    out: list[list[Any]] = []
+    now_wall, now = time.time(), _perf()
+    for rec, h in list(_held.items()):
+        peer = getattr(rec, "_telemetry_peer", None)
+        if not peer:
+            continue
+        trace_id = ""
+        if h.context is not None:
+            trace_id = trace_ids(h.context).get("trace_id", "")
+        out.append([peer[0], peer[1], CONFIG.service, h.owner, round(now_wall - (now - h.since), 3),
+                    trace_id])  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- rare paths
@@ -644,6 +734,7 @@ def install(*, auto: bool) -> None:
         _ConnectionFairy.detach = _wrap_detach(_ConnectionFairy.detach)  # type: ignore[method-assign]
         for name, fn in _LISTENERS:
             event.listen(Pool, name, fn)
+        event.listen(Engine, "do_connect", _on_do_connect)
         if auto:
             _discover()
 
@@ -687,6 +778,8 @@ def uninstall() -> None:
         for name, fn in _LISTENERS:
             if event.contains(Pool, name, fn):
                 event.remove(Pool, name, fn)
+        if event.contains(Engine, "do_connect", _on_do_connect):
+            event.remove(Engine, "do_connect", _on_do_connect)
         for cls, orig in _patched.items():
             if cls is StaticPool:
                 del StaticPool.connect
@@ -740,6 +833,8 @@ class SQLAlchemyIntegration(Integration):
         self.runtime = runtime
         CONFIG.load(runtime.settings)
         install(auto=self.auto)
+        if owner_table not in OWNER_SOURCES:
+            OWNER_SOURCES.append(owner_table)
 
     def enable_auto(self) -> None:
         """``instrument()`` after ``instrument_sqlalchemy()``: every pool, with its settings."""
@@ -752,6 +847,8 @@ class SQLAlchemyIntegration(Integration):
 
     def uninstall(self) -> None:
         uninstall()
+        if owner_table in OWNER_SOURCES:
+            OWNER_SOURCES.remove(owner_table)
         REGISTRY.discard(lambda source: isinstance(source, PoolState))
 
     def after_fork(self) -> None:

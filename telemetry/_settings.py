@@ -124,6 +124,29 @@ def _optional_path(raw: Any) -> str | None:
     return text or None
 
 
+def _dsn(raw: Any) -> str | None:
+    """A PostgreSQL URL (``postgresql://user:pass@host:port/db``; ``postgres://`` and SQLAlchemy's
+    ``postgresql+driver://`` are accepted and normalised) or empty for off."""
+    text = str(raw).strip() if raw is not None else ""
+    if not text:
+        return None
+    scheme, sep, rest = text.partition("://")
+    base = scheme.split("+", 1)[0].lower()
+    if not sep or base not in ("postgresql", "postgres") or not rest:
+        raise ValueError("a URL postgresql://user[:password]@host[:port]/database (or empty: off)")
+    return "postgresql://" + rest
+
+
+def mask_url(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``: never log a password."""
+    scheme, sep, rest = str(text).partition("://")
+    if not sep or "@" not in rest:
+        return text
+    auth, _, host = rest.rpartition("@")
+    user, colon, _password = auth.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
 def _default_service() -> str:
     base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return base.removesuffix(".py") or "python"
@@ -134,6 +157,7 @@ class _Field:
     env: tuple[str, ...]
     parse: Callable[[Any], Any]
     default: Callable[[], Any]
+    secret: bool = False  # a URL that may carry a password: shown masked in errors
 
 
 _FIELDS: dict[str, _Field] = {
@@ -177,6 +201,25 @@ _FIELDS: dict[str, _Field] = {
     "connection_limit": _Field(
         ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
     ),
+    "application_name": _Field(("TELEMETRY_APPLICATION_NAME",), _bool, lambda: True),
+    "server_view_url": _Field(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True),
+    "pgbouncer_url": _Field(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True),
+    "shared_view_interval_seconds": _Field(
+        ("TELEMETRY_SHARED_VIEW_INTERVAL_SECONDS",), _number(0.2, 300.0, low_open=False), lambda: 1.0
+    ),
+    "shared_view_timeout_seconds": _Field(
+        ("TELEMETRY_SHARED_VIEW_TIMEOUT_SECONDS",), _number(0.05, 60.0, low_open=False), lambda: 2.0
+    ),
+    "lock_wait_event_seconds": _Field(
+        ("TELEMETRY_DB_LOCK_WAIT_EVENT_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.LOCK_WAIT_EVENT_SECONDS,
+    ),
+    "idle_in_transaction_event_seconds": _Field(
+        ("TELEMETRY_DB_IDLE_IN_TRANSACTION_EVENT_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.IDLE_IN_TRANSACTION_EVENT_SECONDS,
+    ),
 }
 
 
@@ -202,6 +245,13 @@ class Settings:
     metrics_port: int | None
     metrics_addr: str
     connection_limit: int | None
+    application_name: bool
+    server_view_url: str | None
+    pgbouncer_url: str | None
+    shared_view_interval_seconds: float
+    shared_view_timeout_seconds: float
+    lock_wait_event_seconds: float
+    idle_in_transaction_event_seconds: float
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -227,7 +277,7 @@ class Settings:
             try:
                 values[key] = field.parse(raw)
             except ValueError as exc:
-                shown = repr(raw)
+                shown = repr(mask_url(str(raw)) if field.secret else raw)
                 shown = shown if len(shown) <= 60 else f"{shown[:40]}...({len(shown)} characters)"
                 raise ConfigError(f"invalid {origin}{shown}: expected {exc}") from None
         return cls(**values)

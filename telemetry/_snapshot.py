@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._metrics import CATALOGUE, COUNTER, GAUGE, HISTOGRAM, ZERO_WHEN_GONE
+from ._metrics import CATALOGUE, COUNTER, EXTERNAL, GAUGE, HISTOGRAM, ZERO_WHEN_GONE
 
 Snap = dict[str, list[list[Any]]]
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -86,6 +86,10 @@ class Total:
                     self.gone.add(_key(name, labels))
         for name, labels, value in snap.get("c", []):
             key = _key(name, labels)
+            if name in EXTERNAL:  # another system's total: the live reading, never summed
+                if not dead:
+                    self.counters[key] = max(self.counters.get(key, 0), value)
+                continue
             self.counters[key] = self.counters.get(key, 0) + value
         for name, labels, counts, total_sum in snap.get("h", []):
             key = _key(name, labels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from ._metrics import CATALOGUE
@@ -96,6 +96,20 @@ class _Registry:
 
 
 REGISTRY = _Registry()
+
+#: owner-table providers (the SQLAlchemy integration registers one), written to the process
+#: file and joined by the shared view: ``[backend_pid, local_port, service, owner, since, trace_id]``
+OWNER_SOURCES: list[Callable[[], list[list[Any]]]] = []
+
+
+def owner_rows() -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for source in list(OWNER_SOURCES):
+        try:
+            rows.extend(source())
+        except Exception:  # noqa: S112 - a provider's error must not stop a flush
+            continue
+    return rows
 
 
 def after_fork_in_child() -> None:

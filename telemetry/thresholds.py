@@ -57,3 +57,25 @@ FOR_SPANS_LOST = "15m"
 RUNBOOK_BASE_URL = "https://github.com/example/telemetry/blob/main/docs/runbooks"
 GRAFANA_URL = "http://localhost:3000"
 LOKI_DATASOURCE_UID = "loki"
+
+#: The shared side (PostgreSQL server view, pgbouncer view).
+#: A lock wait this long emits ``db_lock_wait`` (the event fires during the episode).
+LOCK_WAIT_EVENT_SECONDS = 1.0
+#: A backend idle in a transaction this long emits ``db_idle_in_transaction``.
+IDLE_IN_TRANSACTION_EVENT_SECONDS = 5.0
+#: Longest current lock wait (seconds) that raises DbLockWaitLong.
+LOCK_WAIT_SECONDS_WARNING = 10.0
+FOR_LOCK_WAIT = "1m"
+#: Oldest idle-in-transaction age (seconds) that raises DbIdleInTransactionLong.
+IDLE_IN_TRANSACTION_SECONDS_WARNING = 30.0
+FOR_IDLE_IN_TRANSACTION = "2m"
+#: Server connections / (max_connections - reserved) that raises DbServerConnectionsNearMax.
+SERVER_CONNECTIONS_RATIO_WARNING = 0.85
+FOR_SERVER_CONNECTIONS = "5m"
+#: Clients queued in pgbouncer: any, sustained (warning); the longest waiting this long (critical).
+FOR_POOLER_WAITING = "2m"
+POOLER_MAXWAIT_SECONDS_CRITICAL = 5.0
+FOR_POOLER_MAXWAIT = "1m"
+#: The server or pooler view failing this long (its figures are stale).
+FOR_SHARED_VIEW_DOWN = "5m"
+DASHBOARD_UID_SERVER = "telemetry-db-server"

@@ -130,6 +130,63 @@ def restart_postgres(pg: Postgres) -> None:
 
 
 @dataclass
+class Pgbouncer:
+    """pgbouncer in transaction mode in front of a throwaway PostgreSQL."""
+
+    port: int
+    pool_size: int
+    process: subprocess.Popen[bytes]
+
+    def url(self, driver: str = "psycopg", user: str = "postgres") -> str:
+        return f"postgresql+{driver}://{user}@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/pgbouncer"
+
+
+@contextlib.contextmanager
+def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
+    """pgbouncer (Debian package, run as the postgres user) on a free port, transaction mode,
+    ``default_pool_size=pool_size``, admin console database ``pgbouncer``."""
+    path = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if not path:
+        missing("pgbouncer (Debian package pgbouncer)")
+    assert path
+    workdir = tempfile.mkdtemp(prefix="telemetry-pgbouncer-")
+    port = free_port()
+    with open(f"{workdir}/userlist.txt", "w") as fh:
+        fh.write('"postgres" ""\n"monitor" ""\n')
+    with open(f"{workdir}/pgbouncer.ini", "w") as fh:
+        fh.write(
+            f"[databases]\npostgres = host=127.0.0.1 port={pg.port} dbname=postgres\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {workdir}/userlist.txt\npool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 500\nadmin_users = postgres\n"
+            f"stats_users = monitor\nlogfile = {workdir}/pgbouncer.log\n"
+            "ignore_startup_parameters = extra_float_digits,statement_timeout\n"
+        )
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        for name in ("", "/userlist.txt", "/pgbouncer.ini"):
+            os.chown(workdir + name, pw.pw_uid, pw.pw_gid)
+    proc = subprocess.Popen(
+        _as_postgres([path, f"{workdir}/pgbouncer.ini"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield Pgbouncer(port=port, pool_size=pool_size, process=proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
 class Redis:
     port: int
     process: subprocess.Popen[bytes]

@@ -3,6 +3,7 @@ with counters preserved, pid reuse is detected, scrapes during churn never go ba
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -44,6 +45,12 @@ def _checkouts(url: str, n: int) -> None:
             pass
 
 
+def _child_checkouts(url: str, n: int) -> None:
+    """In a forked child: a hang dumps every thread's stack and exits (never a hung test run)."""
+    faulthandler.dump_traceback_later(20, exit=True)  # exit=True: the watchdog ends with us
+    _checkouts(url, n)
+
+
 def test_forked_children_start_clean_and_dead_ones_are_archived(tmp_path):
     directory = str(tmp_path / "mp")
     os.mkdir(directory)
@@ -51,12 +58,17 @@ def test_forked_children_start_clean_and_dead_ones_are_archived(tmp_path):
     telemetry.instrument(service="worker", multiproc_dir=directory, flush_interval_seconds=0.05)
     _checkouts(url, 3)  # the parent's own, before forking
     ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_checkouts, args=(url, 5)) for _ in range(4)]
-    for p in children:
-        p.start()
-    for p in children:
-        p.join(30)
-        assert p.exitcode == 0
+    children = [ctx.Process(target=_child_checkouts, args=(url, 5), daemon=True) for _ in range(4)]
+    try:
+        for p in children:
+            p.start()
+        for p in children:
+            p.join(30)
+        assert [p.exitcode for p in children] == [0] * 4  # a hung child dumps its threads (stderr)
+    finally:
+        for p in children:
+            if p.is_alive():
+                p.kill()
     telemetry.flush()
     host = _host(directory)
     # 3 in the parent + 4 x 5 in children: nothing counted twice, nothing lost at os._exit

@@ -1,0 +1,665 @@
+"""The shared side: PostgreSQL's own view and pgbouncer's, joined to the services and owners
+that hold their connections.
+
+What every process contributes: its PostgreSQL connections carry ``application_name =
+service/pid@host`` (``_pool``), and its process file lists the connections it holds right now with
+their server backend pid and local TCP port (``_pool.owner_table``).
+
+What one process per host does (the *leader*: whoever holds a POSIX record lock on
+``<multiproc_dir>/telemetry-shared-view.lock``; a lone process without a directory is its own
+leader): every ``shared_view_interval_seconds`` it runs one query set against the server
+(``pg_stat_activity``, ``pg_locks``/``pg_blocking_pids``, settings) and one against pgbouncer's
+admin console (``SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES``), each through one connection of its
+own outside every pool, with a statement timeout, in a thread of its own: a slow or dead server
+never blocks a request, a task or a scrape. The figures go into the leader's snapshot (host-wide
+gauges without a ``pid`` label), the last good ones kept and marked stale on failure.
+
+The join to owners: a server backend is held by the client connection with the same backend pid
+(a direct connection) or, through pgbouncer, by the client that ``SHOW SERVERS.link`` points at,
+identified by its TCP port in ``SHOW CLIENTS``; both keys are in the owner tables of the host's
+processes. Owners on other hosts are not known here: their application name still names the
+service, process and host, and that host's leader names the owner (see docs/shared-view.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ._integration import Integration
+from ._log import emit, hook_error
+from ._settings import ConfigError, mask_url
+from ._stats import OWNER_SOURCES, REGISTRY, Sample, owner_rows
+
+LOCK_FILE = "telemetry-shared-view.lock"
+_APP_RE = re.compile(r"^(?P<service>.+)/(?P<pid>\d+)@(?P<host>.*)$")
+#: a pooler-queue episode is re-reported this often while it lasts
+POOLER_EVENT_REPEAT_SECONDS = 30.0
+
+def parse_application(name: str) -> tuple[str, str, str]:
+    """``service/pid@host`` -> (service, pid, host); another name -> (name, "", "")."""
+    m = _APP_RE.match(name or "")
+    if m is None:
+        return (name or "unnamed")[:60], "", ""
+    return m["service"], m["pid"], m["host"]
+
+
+_LITERAL = re.compile(
+    r"\$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$"  # dollar-quoted
+    r"|[eE]'(?:[^'\\]|\\.|'')*'"  # escape strings: E'it\'s'
+    r"|[bBxXnN]?'(?:[^']|'')*'"  # string literals
+    r"|(?<![\w$.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w$])",  # numbers
+    re.S,
+)
+
+
+def statement(text: str | None, limit: int = 300) -> str:
+    """The statement without its parameters: literals (interpolated by client-side binding
+    drivers such as psycopg2) become ``?``; ``$1`` placeholders stay."""
+    if not text:
+        return ""
+    return " ".join(_LITERAL.sub("?", text).split())[:limit]
+
+
+def _root(blockers: list[int], chain: dict[int, list[int]]) -> int:
+    """The blocker that matters: the first one up the chain holding its lock without waiting
+    itself (a row's second waiter waits for the first waiter, which waits for the holder)."""
+    seen: set[int] = set()
+    queue = list(blockers)
+    while queue:
+        pid = queue.pop(0)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if pid not in chain:
+            return pid
+        queue.extend(chain[pid])
+    return blockers[0]
+
+
+# --------------------------------------------------------------------------- host leadership
+
+
+class _Leader:
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        if self.directory is None or self.fd is not None:
+            return True
+        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+    def forget(self) -> None:
+        """In a forked child: record locks are not inherited; the copied fd is closed."""
+        self.release()
+
+
+def _host_owners(directory: str | None) -> list[list[Any]]:
+    """This process's owner rows and those the host's other live processes last wrote."""
+    rows = owner_rows()
+    if not directory:
+        return rows
+    from . import _multiprocess
+
+    own = os.getpid()
+    for path in glob.glob(os.path.join(directory, f"{_multiprocess.PREFIX}*-*.json")):
+        base = os.path.basename(path)
+        try:
+            pid_text, start = base[len(_multiprocess.PREFIX) : -len(".json")].split("-", 1)
+            pid = int(pid_text)
+        except ValueError:
+            continue
+        if pid == own or _multiprocess.proc_start(pid) != start:
+            continue
+        try:
+            with open(path) as fh:
+                rows.extend(json.load(fh).get("owners") or [])
+        except (OSError, ValueError):
+            continue
+    return rows
+
+
+# --------------------------------------------------------------------------- the figures
+
+
+class _Published:
+    """The leader's latest figures (replaced whole at each poll) and the view's own counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self.server: list[Sample] = []
+        self.pooler: list[Sample] = []
+        self.server_ok_at: float | None = None
+        self.pooler_ok_at: float | None = None
+        self.server_up: int | None = None
+        self.pooler_up: int | None = None
+        self.server_seconds = 0.0
+        self.pooler_seconds = 0.0
+        self.errors: dict[tuple[str, str], int] = {}
+        self.events: dict[str, int] = {}
+        self.polls = 0
+
+    def samples(self) -> Iterable[Sample]:
+        with self._lock:
+            server, pooler = list(self.server), list(self.pooler)
+            errors, events = dict(self.errors), dict(self.events)
+        now = time.time()
+        yield from server
+        yield from pooler
+        for target, up, ok_at, seconds in (
+            ("db_server", self.server_up, self.server_ok_at, self.server_seconds),
+            ("pgbouncer", self.pooler_up, self.pooler_ok_at, self.pooler_seconds),
+        ):
+            if up is None:
+                continue
+            yield f"{target}_view_up", (), up
+            yield f"{target}_view_query_seconds", (), seconds
+            if ok_at is not None:
+                yield f"{target}_view_age_seconds", (), round(now - ok_at, 3)
+        for (target, reason), n in errors.items():
+            yield f"{target}_view_errors_total", (("reason", reason),), n
+        for event, n in events.items():
+            yield "db_server_events_total", (("event", event),), n
+
+    def count_error(self, target: str, reason: str) -> None:
+        with self._lock:
+            self.errors[(target, reason)] = self.errors.get((target, reason), 0) + 1
+
+
+PUBLISHED = _Published()
+REGISTRY.add(PUBLISHED)
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    for needle, reason in (("timeout", "timeout"), ("canceling statement", "timeout"),
+                           ("refused", "refused"), ("password", "auth"), ("authentication", "auth"),
+                           ("permission", "permission"), ("not allowed", "permission"),
+                           ("does not exist", "not_found")):  # fmt: skip
+        if needle in text:
+            return reason
+    return "error"
+
+
+def _connect(url: str, timeout: float, *, admin: bool) -> Any:
+    """One autocommit connection outside every pool (psycopg 3, else psycopg2)."""
+    app = f"telemetry-shared-view/{os.getpid()}"
+    options: dict[str, Any] = {} if admin else {"options": f"-c statement_timeout={int(timeout * 1000)}"}
+    try:
+        import psycopg
+
+        # prepare_threshold=None: never prepared statements (pgbouncer admin console, transaction mode)
+        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout)), prepare_threshold=None,
+                               application_name=app, **options)  # fmt: skip
+    except ImportError:
+        import psycopg2
+
+        conn = psycopg2.connect(url, connect_timeout=max(1, round(timeout)), application_name=app,
+                                **options)  # fmt: skip
+        conn.autocommit = True
+        return conn
+
+
+def driver_available() -> bool:
+    for name in ("psycopg", "psycopg2"):
+        with contextlib.suppress(ImportError):
+            __import__(name)
+            return True
+    return False
+
+
+def _rows(conn: Any, sql: str) -> list[dict[str, Any]]:
+    cur = conn.cursor()
+    try:
+        cur.execute(sql)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        cur.close()
+
+
+_ACTIVITY_SQL = """
+select a.pid, coalesce(a.application_name, '') as app, coalesce(a.state, '') as state,
+       coalesce(a.wait_event_type, '') as wait_type, a.client_port,
+       extract(epoch from now() - a.xact_start)::float8 as xact_age,
+       extract(epoch from now() - a.state_change)::float8 as state_age,
+       a.query, a.backend_type
+from pg_stat_activity a
+where a.pid <> pg_backend_pid() and a.backend_type = 'client backend'
+"""
+_LOCKS_SQL = """
+select w.pid, pg_blocking_pids(w.pid) as blockers,
+       extract(epoch from now() - coalesce(l.waitstart, w.query_start))::float8 as waited,
+       extract(epoch from coalesce(l.waitstart, w.query_start))::float8 as wait_started,
+       l.locktype, l.mode,
+       coalesce(l.relation::regclass::text,
+                (select t.relation::regclass::text from pg_locks t   -- a row lock's first waiter
+                 where t.pid = w.pid and t.locktype = 'tuple' limit 1), '') as relation
+from pg_stat_activity w
+join pg_locks l on l.pid = w.pid and not l.granted
+where w.wait_event_type = 'Lock'
+"""
+_LIMIT_SQL = """
+select current_setting('max_connections')::int
+     - current_setting('superuser_reserved_connections')::int
+     - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0) as usable
+"""
+
+
+class _Poller:
+    """The leader's work, one round per interval (in the shared-view thread)."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.server_conn: Any = None
+        self.pooler_conn: Any = None
+        self.locks_reported: dict[tuple[int, float], float] = {}
+        self.idle_reported: dict[tuple[int, float], float] = {}
+        self.pooler_episodes: dict[str, float] = {}  # database -> last report
+        self.logged_failure: set[str] = set()
+
+    def close(self) -> None:
+        for conn in (self.server_conn, self.pooler_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self.server_conn = self.pooler_conn = None
+
+    # ---------------------------------------------------------------- one round
+
+    def poll(self) -> None:
+        s = self.settings
+        owners = _host_owners(s.multiproc_dir)
+        by_pid = {row[0]: row for row in owners if row[0]}
+        by_port = {row[1]: row for row in owners if row[1]}
+        pooler = self._pooler() if s.pgbouncer_url else None
+        if s.server_view_url:
+            self._server(by_pid, by_port, pooler)
+        PUBLISHED.polls += 1
+
+    def _fail(self, target: str, exc: BaseException, url: str) -> None:
+        reason = _reason(exc)
+        PUBLISHED.count_error(target, reason)
+        if target == "db_server":
+            PUBLISHED.server_up = 0
+            conn, self.server_conn = self.server_conn, None
+        else:
+            PUBLISHED.pooler_up = 0
+            conn, self.pooler_conn = self.pooler_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if target not in self.logged_failure:  # once per outage
+            self.logged_failure.add(target)
+            emit("warning", "telemetry_shared_view_failed", target=target, reason=reason,
+                 url=mask_url(url), error=str(exc).splitlines()[0][:200] if str(exc) else "",
+                 message="the figures keep their last good values and are marked stale "
+                 f"({target}_view_up 0, {target}_view_age_seconds grows)")  # fmt: skip
+
+    # ---------------------------------------------------------------- pgbouncer
+
+    def _pooler(self) -> dict[str, Any] | None:
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            if self.pooler_conn is None:
+                self.pooler_conn = _connect(s.pgbouncer_url, s.shared_view_timeout_seconds, admin=True)
+            conn = self.pooler_conn
+            pools = _rows(conn, "SHOW POOLS")
+            stats = _rows(conn, "SHOW STATS")
+            clients = _rows(conn, "SHOW CLIENTS")
+            servers = _rows(conn, "SHOW SERVERS")
+            databases = _rows(conn, "SHOW DATABASES")
+        except Exception as exc:
+            self._fail("pgbouncer", exc, s.pgbouncer_url)
+            return None
+        PUBLISHED.pooler_seconds = round(time.perf_counter() - t0, 6)
+        self.logged_failure.discard("pgbouncer")
+        return self._publish_pooler(pools, stats, clients, servers, databases)
+
+    def _publish_pooler(self, pools: list[dict[str, Any]], stats: list[dict[str, Any]],
+                        clients: list[dict[str, Any]], servers: list[dict[str, Any]],
+                        databases: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+        out: list[Sample] = []
+        for p in pools:
+            if p["database"] == "pgbouncer":
+                continue
+            lb = (("database", str(p["database"])), ("user", str(p["user"])))
+            out.append(("pgbouncer_clients", lb + (("state", "active"),), int(p["cl_active"])))
+            out.append(("pgbouncer_clients", lb + (("state", "waiting"),), int(p["cl_waiting"])))
+            for state in ("active", "idle", "used", "tested", "login"):
+                out.append(("pgbouncer_servers", lb + (("state", state),), int(p[f"sv_{state}"])))
+            maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
+            out.append(("pgbouncer_client_maxwait_seconds", lb, maxwait))
+        for d in databases:
+            if d["name"] != "pgbouncer" and d.get("pool_size") is not None:
+                out.append(("pgbouncer_pool_size", (("database", str(d["name"])),), int(d["pool_size"])))
+        for st in stats:
+            if st["database"] == "pgbouncer":
+                continue
+            db = (("database", str(st["database"])),)
+            out.append(("pgbouncer_client_wait_seconds_total", db, float(st["total_wait_time"]) / 1e6))
+            out.append(("pgbouncer_transactions_total", db, float(st["total_xact_count"])))
+        by_ptr = {c["ptr"]: c for c in clients}
+        per_app: dict[tuple[str, str], int] = {}
+        longest: dict[str, float] = {}
+        for c in clients:
+            if c["database"] == "pgbouncer":
+                continue
+            app = parse_application(c.get("application_name") or "")[0]
+            state = "waiting" if c["state"] == "waiting" else ("active" if c["link"] else "idle")
+            per_app[(app, state)] = per_app.get((app, state), 0) + 1
+            if state == "waiting":
+                waited = int(c.get("wait") or 0) + int(c.get("wait_us") or 0) / 1e6
+                longest[app] = max(longest.get(app, 0.0), waited)
+        for (app, state), n in per_app.items():
+            out.append(("pgbouncer_clients_by_application", (("application", app), ("state", state)), n))
+        for app, waited in longest.items():
+            out.append(("pgbouncer_client_wait_longest_seconds", (("application", app),), waited))
+        holders: dict[tuple[str, str], int] = {}
+        server_client: dict[int, dict[str, Any]] = {}  # server backend pid -> linked client row
+        for sv in servers:
+            client = by_ptr.get(sv["link"]) if sv["link"] else None
+            if client is None:
+                continue
+            if sv.get("remote_pid"):
+                server_client[int(sv["remote_pid"])] = client
+            app = parse_application(client.get("application_name") or "")[0]
+            key = (str(sv["database"]), app)
+            holders[key] = holders.get(key, 0) + 1
+        for (database, app), n in holders.items():
+            out.append(("pgbouncer_servers_by_application",
+                        (("database", database), ("application", app)), n))  # fmt: skip
+        with PUBLISHED._lock:
+            PUBLISHED.pooler = out
+        PUBLISHED.pooler_up = 1
+        PUBLISHED.pooler_ok_at = time.time()
+        return {"pools": pools, "clients": clients, "servers": servers, "by_ptr": by_ptr,
+                "server_client": server_client, "holders": holders}  # fmt: skip
+
+    # ---------------------------------------------------------------- the server
+
+    def _server(self, by_pid: dict[Any, list[Any]], by_port: dict[Any, list[Any]],
+                pooler: dict[str, Any] | None) -> None:  # fmt: skip
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            if self.server_conn is None:
+                self.server_conn = _connect(s.server_view_url, s.shared_view_timeout_seconds, admin=False)
+            conn = self.server_conn
+            activity = _rows(conn, _ACTIVITY_SQL)
+            locks = _rows(conn, _LOCKS_SQL)
+            usable = _rows(conn, _LIMIT_SQL)[0]["usable"]
+        except Exception as exc:
+            self._fail("db_server", exc, s.server_view_url)
+            return
+        PUBLISHED.server_seconds = round(time.perf_counter() - t0, 6)
+        self.logged_failure.discard("db_server")
+        server_client = pooler["server_client"] if pooler else {}
+
+        def owner_of(row: dict[str, Any]) -> tuple[str, str, str, str]:
+            """(service, owner, host, trace_id) of the client holding this backend."""
+            service, _pid, host = parse_application(row["app"])
+            known = by_pid.get(row["pid"])
+            if known is None and row["pid"] in server_client:  # through the pooler
+                known = by_port.get(server_client[row["pid"]].get("port"))
+            if known is None and row.get("client_port"):
+                known = by_port.get(row["client_port"])
+            if known is None:
+                return service, "", host, ""
+            return str(known[2]), str(known[3]), host, str(known[5] or "")
+
+        out: list[Sample] = [("db_server_connections_max", (), int(usable))]
+        count: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+        def add(name: str, labels: tuple[tuple[str, str], ...], value: float = 1.0,
+                agg: Callable[[float, float], float] = lambda a, b: a + b) -> None:  # fmt: skip
+            key = (name, labels)
+            count[key] = agg(count[key], value) if key in count else value
+
+        by_pid_row = {}
+        for row in activity:
+            by_pid_row[row["pid"]] = row
+            app = parse_application(row["app"])[0]
+            state = row["state"] or "unknown"
+            add("db_server_connections", (("application", app), ("state", state)))
+            if row["wait_type"] and state == "active":
+                add("db_server_wait_events", (("application", app), ("wait_event_type", row["wait_type"])))
+            if row["xact_age"] is not None:
+                add("db_server_oldest_transaction_seconds", (("application", app),), row["xact_age"], max)
+            if state.startswith("idle in transaction") and row["state_age"] is not None:
+                add("db_server_oldest_idle_in_transaction_seconds", (("application", app),),
+                    row["state_age"], max)  # fmt: skip
+            service, owner, _host, _trace = owner_of(row)
+            if owner:
+                add("db_server_connections_by_owner",
+                    (("service", service), ("owner", owner), ("state", state)))  # fmt: skip
+        longest = 0.0
+        chain = {lk["pid"]: list(lk["blockers"] or []) for lk in locks}
+        for lk in locks:
+            waiting = by_pid_row.get(lk["pid"])
+            app = parse_application(waiting["app"])[0] if waiting else "unknown"
+            add("db_server_lock_waiting", (("application", app),))
+            longest = max(longest, lk["waited"] or 0.0)
+            blockers = list(lk["blockers"] or [])
+            blocker = by_pid_row.get(_root(blockers, chain)) if blockers else None
+            b_service, b_owner, _h, _t = owner_of(blocker) if blocker else ("unknown", "", "", "")
+            w_service, w_owner, _h2, _t2 = owner_of(waiting) if waiting else ("unknown", "", "", "")
+            add("db_server_lock_blocking",
+                (("blocker_service", b_service), ("blocker_owner", b_owner or "unknown"),
+                 ("blocked_service", w_service), ("blocked_owner", w_owner or "unknown")))  # fmt: skip
+        out.append(("db_server_lock_wait_longest_seconds", (), longest))
+        out.extend((name, labels, value) for (name, labels), value in count.items())
+        with PUBLISHED._lock:
+            PUBLISHED.server = out
+        PUBLISHED.server_up = 1
+        PUBLISHED.server_ok_at = time.time()
+        self._lock_events(locks, by_pid_row, owner_of)
+        self._idle_events(activity, owner_of)
+        if pooler is not None:
+            self._pooler_events(pooler, by_port)
+
+    # ---------------------------------------------------------------- events
+
+    def _count_event(self, event: str) -> None:
+        with PUBLISHED._lock:
+            PUBLISHED.events[event] = PUBLISHED.events.get(event, 0) + 1
+
+    def _lock_events(self, locks: list[dict[str, Any]], rows: dict[int, dict[str, Any]],
+                     owner_of: Callable[[dict[str, Any]], tuple[str, str, str, str]]) -> None:
+        threshold = self.settings.lock_wait_event_seconds
+        chain = {lk["pid"]: list(lk["blockers"] or []) for lk in locks}
+        seen = set()
+        for lk in locks:
+            key = (lk["pid"], round(lk["wait_started"] or 0.0, 3))
+            seen.add(key)
+            if key in self.locks_reported or (lk["waited"] or 0.0) < threshold:
+                continue
+            waiting = rows.get(lk["pid"])
+            blockers = list(lk["blockers"] or [])
+            blocker = rows.get(_root(blockers, chain)) if blockers else None
+            if waiting is None:
+                continue
+            w_service, w_owner, w_host, w_trace = owner_of(waiting)
+            fields: dict[str, Any] = {
+                "blocked_service": w_service, "blocked_owner": w_owner or "unknown",
+                "blocked_pid": lk["pid"], "blocked_host": w_host,
+                "blocked_wait_seconds": round(lk["waited"] or 0.0, 3),
+                "blocked_statement": statement(waiting["query"]),
+                "relation": lk["relation"] or "", "lock_type": lk["locktype"], "mode": lk["mode"],
+                "blocker_pids": blockers, "lock_key": f"{key[0]}:{key[1]}",
+            }  # fmt: skip
+            if blocker is not None:
+                b_service, b_owner, b_host, b_trace = owner_of(blocker)
+                fields.update(
+                    blocker_service=b_service, blocker_owner=b_owner or "unknown",
+                    blocker_pid=blocker["pid"], blocker_host=b_host,
+                    blocker_state=blocker["state"],
+                    blocker_xact_seconds=round(blocker["xact_age"] or 0.0, 3),
+                    blocker_statement=statement(blocker["query"]),
+                )  # fmt: skip
+                if b_trace:
+                    fields["blocker_trace_id"] = b_trace
+            if w_trace:
+                fields["trace_id"] = w_trace
+            self.locks_reported[key] = time.monotonic()
+            self._count_event("db_lock_wait")
+            emit("warning", "db_lock_wait", **fields)
+        for key in [k for k in self.locks_reported if k not in seen]:
+            del self.locks_reported[key]
+
+    def _idle_events(self, activity: list[dict[str, Any]],
+                     owner_of: Callable[[dict[str, Any]], tuple[str, str, str, str]]) -> None:
+        threshold = self.settings.idle_in_transaction_event_seconds
+        seen = set()
+        for row in activity:
+            if not row["state"].startswith("idle in transaction") or row["xact_age"] is None:
+                continue
+            key = (row["pid"], round(time.time() - row["xact_age"], 1))
+            seen.add(key)
+            if key in self.idle_reported or (row["state_age"] or 0.0) < threshold:
+                continue
+            service, owner, host, trace = owner_of(row)
+            fields: dict[str, Any] = {
+                "idle_service": service, "idle_owner": owner or "unknown", "pid": row["pid"],
+                "host": host, "state": row["state"],
+                "idle_seconds": round(row["state_age"] or 0.0, 3),
+                "xact_seconds": round(row["xact_age"] or 0.0, 3),
+                "last_statement": statement(row["query"]),
+            }  # fmt: skip
+            if trace:
+                fields["trace_id"] = trace
+            self.idle_reported[key] = time.monotonic()
+            self._count_event("db_idle_in_transaction")
+            emit("warning", "db_idle_in_transaction", **fields)
+        for key in [k for k in self.idle_reported if k not in seen]:
+            del self.idle_reported[key]
+
+    def _pooler_events(self, pooler: dict[str, Any], by_port: dict[Any, list[Any]]) -> None:
+        now = time.monotonic()
+        for p in pooler["pools"]:
+            database = str(p["database"])
+            if database == "pgbouncer":
+                continue
+            if int(p["cl_waiting"]) <= 0:
+                self.pooler_episodes.pop(database, None)
+                continue
+            last = self.pooler_episodes.get(database)
+            if last is not None and now - last < POOLER_EVENT_REPEAT_SECONDS:
+                continue
+            self.pooler_episodes[database] = now
+            holders: dict[tuple[str, str], int] = {}
+            for sv in pooler["servers"]:
+                client = pooler["by_ptr"].get(sv["link"]) if sv["link"] else None
+                if client is None or str(sv["database"]) != database:
+                    continue
+                service = parse_application(client.get("application_name") or "")[0]
+                known = by_port.get(client.get("port"))
+                owner = str(known[3]) if known else ""
+                holders[(service, owner)] = holders.get((service, owner), 0) + 1
+            waiting: dict[str, int] = {}
+            for c in pooler["clients"]:
+                if str(c["database"]) == database and c["state"] == "waiting":
+                    app = parse_application(c.get("application_name") or "")[0]
+                    waiting[app] = waiting.get(app, 0) + 1
+            maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
+            self._count_event("db_pooler_waiting")
+            emit(
+                "warning", "db_pooler_waiting", database=database, user=str(p["user"]),
+                clients_waiting=int(p["cl_waiting"]), longest_wait_seconds=round(maxwait, 3),
+                server_connections_active=int(p["sv_active"]),
+                holders=[{"service": sv, "owner": ow or "unknown", "server_connections": n}
+                         for (sv, ow), n in sorted(holders.items(), key=lambda kv: -kv[1])],
+                waiting_applications=waiting,
+            )  # fmt: skip
+
+
+class SharedViewIntegration(Integration):
+    """The server and pooler view (on when ``server_view_url`` or ``pgbouncer_url`` is set)."""
+
+    name = "shared_view"
+
+    def __init__(self) -> None:
+        self.settings: Any = None
+        self.thread: threading.Thread | None = None
+        self.stop_event = threading.Event()
+        self.leader: _Leader | None = None
+        self.poller: _Poller | None = None
+
+    def install(self, runtime: Any) -> None:
+        s = self.settings = runtime.settings
+        if not driver_available():
+            raise ConfigError(
+                "invalid TELEMETRY_SERVER_VIEW_URL / TELEMETRY_PGBOUNCER_URL: the server and pooler "
+                "view need the psycopg (3) or psycopg2 driver installed (pip install psycopg)"
+            )
+        self.leader = _Leader(s.multiproc_dir)
+        self._start()
+
+    def _start(self) -> None:
+        self.stop_event = threading.Event()
+        self.poller = _Poller(self.settings)
+        self.thread = threading.Thread(target=self._run, name="telemetry-shared-view", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        interval = self.settings.shared_view_interval_seconds
+        stop, poller, leader = self.stop_event, self.poller, self.leader
+        assert poller is not None and leader is not None
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    if leader.acquire():
+                        poller.poll()
+                except Exception as exc:
+                    hook_error("shared_view.poll", exc)
+                stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+        finally:
+            poller.close()
+
+    def uninstall(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join(timeout=self.settings.shared_view_timeout_seconds + 5)
+        if self.leader is not None:
+            self.leader.release()
+        PUBLISHED.reset()
+
+    def after_fork(self) -> None:
+        # the parent's thread and connections are not ours; a child polls only if it becomes leader
+        if self.leader is not None:
+            self.leader.forget()
+        if self.poller is not None:
+            self.poller.server_conn = self.poller.pooler_conn = None  # the parent's sockets
+        PUBLISHED.reset()
+        self._start()
+
+
+__all__ = ["OWNER_SOURCES", "SharedViewIntegration", "owner_rows", "parse_application", "statement"]

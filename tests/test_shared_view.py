@@ -1,0 +1,410 @@
+"""The shared side against a real PostgreSQL and a real pgbouncer (transaction mode): the pooler
+queue named by who holds its server connections, a row-lock chain named by route, idle in
+transaction, two simulated hosts, one query set per host, and failures that never reach the app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+
+import telemetry
+from telemetry import _exposition, _shared
+from telemetry.testing import capture_events
+
+from . import services
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bouncer(pg: services.Postgres) -> Iterator[services.Pgbouncer]:
+    with services.start_pgbouncer(pg, pool_size=4) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def row(pg: services.Postgres) -> str:
+    pg.psql("create table if not exists shared_item (id int primary key, n int); "
+            "insert into shared_item values (1, 0) on conflict do nothing")  # fmt: skip
+    return "shared_item"
+
+
+def _host(directory: str | None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    if directory is None:
+        return telemetry.testing.metrics()
+    out = {}
+    for fam in _exposition.host_registry(directory).collect():
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _value(host: dict, name: str, **labels: str) -> float | None:
+    found = [v for (n, lb), v in host.items() if n == name and all((k, w) in lb for k, w in labels.items())]
+    return sum(found) if found else None
+
+
+def _wait_for(predicate: Any, timeout: float = 20.0, step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(step)
+    return predicate()
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from sqlalchemy import create_engine, text
+    import telemetry
+    from telemetry.testing import capture_events
+    url, directory, holders, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    extra = {"server_view_url": sys.argv[5]} if len(sys.argv) > 5 else {}
+    telemetry.instrument(service="worker", multiproc_dir=directory, flush_interval_seconds=0.1,
+                         **extra)
+    engine = create_engine(url, pool_size=holders, max_overflow=0)
+    ready = threading.Barrier(holders + 1)
+
+    def hold():
+        with telemetry.db_owner("content_task"), engine.begin() as conn:
+            conn.execute(text(sys.argv[6] if len(sys.argv) > 6 else "select 1"))
+            ready.wait()
+            time.sleep(seconds)
+
+    with capture_events("db_lock_wait") as events:
+        threads = [threading.Thread(target=hold) for _ in range(holders)]
+        for t in threads:
+            t.start()
+        ready.wait()
+        print("holding", flush=True)
+        for t in threads:
+            t.join()
+    print(json.dumps(events, default=str), flush=True)
+    """
+)
+
+
+def _start_worker(url: str, directory: str, holders: int, seconds: float, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, url, directory, str(holders), str(seconds), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "holding":
+        proc.kill()
+        raise AssertionError(proc.stderr.read() if proc.stderr else "worker failed")
+    return proc
+
+
+def test_pooler_queue_names_the_service_and_owner_holding_the_server_connections(
+    pg: services.Postgres, bouncer: services.Pgbouncer, tmp_path: Any
+) -> None:
+    directory = str(tmp_path)
+    with capture_events("db_pooler_waiting") as events:
+        telemetry.instrument(service="api", multiproc_dir=directory, flush_interval_seconds=0.1,
+                             pgbouncer_url=bouncer.admin_url, server_view_url=pg.url().replace("+psycopg", ""),
+                             shared_view_interval_seconds=0.2)  # fmt: skip
+        api = create_engine(bouncer.url(), pool_size=3, max_overflow=0)
+        with api.connect():  # the dialect's first connect, before the pooler is full
+            pass
+        worker = _start_worker(bouncer.url(), directory, bouncer.pool_size, 6.0)
+        try:
+            done: list[float] = []
+
+            def request() -> None:
+                t0 = time.monotonic()
+                with telemetry.db_owner("GET /items/{id}"), api.connect() as conn:
+                    conn.execute(text("select 1"))
+                done.append(time.monotonic() - t0)
+
+            threads = [threading.Thread(target=request) for _ in range(3)]
+            for t in threads:
+                t.start()
+
+            def episode() -> Any:  # the API queued and the holders joined to their owner
+                host = _host(directory)
+                queued = (_value(host, "pgbouncer_clients", state="waiting") or 0) >= 3
+                joined = _value(host, "db_server_connections_by_owner", service="worker", owner="content_task")
+                return host if queued and joined == bouncer.pool_size else None
+
+            host = waiting = _wait_for(episode)
+            for t in threads:
+                t.join(30)
+        finally:
+            worker.communicate(timeout=30)
+            api.dispose()
+    assert waiting, "the API's clients never showed as waiting in the pooler"
+    assert len(done) == 3 and min(done) > 2.0  # they did wait for the worker's transactions
+    assert _value(host, "pgbouncer_servers_by_application", application="worker") == bouncer.pool_size
+    assert _value(host, "pgbouncer_clients_by_application", application="api", state="waiting") == 3
+    assert (_value(host, "pgbouncer_client_wait_longest_seconds", application="api") or 0) > 0
+    assert _value(host, "pgbouncer_pool_size", database="postgres") == bouncer.pool_size
+    # the server view joins the server backends (through the pooler) to the worker's owner
+    assert _value(host, "db_server_connections_by_owner", service="worker", owner="content_task") == 4
+    # the host-wide gauges carry no pid: one series whichever process polls
+    assert all("pid" not in dict(lb) for (n, lb) in host if n.startswith(("pgbouncer_", "db_server_")))
+    assert events, "no db_pooler_waiting event during the episode"
+    first = events[0]
+    assert first["holders"] == [{"service": "worker", "owner": "content_task", "server_connections": 4}]
+    assert first["waiting_applications"] == {"api": first["clients_waiting"]}
+    assert len(events) == 1  # once per episode (it lasted < 30 s)
+    # the pooler's own wait total counts the three waits (seconds each)
+    assert (_value(_host(directory), "pgbouncer_client_wait_seconds_total", database="postgres") or 0) > 6.0
+
+
+def _lock_app(pg: services.Postgres, table: str) -> Any:
+    from fastapi import FastAPI
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(pg.url("asyncpg"), pool_size=5, max_overflow=0)
+    app = FastAPI()
+
+    @app.post("/items/{item_id}/reserve")
+    async def reserve(item_id: int) -> dict[str, int]:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"select n from {table} where id = :id for update"), {"id": item_id})
+            await asyncio.sleep(3.0)  # the slow step (an LLM call) with the row lock held
+        return {"ok": 1}
+
+    @app.put("/items/{item_id}/count")
+    async def count(item_id: int) -> dict[str, int]:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"update {table} set n = n + 1 where id = :id"), {"id": item_id})
+        return {"ok": 1}
+
+    @app.put("/items/{item_id}/title")
+    async def title(item_id: int) -> dict[str, int]:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"update {table} set n = n + 10 where id = :id"), {"id": item_id})
+        return {"ok": 1}
+
+    @app.post("/slow-transaction")
+    async def slow_transaction() -> dict[str, int]:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"select n from {table} where id = 1"))
+            await asyncio.sleep(2.5)  # awaiting something slow inside the transaction
+        return {"ok": 1}
+
+    return app, engine
+
+
+def test_lock_chain_names_the_blocking_route_and_each_blocked_route(
+    pg: services.Postgres, row: str
+) -> None:
+    telemetry.instrument(service="api", server_view_url=pg.url(), shared_view_interval_seconds=0.2,
+                         lock_wait_event_seconds=0.5)  # fmt: skip
+    app, engine = _lock_app(pg, row)
+
+    async def scenario() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            hold = asyncio.create_task(client.post("/items/1/reserve"))
+            await asyncio.sleep(0.5)
+            b = asyncio.create_task(client.put("/items/1/count"))
+            await asyncio.sleep(0.2)
+            c = asyncio.create_task(client.put("/items/1/title"))
+            responses = await asyncio.gather(hold, b, c)
+        await engine.dispose()
+        return [r.status_code for r in responses]
+
+    with capture_events("db_lock_wait") as events:
+        assert asyncio.run(scenario()) == [200, 200, 200]
+    assert len(events) == 2, events  # B and C, each once
+    assert {e["blocked_owner"] for e in events} == {"PUT /items/{item_id}/count", "PUT /items/{item_id}/title"}
+    for e in events:
+        assert e["blocker_owner"] == "POST /items/{item_id}/reserve"
+        assert e["blocker_service"] == e["blocked_service"] == "api"
+        assert e["blocker_state"] == "idle in transaction"  # awaiting the slow step
+        assert e["blocker_xact_seconds"] >= 0.5
+        assert e["blocked_wait_seconds"] >= 0.5
+        assert e["relation"] == row
+        assert "for update" in e["blocker_statement"] and "$1" in e["blocker_statement"]
+        assert "1" not in e["blocked_statement"].replace("$1", "")  # no parameter values
+    assert telemetry.testing.sample("db_server_events_total", event="db_lock_wait") == 2
+
+
+def test_idle_in_transaction_names_the_route(pg: services.Postgres, row: str) -> None:
+    telemetry.instrument(service="api", server_view_url=pg.url(), shared_view_interval_seconds=0.2,
+                         idle_in_transaction_event_seconds=1.0)  # fmt: skip
+    app, engine = _lock_app(pg, row)
+    peak: list[float] = []
+
+    async def scenario() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            task = asyncio.create_task(client.post("/slow-transaction"))
+            await asyncio.sleep(2.0)
+            peak.append(telemetry.testing.sample("db_server_oldest_idle_in_transaction_seconds",
+                                                 application="api"))  # fmt: skip
+            response = await task
+        await engine.dispose()
+        return response.status_code
+
+    with capture_events("db_idle_in_transaction") as events:
+        assert asyncio.run(scenario()) == 200
+    assert len(events) == 1, events
+    assert events[0]["idle_owner"] == "POST /slow-transaction"
+    assert events[0]["idle_service"] == "api"
+    assert events[0]["idle_seconds"] >= 1.0
+    assert "?" in events[0]["last_statement"] or "where id = ?" in events[0]["last_statement"]
+    assert peak and peak[0] >= 1.0
+
+
+def _application_name(url: str, **kwargs: Any) -> str:
+    engine = create_engine(url, **kwargs)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(text("show application_name")).scalar())
+    finally:
+        engine.dispose()
+
+
+def test_application_name_is_set_and_a_users_own_is_kept(pg: services.Postgres) -> None:
+    telemetry.instrument(service="api")
+    named = _application_name(pg.url())
+    service, pid, host = _shared.parse_application(named)
+    assert (service, pid) == ("api", str(os.getpid())) and host
+    if _has("psycopg2"):
+        assert _application_name(pg.url("psycopg2")) == named
+    assert _application_name(pg.url() + "?application_name=mine") == "mine"
+    assert _application_name(pg.url(), connect_args={"application_name": "theirs"}) == "theirs"
+
+    async def on_asyncpg() -> tuple[str, str]:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        named = create_async_engine(pg.url("asyncpg"))
+        kept = create_async_engine(pg.url("asyncpg"), connect_args={"server_settings": {"application_name": "own"}})
+        async with named.connect() as a, kept.connect() as b:
+            out = ((await a.execute(text("show application_name"))).scalar(),
+                   (await b.execute(text("show application_name"))).scalar())  # fmt: skip
+        await named.dispose()
+        await kept.dispose()
+        return out  # type: ignore[return-value]
+
+    from_asyncpg, kept = asyncio.run(on_asyncpg())
+    assert from_asyncpg == named and kept == "own"
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def test_one_poller_per_host_and_two_hosts_each_name_their_side_of_a_lock(
+    pg: services.Postgres, row: str, tmp_path: Any
+) -> None:
+    """Host 1 (a directory): the worker holds the row lock; host 2: this process waits on it.
+    Each host runs one query set per interval whatever its process count; the blocker's host
+    names the blocker's owner, the blocked host the blocked owner, under one ``lock_key``."""
+    host1, host2 = str(tmp_path / "h1"), str(tmp_path / "h2")
+    os.mkdir(host1)
+    os.mkdir(host2)
+    server = pg.url().replace("+psycopg", "")
+    lock_sql = f"select n from {row} where id = 1 for update"
+    # host 1: the lock holder and two more processes, all configured for the server view
+    blocker = _start_worker(pg.url(), host1, 1, 8.0, server, lock_sql)
+    idle = [_start_worker(pg.url(), host1, 1, 8.0, server) for _ in range(2)]
+    theirs: list[dict[str, Any]] = []
+    try:
+        telemetry.instrument(service="api", multiproc_dir=host2, server_view_url=server,
+                             shared_view_interval_seconds=0.2, lock_wait_event_seconds=0.5,
+                             flush_interval_seconds=0.1)  # fmt: skip
+        engine = create_engine(pg.url(), pool_size=1, max_overflow=0)
+
+        def update() -> None:
+            with telemetry.db_owner("PUT /items/{item_id}/count"), engine.begin() as conn:
+                conn.execute(text(f"update {row} set n = n + 1 where id = 1"))
+
+        with capture_events("db_lock_wait") as events:
+            waiter = threading.Thread(target=update)
+            waiter.start()
+            time.sleep(1.5)  # blocked by host 1's worker; every process has polled a few times
+            pollers = pg.psql(
+                "select count(*) from pg_stat_activity where application_name like 'telemetry-shared-view/%'"
+            )
+            waiter.join(30)
+            time.sleep(0.5)
+        engine.dispose()
+    finally:
+        for proc in [blocker, *idle]:
+            out, _err = proc.communicate(timeout=30)
+            theirs.extend(json.loads(out.strip().splitlines()[-1]))
+    # one monitoring connection per host: host 1 (three processes) and host 2 (this one)
+    assert int(pollers) == 2
+    ours = [e for e in events if e["blocked_owner"] == "PUT /items/{item_id}/count"]
+    assert len(ours) == 1, events
+    assert ours[0]["blocker_service"] == "worker" and ours[0]["blocker_owner"] == "unknown"
+    assert ours[0]["blocker_host"]  # named by application_name: that host's view names the owner
+    # host 1's one poller (whichever of its three processes) names the blocker's owner
+    assert [e["blocker_owner"] for e in theirs] == ["content_task"], theirs
+    assert theirs[0]["blocked_service"] == "api" and theirs[0]["lock_key"] == ours[0]["lock_key"]
+
+
+def test_failures_are_counted_and_never_reach_the_app(pg: services.Postgres, bouncer: services.Pgbouncer) -> None:
+    closed = services.free_port()
+    with capture_events("telemetry_shared_view_failed") as events:
+        telemetry.instrument(
+            service="api", server_view_url=f"postgresql://monitor:secret@127.0.0.1:{closed}/postgres",
+            pgbouncer_url=f"postgresql://nobody:pw@127.0.0.1:{bouncer.port}/pgbouncer",
+            shared_view_interval_seconds=0.2,
+        )  # fmt: skip
+        engine = create_engine(pg.url())
+        for _ in range(10):  # the app keeps serving while the views fail
+            with engine.connect() as conn:
+                assert conn.execute(text("select 1")).scalar() == 1
+            time.sleep(0.1)
+        engine.dispose()
+        assert _wait_for(lambda: (_value(_host(None), "db_server_view_errors_total") or 0) >= 2
+                         and (_value(_host(None), "pgbouncer_view_errors_total") or 0) >= 2)  # fmt: skip
+    host = _host(None)
+    assert _value(host, "db_server_view_up") == 0 and _value(host, "pgbouncer_view_up") == 0
+    assert _value(host, "db_server_view_errors_total", reason="refused") >= 2
+    assert {e["target"] for e in events} == {"db_server", "pgbouncer"}  # logged once per outage
+    assert len(events) == 2
+    assert all("secret" not in json.dumps(e) and "pw@" not in json.dumps(e) for e in events)
+
+
+def test_stale_values_are_kept_and_marked_when_the_pooler_goes_away(pg: services.Postgres) -> None:
+    with services.start_pgbouncer(pg, pool_size=2) as own:
+        telemetry.instrument(service="api", pgbouncer_url=own.admin_url, shared_view_interval_seconds=0.2)
+        assert _wait_for(lambda: _value(_host(None), "pgbouncer_view_up") == 1)
+        assert _value(_host(None), "pgbouncer_pool_size", database="postgres") == 2
+    # pgbouncer stopped: the last values stay, marked stale
+    assert _wait_for(lambda: _value(_host(None), "pgbouncer_view_up") == 0)
+    time.sleep(0.5)
+    host = _host(None)
+    assert _value(host, "pgbouncer_pool_size", database="postgres") == 2
+    assert (_value(host, "pgbouncer_view_age_seconds") or 0) >= 0.4
+
+
+def test_statement_text_carries_no_parameter_values() -> None:
+    sql = "update t set name = 'O''Brien', n = 42, x = -1.5e3 where id = $1 and tag = E'a\\'b' and d = $$x$$"
+    out = _shared.statement(sql)
+    assert out == "update t set name = ?, n = ?, x = ? where id = $1 and tag = ? and d = ?"
+    assert _shared.statement("select col1, t2.c3 from t2") == "select col1, t2.c3 from t2"
+
+
+def test_bad_urls_fail_at_start_up_without_showing_the_password() -> None:
+    with pytest.raises(telemetry.ConfigError) as info:
+        telemetry.instrument(service="api", server_view_url="mysql://u:hunter2@h/db")
+    message = str(info.value)
+    assert "server_view_url" in message and "postgresql://" in message and "hunter2" not in message
