@@ -82,5 +82,16 @@ dashboard = dashboard(
             (f"topk(10, sum by (service, owner) (rate(redis_connection_hold_seconds_sum{{{SVC}}}[{RATE}])))",
              "held on average {{service}} {{owner}}"),
         ], SECONDS, (12, 48, 12, 8), "A stream that keeps a subscription shows as a long hold by its route."),
+        # the shared side (TELEMETRY_SERVER_VIEW_URL / TELEMETRY_PGBOUNCER_URL): where the wait
+        # goes once a pool checkout has succeeded; details on the database server dashboard
+        series("Pooler queue: clients waiting and who holds the server connections", [
+            ('max by (database) (pgbouncer_clients{state="waiting"})', "waiting {{database}}"),
+            ("max by (database, application) (pgbouncer_servers_by_application)", "held by {{application}}"),
+            ("max by (database) (pgbouncer_pool_size)", "pool_size {{database}}"),
+        ], SHORT, (0, 56, 12, 8), "A pool checkout that succeeds can still wait here, in pgbouncer."),
+        series("Server connections by owner (joined) and lock waits", [
+            ("max by (service, owner, state) (db_server_connections_by_owner)", "{{service}} {{owner}} {{state}}"),
+            ("max by (blocker_owner, blocked_owner) (db_server_lock_blocking)", "{{blocker_owner}} blocks {{blocked_owner}}"),
+        ], SHORT, (12, 56, 12, 8), "Which route or task holds each server backend right now, and who blocks whom."),
     ],
 )  # fmt: skip

@@ -155,8 +155,10 @@ class Runtime:
 
     def flush(self) -> None:
         """Spans and this process's measurements, now (a child about to exit)."""
+        if self.process_file is not None:  # first: the counts are safe whatever an exporter does
+            self.process_file.flush()
         self._each("flush")
-        if self.process_file is not None:
+        if self.process_file is not None:  # again: with the spans' own counts
             self.process_file.flush()
 
     def registry(self, directory: str | None = None) -> Any:
@@ -240,14 +242,33 @@ def _make_finalizer(util: Any) -> Any:
     return register
 
 
+#: the longest a process's exit waits for its last flush (spans, the process file)
+EXIT_FLUSH_SECONDS = 5.0
+
+
 def _at_exit() -> None:
+    """The last flush, bounded: an exporter that does not honour its timeout (the OpenTelemetry
+    SDK's ``force_flush`` ignores it) must not keep a worker process from exiting."""
     runtime = _current
     if runtime is None:
         return
+
+    def flush() -> None:
+        try:
+            runtime.flush()
+        except Exception:
+            pass
+
+    done = threading.Thread(target=flush, name="telemetry-exit-flush", daemon=True)
     try:
-        runtime.flush()
-    except Exception:
-        pass
+        done.start()
+    except RuntimeError:  # interpreter already finalizing: flush inline
+        flush()
+        return
+    done.join(EXIT_FLUSH_SECONDS)
+    if done.is_alive():
+        _log.emit("warning", "telemetry_exit_flush_timeout", seconds=EXIT_FLUSH_SECONDS,
+                  message="the last flush did not finish; the process exits without waiting")  # fmt: skip
 
 
 def _register_fork_hook() -> None:

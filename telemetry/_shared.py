@@ -196,6 +196,10 @@ PUBLISHED = _Published()
 REGISTRY.add(PUBLISHED)
 
 
+REASONS = ("timeout", "refused", "auth", "permission", "not_found", "error")
+EVENTS = ("db_lock_wait", "db_idle_in_transaction", "db_pooler_waiting")
+
+
 def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}".lower()
     for needle, reason in (("timeout", "timeout"), ("canceling statement", "timeout"),
@@ -623,6 +627,15 @@ class SharedViewIntegration(Integration):
         self._start()
 
     def _start(self) -> None:
+        # every failure reason and event exists at 0 from the start (absent is not zero)
+        targets = [t for t, url in (("db_server", self.settings.server_view_url),
+                                    ("pgbouncer", self.settings.pgbouncer_url)) if url]  # fmt: skip
+        with PUBLISHED._lock:
+            for target in targets:
+                for reason in REASONS:
+                    PUBLISHED.errors.setdefault((target, reason), 0)
+            for event in EVENTS:
+                PUBLISHED.events.setdefault(event, 0)
         self.stop_event = threading.Event()
         self.poller = _Poller(self.settings)
         self.thread = threading.Thread(target=self._run, name="telemetry-shared-view", daemon=True)

@@ -40,9 +40,10 @@ def _exprs(d: dict) -> list[str]:
     return [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
 
 
-def test_four_dashboards_with_the_uids_alerts_link_to():
+def test_five_dashboards_with_the_uids_alerts_link_to():
     uids = {d["uid"] for d in DASHBOARDS.values()}
-    assert uids == {T.DASHBOARD_UID_POOLS, T.DASHBOARD_UID_API, T.DASHBOARD_UID_CELERY, T.DASHBOARD_UID_OVERVIEW}
+    assert uids == {T.DASHBOARD_UID_POOLS, T.DASHBOARD_UID_API, T.DASHBOARD_UID_CELERY, T.DASHBOARD_UID_OVERVIEW,
+                    T.DASHBOARD_UID_SERVER}
     for alert in _rules.ALERTS:
         assert alert.dashboard_uid in uids
 
@@ -103,11 +104,18 @@ def _substitute(expr: str) -> str:
 
 
 @pytest.mark.integration
-def test_every_panel_returns_data_from_a_real_prometheus(tmp_path, redis_server):
+def test_every_panel_returns_data_from_a_real_prometheus(tmp_path, redis_server, pg):
+    with services.start_pgbouncer(pg, pool_size=2) as bouncer:
+        _every_panel_returns_data(tmp_path, redis_server, pg, bouncer)
+
+
+def _every_panel_returns_data(tmp_path, redis_server, pg, bouncer):
     binary = services.binary("prometheus", "prometheus")
     target, prom = services.free_port(), services.free_port()
+    shared = {"WORKLOAD_PG_URL": pg.url(), "WORKLOAD_PGBOUNCER_URL": bouncer.url(),
+              "WORKLOAD_SERVER_VIEW_URL": pg.url(), "WORKLOAD_PGBOUNCER_ADMIN_URL": bouncer.admin_url}
     workload = subprocess.Popen([sys.executable, "-m", "tests.apps.workload", str(target), "40"], cwd=ROOT,
-                                env=dict(os.environ, WORKLOAD_REDIS_URL=redis_server.url),
+                                env=dict(os.environ, WORKLOAD_REDIS_URL=redis_server.url, **shared),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     config = tmp_path / "prometheus.yml"
     config.write_text(

@@ -21,6 +21,11 @@ def test_generated_files_are_current():
 
 def test_catalogue_conventions():
     for spec in CATALOGUE.values():
+        if spec.name.startswith(("db_server_", "pgbouncer_")) and spec.name != "db_server_connection_limit":
+            # the shared view: host-wide, from one poller per host, no service or pid of its own
+            assert "pid" not in spec.labels, spec.name
+            assert spec.unit, spec.name
+            continue
         assert spec.labels[0] == "service", spec.name
         assert spec.unit, spec.name
         if spec.kind == COUNTER:

@@ -96,7 +96,7 @@ def templating(pool: bool = True) -> Templating:
 
 
 ALERT_ANNOTATIONS = Annotations(list=[{
-    "datasource": DS, "enable": True, "expr": 'ALERTS{alertstate="firing", alertname=~"Db.*|EventLoop.*|Celery.*"}',
+    "datasource": DS, "enable": True, "expr": 'ALERTS{alertstate="firing", alertname=~"Db.*|EventLoop.*|Celery.*|Pgbouncer.*|Redis.*"}',
     "iconColor": "red", "name": "alerts firing", "step": "30s", "titleFormat": "{{alertname}}",
     "tagKeys": "severity,service,pool", "textFormat": "{{service}} {{pool}}",
 }])  # fmt: skip
@@ -104,7 +104,8 @@ ALERT_ANNOTATIONS = Annotations(list=[{
 LINKS = [
     {"title": title, "type": "link", "url": f"/d/{uid}?$__url_time_range&$__all_variables", "targetBlank": False}
     for title, uid in (("Overview", T.DASHBOARD_UID_OVERVIEW), ("Database pools", T.DASHBOARD_UID_POOLS),
-                       ("API", T.DASHBOARD_UID_API), ("Celery", T.DASHBOARD_UID_CELERY))  # fmt: skip
+                       ("API", T.DASHBOARD_UID_API), ("Celery", T.DASHBOARD_UID_CELERY),
+                       ("Database server", T.DASHBOARD_UID_SERVER))  # fmt: skip
 ]
 
 

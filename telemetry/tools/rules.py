@@ -52,6 +52,18 @@ RECORDING: list[tuple[str, str]] = [
     # the connection budget: pools to one database share a name across services
     ("pool:db_pool_connections_max:sum", "sum by (pool) (db_pool_connections_max)"),
     ("pool:db_server_connection_limit:max", "max by (pool) (db_server_connection_limit)"),
+    # the shared view: every host's poller reports the same server and pooler, so series are
+    # deduplicated with max across hosts before any sum
+    ("server:db_server_connections:sum",
+     "sum(max by (application, state) (db_server_connections))"),
+    ("server:db_server_connections_max:max", "max(db_server_connections_max)"),
+    ("server:db_server_lock_wait_longest_seconds:max", "max(db_server_lock_wait_longest_seconds)"),
+    ("application:db_server_oldest_idle_in_transaction_seconds:max",
+     "max by (application) (db_server_oldest_idle_in_transaction_seconds)"),
+    ("database:pgbouncer_clients_waiting:max",
+     'max by (database) (sum by (database, instance) (pgbouncer_clients{state="waiting"}))'),
+    ("database:pgbouncer_client_maxwait_seconds:max",
+     "max by (database) (pgbouncer_client_maxwait_seconds)"),
 ]  # fmt: skip
 
 LOG_QUERIES = {
@@ -60,6 +72,10 @@ LOG_QUERIES = {
     "db_connection_held_too_long": '{service="$service"} | json | event="db_connection_held_too_long" | pool="$pool"',
     "db_pool_timeout": '{service="$service"} | json | event="db_pool_timeout" | pool="$pool"',
     "redis_connection_held_too_long": '{service="$service"} | json | event="redis_connection_held_too_long" | pool="$pool"',
+    # the shared view's events come from whichever process polls: any service
+    "db_lock_wait": '{service=~".+"} | json | event="db_lock_wait"',
+    "db_idle_in_transaction": '{service=~".+"} | json | event="db_idle_in_transaction"',
+    "db_pooler_waiting": '{service=~".+"} | json | event="db_pooler_waiting"',
 }
 
 
@@ -217,7 +233,67 @@ ALERTS: list[Alert] = [
         T.FOR_BUDGET, "warning",
         "Worst-case connections to {{ $labels.pool }} exceed the server limit",
         "All processes together may open {{ $value }} connections to {{ $labels.pool }}, more "
-        "than the server or pooler allows: under load, connects will fail.",
+        "than the server or pooler allows: under load, connects will fail. "
+        '{{ with query "server:db_server_connections:sum" }}Measured on the server now: '
+        "{{ . | first | value }} connections"
+        '{{ with query "server:db_server_connections_max:max" }} of {{ . | first | value }} usable{{ end }}.'
+        "{{ else }}The server side is not measured (set TELEMETRY_SERVER_VIEW_URL).{{ end }}",
+    ),
+    Alert(
+        "PgbouncerClientsWaiting",
+        "database:pgbouncer_clients_waiting:max > 0",
+        T.FOR_POOLER_WAITING, "warning",
+        "Clients queue in pgbouncer for database {{ $labels.database }}",
+        "{{ $value }} clients have been waiting for a server connection to {{ $labels.database }} "
+        "for " + T.FOR_POOLER_WAITING + ": every server connection of the pool is in a transaction. "
+        "db_pooler_waiting names the services and owners holding them.",
+        dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_pooler_waiting",
+    ),
+    Alert(
+        "PgbouncerClientWaitCritical",
+        f"database:pgbouncer_client_maxwait_seconds:max > {T.POOLER_MAXWAIT_SECONDS_CRITICAL:g}",
+        T.FOR_POOLER_MAXWAIT, "critical",
+        "Clients wait over " + f"{T.POOLER_MAXWAIT_SECONDS_CRITICAL:g}s" + " in pgbouncer for {{ $labels.database }}",
+        "The oldest waiting client of {{ $labels.database }} has waited {{ $value | humanizeDuration }}: "
+        "requests and tasks stall before their first statement.",
+        dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_pooler_waiting",
+    ),
+    Alert(
+        "DbServerConnectionsNearMax",
+        f"server:db_server_connections:sum / server:db_server_connections_max:max > {T.SERVER_CONNECTIONS_RATIO_WARNING}",
+        T.FOR_SERVER_CONNECTIONS, "warning",
+        "The database server is near max_connections",
+        "{{ $value | humanizePercentage }} of the server's usable connections (max_connections minus "
+        "reserved) are open: the next pool growth or deploy overlap gets refused.",
+        dashboard_uid=T.DASHBOARD_UID_SERVER,
+    ),
+    Alert(
+        "DbLockWaitLong",
+        f"server:db_server_lock_wait_longest_seconds:max > {T.LOCK_WAIT_SECONDS_WARNING:g}",
+        T.FOR_LOCK_WAIT, "warning",
+        "Backends wait over " + f"{T.LOCK_WAIT_SECONDS_WARNING:g}s" + " for locks",
+        "The longest current lock wait is {{ $value | humanizeDuration }}. db_lock_wait names the "
+        "blocking owner (route or task) and each blocked one.",
+        dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_lock_wait",
+    ),
+    Alert(
+        "DbIdleInTransactionLong",
+        f"application:db_server_oldest_idle_in_transaction_seconds:max > {T.IDLE_IN_TRANSACTION_SECONDS_WARNING:g}",
+        T.FOR_IDLE_IN_TRANSACTION, "warning",
+        "{{ $labels.application }} keeps transactions open while idle",
+        "A backend of {{ $labels.application }} has sat idle inside a transaction for "
+        "{{ $value | humanizeDuration }}: it holds its server connection (and its locks) while "
+        "doing something else.",
+        dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_idle_in_transaction",
+    ),
+    Alert(
+        "TelemetrySharedViewDown",
+        "min by (job, instance) (db_server_view_up) == 0 or min by (job, instance) (pgbouncer_view_up) == 0",
+        T.FOR_SHARED_VIEW_DOWN, "warning",
+        "The server or pooler view of {{ $labels.instance }} is failing",
+        "The host's poller cannot read PostgreSQL or pgbouncer: the db_server_ / pgbouncer_ figures "
+        "are stale (see db_server_view_errors_total, pgbouncer_view_errors_total by reason).",
+        dashboard_uid=T.DASHBOARD_UID_SERVER,
     ),
 ]
 

@@ -4,7 +4,9 @@
 Real parts only: SQLite pools (one starved into timeouts, one pointing at a closed port for
 connect errors), a FastAPI app driven through ASGI, a Celery worker thread on the memory
 transport (so tasks are published and carry the queue-wait header), an event loop that is
-blocked now and then, a semaphore with waiters.
+blocked now and then, a semaphore with waiters. With ``WORKLOAD_PG_URL`` (and pgbouncer's),
+the shared side too: a pooler kept full by two transactions, one client queued behind them, a
+row lock with a waiter, transactions idle in transaction.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 import telemetry
 
 PORT, SECONDS = int(sys.argv[1]), float(sys.argv[2])
-telemetry.instrument(service="api", loop_blocked_seconds=0.3, hold_threshold_seconds=0.5, connection_limit=50)
+telemetry.instrument(service="api", loop_blocked_seconds=0.3, hold_threshold_seconds=0.5, connection_limit=50,
+                     server_view_url=os.environ.get("WORKLOAD_SERVER_VIEW_URL"),
+                     pgbouncer_url=os.environ.get("WORKLOAD_PGBOUNCER_ADMIN_URL"))
 telemetry.start_metrics_server(PORT)
 
 import httpx  # noqa: E402
@@ -135,9 +139,46 @@ def redis_work() -> None:
         time.sleep(0.2)
 
 
+def shared_work() -> None:
+    """Through a pgbouncer with pool_size 2: two "content_task" transactions hold both server
+    connections (one holds a row lock; both sit idle in transaction), one client queues in the
+    pooler behind them, and a direct connection waits for the row lock."""
+    direct = create_engine(os.environ["WORKLOAD_PG_URL"], pool_size=2, max_overflow=0)
+    pooled = create_engine(os.environ["WORKLOAD_PGBOUNCER_URL"], pool_size=3, max_overflow=0)
+    with direct.begin() as conn:
+        conn.execute(text("create table if not exists wl_item (id int primary key, n int)"))
+        conn.execute(text("insert into wl_item values (1, 0) on conflict do nothing"))
+    with pooled.connect():  # the dialect's first connect, before the pooler is full
+        pass
+    holding = threading.Barrier(3)
+
+    def hold(statement: str) -> None:
+        with telemetry.db_owner("content_task"), pooled.begin() as conn:
+            conn.execute(text(statement))
+            holding.wait()
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def queued() -> None:
+        with telemetry.db_owner("GET /items/{item_id}"), pooled.connect() as conn:
+            conn.execute(text("select 1"))
+
+    def blocked() -> None:
+        with telemetry.db_owner("PUT /items/{item_id}"), direct.begin() as conn:
+            conn.execute(text("update wl_item set n = n + 1 where id = 1"))
+
+    for statement in ("select n from wl_item where id = 1 for update", "select 1"):
+        threading.Thread(target=hold, args=(statement,), daemon=True).start()
+    holding.wait()
+    for target in (queued, blocked):
+        threading.Thread(target=target, daemon=True).start()
+
+
 def main() -> None:
     threading.Thread(target=sync_work, daemon=True).start()
     threading.Thread(target=redis_work, daemon=True).start()
+    if os.environ.get("WORKLOAD_PG_URL"):
+        threading.Thread(target=shared_work, daemon=True).start()
     with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=5):
         t = threading.Thread(target=lambda: asyncio.run(loop_work()), daemon=True)
         t.start()
