@@ -323,6 +323,10 @@ _SPECS = [
         "Server-view polls that failed: timeout, refused, auth, permission, not_found, error.",
     ),
     MetricSpec(
+        "db_server_view_polls_total", COUNTER, (), "polls",
+        "Server-view query sets run (summed over the host's processes: one per interval per host).",
+    ),
+    MetricSpec(
         "db_server_events_total", COUNTER, ("event",), "events",
         "Shared-view events emitted: db_lock_wait, db_idle_in_transaction, db_pooler_waiting.",
     ),
@@ -379,6 +383,10 @@ _SPECS = [
     MetricSpec(
         "pgbouncer_view_query_seconds", GAUGE, (), "seconds",
         "Duration of the last pgbouncer admin query set (SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES).",
+    ),
+    MetricSpec(
+        "pgbouncer_view_polls_total", COUNTER, (), "polls",
+        "pgbouncer query sets run (summed over the host's processes: one per interval per host).",
     ),
     MetricSpec(
         "pgbouncer_view_errors_total", COUNTER, ("reason",), "errors",

@@ -215,6 +215,11 @@ _FIELDS: dict[str, _Field] = {
         _number(0.0, None, low_open=True),
         lambda: thresholds.LOCK_WAIT_EVENT_SECONDS,
     ),
+    "pooler_wait_event_seconds": _Field(
+        ("TELEMETRY_DB_POOLER_WAIT_EVENT_SECONDS",),
+        _number(0.0, None, low_open=False),
+        lambda: thresholds.POOLER_WAIT_EVENT_SECONDS,
+    ),
     "idle_in_transaction_event_seconds": _Field(
         ("TELEMETRY_DB_IDLE_IN_TRANSACTION_EVENT_SECONDS",),
         _number(0.0, None, low_open=True),
@@ -251,6 +256,7 @@ class Settings:
     shared_view_interval_seconds: float
     shared_view_timeout_seconds: float
     lock_wait_event_seconds: float
+    pooler_wait_event_seconds: float
     idle_in_transaction_event_seconds: float
 
     @classmethod

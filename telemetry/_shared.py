@@ -163,7 +163,7 @@ class _Published:
         self.pooler_seconds = 0.0
         self.errors: dict[tuple[str, str], int] = {}
         self.events: dict[str, int] = {}
-        self.polls = 0
+        self.polls: dict[str, int] = {}
 
     def samples(self) -> Iterable[Sample]:
         with self._lock:
@@ -186,6 +186,8 @@ class _Published:
             yield f"{target}_view_errors_total", (("reason", reason),), n
         for event, n in events.items():
             yield "db_server_events_total", (("event", event),), n
+        for target, n in list(self.polls.items()):
+            yield f"{target}_view_polls_total", (), n
 
     def count_error(self, target: str, reason: str) -> None:
         with self._lock:
@@ -302,10 +304,13 @@ class _Poller:
         owners = _host_owners(s.multiproc_dir)
         by_pid = {row[0]: row for row in owners if row[0]}
         by_port = {row[1]: row for row in owners if row[1]}
-        pooler = self._pooler() if s.pgbouncer_url else None
+        pooler = None
+        if s.pgbouncer_url:
+            pooler = self._pooler()
+            PUBLISHED.polls["pgbouncer"] = PUBLISHED.polls.get("pgbouncer", 0) + 1
         if s.server_view_url:
             self._server(by_pid, by_port, pooler)
-        PUBLISHED.polls += 1
+            PUBLISHED.polls["db_server"] = PUBLISHED.polls.get("db_server", 0) + 1
 
     def _fail(self, target: str, exc: BaseException, url: str) -> None:
         reason = _reason(exc)
@@ -574,6 +579,9 @@ class _Poller:
             if int(p["cl_waiting"]) <= 0:
                 self.pooler_episodes.pop(database, None)
                 continue
+            maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
+            if maxwait < self.settings.pooler_wait_event_seconds:
+                continue
             last = self.pooler_episodes.get(database)
             if last is not None and now - last < POOLER_EVENT_REPEAT_SECONDS:
                 continue
@@ -592,7 +600,6 @@ class _Poller:
                 if str(c["database"]) == database and c["state"] == "waiting":
                     app = parse_application(c.get("application_name") or "")[0]
                     waiting[app] = waiting.get(app, 0) + 1
-            maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
             self._count_event("db_pooler_waiting")
             emit(
                 "warning", "db_pooler_waiting", database=database, user=str(p["user"]),
@@ -636,6 +643,8 @@ class SharedViewIntegration(Integration):
                     PUBLISHED.errors.setdefault((target, reason), 0)
             for event in EVENTS:
                 PUBLISHED.events.setdefault(event, 0)
+            for target in targets:
+                PUBLISHED.polls.setdefault(target, 0)
         self.stop_event = threading.Event()
         self.poller = _Poller(self.settings)
         self.thread = threading.Thread(target=self._run, name="telemetry-shared-view", daemon=True)

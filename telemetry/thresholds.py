@@ -61,6 +61,9 @@ LOKI_DATASOURCE_UID = "loki"
 #: The shared side (PostgreSQL server view, pgbouncer view).
 #: A lock wait this long emits ``db_lock_wait`` (the event fires during the episode).
 LOCK_WAIT_EVENT_SECONDS = 1.0
+#: Clients queued in pgbouncer this long (its maxwait) emit ``db_pooler_waiting`` (a queue
+#: while pgbouncer opens a server connection lasts milliseconds and is not an episode).
+POOLER_WAIT_EVENT_SECONDS = 0.5
 #: A backend idle in a transaction this long emits ``db_idle_in_transaction``.
 IDLE_IN_TRANSACTION_EVENT_SECONDS = 5.0
 #: Longest current lock wait (seconds) that raises DbLockWaitLong.

@@ -16,13 +16,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
 import telemetry
+from prometheus_client import generate_latest
+
 from telemetry import _exposition, _shared
 from telemetry.testing import capture_events
+from telemetry.tools import cli, diagnose, report
 
 from . import services
 
@@ -137,11 +139,16 @@ def test_pooler_queue_names_the_service_and_owner_holding_the_server_connections
             for t in threads:
                 t.start()
 
+            exposition: list[str] = []
+
             def episode() -> Any:  # the API queued and the holders joined to their owner
                 host = _host(directory)
                 queued = (_value(host, "pgbouncer_clients", state="waiting") or 0) >= 3
                 joined = _value(host, "db_server_connections_by_owner", service="worker", owner="content_task")
-                return host if queued and joined == bouncer.pool_size else None
+                if queued and joined == bouncer.pool_size:
+                    exposition.append(generate_latest(_exposition.host_registry(directory)).decode())
+                    return host
+                return None
 
             host = waiting = _wait_for(episode)
             for t in threads:
@@ -164,6 +171,12 @@ def test_pooler_queue_names_the_service_and_owner_holding_the_server_connections
     assert first["holders"] == [{"service": "worker", "owner": "content_task", "server_connections": 4}]
     assert first["waiting_applications"] == {"api": first["clients_waiting"]}
     assert len(events) == 1  # once per episode (it lasted < 30 s)
+    # the diagnosis from that /metrics names the pooler, the holding service and its owner
+    found = diagnose.findings(report.parse(exposition[0]))
+    pooler = [f for f in found if f.startswith("pgbouncer:")]
+    assert len(pooler) == 1, found
+    assert "3 clients of postgres/postgres queue" in pooler[0]
+    assert "held by worker (4)" in pooler[0] and "worker 'content_task' (4)" in pooler[0]
     # the pooler's own wait total counts the three waits (seconds each)
     assert (_value(_host(directory), "pgbouncer_client_wait_seconds_total", database="postgres") or 0) > 6.0
 
@@ -205,11 +218,14 @@ def _lock_app(pg: services.Postgres, table: str) -> Any:
 
 
 def test_lock_chain_names_the_blocking_route_and_each_blocked_route(
-    pg: services.Postgres, row: str
+    pg: services.Postgres, row: str, capsys: Any
 ) -> None:
     telemetry.instrument(service="api", server_view_url=pg.url(), shared_view_interval_seconds=0.2,
                          lock_wait_event_seconds=0.5)  # fmt: skip
+    port = services.free_port()
+    telemetry.start_metrics_server(port)
     app, engine = _lock_app(pg, row)
+    diagnosis: list[int] = []
 
     async def scenario() -> list[int]:
         transport = httpx.ASGITransport(app=app)
@@ -219,6 +235,9 @@ def test_lock_chain_names_the_blocking_route_and_each_blocked_route(
             b = asyncio.create_task(client.put("/items/1/count"))
             await asyncio.sleep(0.2)
             c = asyncio.create_task(client.put("/items/1/title"))
+            await asyncio.sleep(1.5)  # both wait now: diagnose from this process's /metrics
+            diagnosis.append(await asyncio.to_thread(
+                cli.main, ["diagnose", "--metrics-url", f"http://127.0.0.1:{port}/metrics"]))
             responses = await asyncio.gather(hold, b, c)
         await engine.dispose()
         return [r.status_code for r in responses]
@@ -237,6 +256,12 @@ def test_lock_chain_names_the_blocking_route_and_each_blocked_route(
         assert "for update" in e["blocker_statement"] and "$1" in e["blocker_statement"]
         assert "1" not in e["blocked_statement"].replace("$1", "")  # no parameter values
     assert telemetry.testing.sample("db_server_events_total", event="db_lock_wait") == 2
+    out = capsys.readouterr().out
+    assert diagnosis == [0]
+    locks = [line for line in out.splitlines() if line.startswith("- Locks:")]
+    assert len(locks) == 1, out
+    assert "api 'POST /items/{item_id}/reserve' holds a lock that blocks" in locks[0]
+    assert "api 'PUT /items/{item_id}/count' (1)" in locks[0] and "api 'PUT /items/{item_id}/title' (1)" in locks[0]
 
 
 def test_idle_in_transaction_names_the_route(pg: services.Postgres, row: str) -> None:

@@ -6,6 +6,11 @@
     telemetry prepare-multiproc-dir DIR        empty the multiprocess directory (deploy start)
     telemetry serve-metrics --dir DIR [--port P] [--addr A]
                                                serve the host aggregate of DIR on /metrics
+                                               (and poll the server/pooler view when
+                                               TELEMETRY_SERVER_VIEW_URL / _PGBOUNCER_URL are set)
+    telemetry diagnose --metrics-url URL [--metrics-url URL2 ...]
+                                               where the time goes (pools, pooler, locks,
+                                               server) and which service/owner causes it
     telemetry budget FILE.yml | --limit N --service NAME=PxSIZE+OVERFLOW ...
                                                worst-case connections against the limit;
                                                exit 1 when it does not fit, 2 on bad input
@@ -68,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     bud.add_argument("--limit", type=int, help="connections the server or pooler allows")
     bud.add_argument("--reserved", type=int, default=0)
     bud.add_argument("--service", action="append", default=[], help="NAME=PROCESSESxPOOL_SIZE+MAX_OVERFLOW")
+    diag = sub.add_parser("diagnose", help="say where the time goes and who causes it, from hosts' /metrics")
+    diag.add_argument("--metrics-url", action="append", required=True, dest="urls",
+                      help="a host's /metrics (repeat for several hosts)")
     demo = sub.add_parser("demo", help="reproduce the content-pipeline incident and diagnose it")
     demo.add_argument("--scenario", default="all", choices=["seed", "fixed", "batched", "all"])
     demo.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of load per scenario")
@@ -104,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removed {prepare_dir(args.directory)} file(s) from {args.directory}")
         elif args.command == "budget":
             return _budget(args)
+        elif args.command == "diagnose":
+            from .diagnose import run as diagnose
+
+            try:
+                text, _found = diagnose(args.urls)
+            except (OSError, ValueError) as exc:
+                print(f"telemetry diagnose: {exc}", file=sys.stderr)
+                return 2
+            print(text)
         elif args.command == "serve-metrics":
             from .._instrument import start_metrics_server
 
@@ -116,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError("invalid --basic-auth-file: expected one line user:password")
                 auth["basic_auth"] = (user, password)
             start_metrics_server(args.port, args.addr, directory=args.directory, **auth)
+            from .._settings import Settings
+
+            env = Settings.load()
+            if env.server_view_url or env.pgbouncer_url:  # this process may poll the shared side
+                from .._instrument import instrument
+
+                instrument(service="telemetry-serve-metrics", multiproc_dir=args.directory, sqlalchemy=False,
+                           celery=False, redis=False, fastapi=False, tracing=False)  # fmt: skip
             print(f"serving http://{args.addr}:{args.port}/metrics for {args.directory}", flush=True)
             while True:
                 time.sleep(3600)

@@ -1,0 +1,169 @@
+"""``telemetry diagnose``: read one or more hosts' ``/metrics`` and say where the time goes and
+who causes it: the pools (per process), the transaction pooler and the server (shared), each
+named by service and owner (route template, task, ``db_owner``).
+
+Works on any host's ``/metrics`` (a uvicorn worker's, the Celery parent's, ``telemetry
+serve-metrics``). The shared-view figures are host-wide and every host's poller reports the same
+server, so they are merged with max across hosts; owners named ``unknown`` on one host and named
+on another (the blocker's host) are taken from the host that knows them.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+from .. import thresholds as T
+from .report import Samples, parse, quantile, usage_by_service
+
+
+def fetch(url: str, timeout: float = 10.0) -> Samples:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--metrics-url {url!r}: expected an http:// or https:// URL")
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked
+        return parse(response.read().decode())
+
+
+def _rows(samples: Samples, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(lb, v) for n, lb, v in samples if n == name]
+
+
+def _merged(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """Host-wide gauge, deduplicated across hosts (max)."""
+    out: dict[tuple[str, ...], float] = {}
+    for lb, v in _rows(samples, name):
+        key = tuple(lb.get(k, "") for k in keys)
+        out[key] = max(out.get(key, v), v)
+    return out
+
+
+def findings(samples: Samples) -> list[str]:
+    """Plain sentences, most urgent first; empty when nothing is wrong."""
+    out: list[str] = []
+    out.extend(_pooler(samples))
+    out.extend(_locks(samples))
+    out.extend(_idle(samples))
+    out.extend(_server(samples))
+    out.extend(_pools(samples))
+    out.extend(_views(samples))
+    return out
+
+
+def _owners(samples: Samples, state: str | None = None) -> dict[tuple[str, str], float]:
+    by_owner = _merged(samples, "db_server_connections_by_owner", ("service", "owner", "state"))
+    out: dict[tuple[str, str], float] = {}
+    for (service, owner, st), n in by_owner.items():
+        if state is None or st == state:
+            out[(service, owner)] = out.get((service, owner), 0) + n
+    return out
+
+
+def _fmt_owners(owners: dict[tuple[str, str], float], limit: int = 5) -> str:
+    top = sorted(owners.items(), key=lambda kv: -kv[1])[:limit]
+    return ", ".join(f"{service} {owner!r} ({n:.0f})" for (service, owner), n in top)
+
+
+def _pooler(samples: Samples) -> list[str]:
+    out = []
+    clients = _merged(samples, "pgbouncer_clients", ("database", "user", "state"))
+    maxwait = _merged(samples, "pgbouncer_client_maxwait_seconds", ("database", "user"))
+    holders = _merged(samples, "pgbouncer_servers_by_application", ("database", "application"))
+    size = _merged(samples, "pgbouncer_pool_size", ("database",))
+    for (database, user, state), waiting in sorted(clients.items()):
+        if state != "waiting" or waiting <= 0:
+            continue
+        held = {app: n for (db, app), n in holders.items() if db == database and n > 0}
+        who = ", ".join(f"{app} ({n:.0f})" for app, n in sorted(held.items(), key=lambda kv: -kv[1]))
+        sentence = (f"pgbouncer: {waiting:.0f} clients of {database}/{user} queue for a server connection "
+                    f"(oldest {maxwait.get((database, user), 0):.1f} s); the pool's "
+                    f"{size.get((database,), 0):.0f} server connections are held by {who or 'nobody known'}.")  # fmt: skip
+        owners = _owners(samples)
+        if owners:
+            sentence += f" Holding owners: {_fmt_owners(owners)}."
+        sentence += " Time spent there is not pool wait: shorten those transactions (PgbouncerClientsWaiting)."
+        out.append(sentence)
+    return out
+
+
+def _locks(samples: Samples) -> list[str]:
+    pairs = _merged(samples, "db_server_lock_blocking",
+                    ("blocker_service", "blocker_owner", "blocked_service", "blocked_owner"))  # fmt: skip
+    if not pairs:
+        return []
+    # the blocker's own host names its owner; other hosts say "unknown" for the same pair
+    named = {(bs, bo) for (bs, bo, _ws, _wo) in pairs if bo != "unknown"}
+    longest = max((v for _lb, v in _rows(samples, "db_server_lock_wait_longest_seconds")), default=0.0)
+    by_blocker: dict[tuple[str, str], list[str]] = {}
+    for (bs, bo, ws, wo), n in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        if bo == "unknown" and any(s == bs for s, _o in named):
+            continue
+        by_blocker.setdefault((bs, bo), []).append(f"{ws} {wo!r} ({n:.0f})")
+    out = []
+    for (bs, bo), victims in by_blocker.items():
+        out.append(f"Locks: {bs} {bo!r} holds a lock that blocks {', '.join(victims)}; longest wait "
+                   f"{longest:.1f} s. Blocked transactions keep their connections: they look like long "
+                   "holders in the pool view. db_lock_wait has the statements (DbLockWaitLong).")  # fmt: skip
+    return out
+
+
+def _idle(samples: Samples) -> list[str]:
+    ages = _merged(samples, "db_server_oldest_idle_in_transaction_seconds", ("application",))
+    owners = _owners(samples, "idle in transaction")
+    out = []
+    for (app,), age in sorted(ages.items(), key=lambda kv: -kv[1]):
+        if age < T.IDLE_IN_TRANSACTION_EVENT_SECONDS:
+            continue
+        mine = {k: v for k, v in owners.items() if k[0] == app}
+        who = f" ({_fmt_owners(mine)})" if mine else ""
+        out.append(f"Idle in transaction: a backend of {app}{who} has sat idle inside a transaction for "
+                   f"{age:.1f} s, holding its server connection and locks (DbIdleInTransactionLong).")  # fmt: skip
+    return out
+
+
+def _server(samples: Samples) -> list[str]:
+    usable = max((v for _lb, v in _rows(samples, "db_server_connections_max")), default=0.0)
+    if not usable:
+        return []
+    used = sum(_merged(samples, "db_server_connections", ("application", "state")).values())
+    if used / usable <= T.SERVER_CONNECTIONS_RATIO_WARNING:
+        return []
+    return [f"Server: {used:.0f} of {usable:.0f} usable connections are open ({used / usable * 100:.0f}%): "
+            "the next pool growth gets refused (DbServerConnectionsNearMax)."]  # fmt: skip
+
+
+def _pools(samples: Samples) -> list[str]:
+    out = []
+    for service, usage in sorted(usage_by_service(samples).items()):
+        if usage >= T.POOL_USAGE_WARNING:
+            p95 = quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=service)
+            out.append(f"Pool: the busiest {service} process has {usage * 100:.0f}% of its pool checked out "
+                       f"(checkout wait p95 {p95 or 0:.2f} s since start).")  # fmt: skip
+    blocked = {lb.get("service", ""): v for lb, v in _rows(samples, "event_loop_blocked_total") if v > 0}
+    for service, n in sorted(blocked.items()):
+        out.append(f"Event loop: {service} was blocked {n:.0f} times (sync work inside async def).")
+    return out
+
+
+def _views(samples: Samples) -> list[str]:
+    out = []
+    for target, label in (("db_server", "server"), ("pgbouncer", "pgbouncer")):
+        ups = [v for _lb, v in _rows(samples, f"{target}_view_up")]
+        if ups and min(ups) == 0:
+            out.append(f"The {label} view is failing: its figures are stale ({target}_view_errors_total).")
+    return out
+
+
+def render(urls: list[str], per_url: list[Samples]) -> str:
+    merged: Samples = [s for samples in per_url for s in samples]
+    lines = [f"read {len(merged)} samples from {', '.join(urls)}"]
+    found = findings(merged)
+    lines.extend(f"- {f}" for f in found)
+    if not found:
+        lines.append("- nothing saturated: pools, pooler, locks and server all within their thresholds")
+    return "\n".join(lines)
+
+
+def run(urls: list[str]) -> tuple[str, list[str]]:
+    per_url: list[Any] = [fetch(url) for url in urls]
+    merged = [s for samples in per_url for s in samples]
+    return render(urls, per_url), findings(merged)
