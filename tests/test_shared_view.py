@@ -17,11 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy import create_engine, text
 
 import telemetry
-from prometheus_client import generate_latest
-
 from telemetry import _exposition, _shared
 from telemetry.testing import capture_events
 from telemetry.tools import cli, diagnose, report
