@@ -265,6 +265,37 @@ def _serve_host_metrics(current: Any, start: Any) -> Any:
     return server
 
 
+def _on_published_queue(routing_key: Any = None, **_: Any) -> None:
+    """The queue a task went to: its backlog is polled from now on (a dict lookup when known)."""
+    try:
+        integration = _installed
+        if integration is not None and routing_key:
+            from celery._state import get_current_app
+
+            integration.backlog.watch(get_current_app(), str(routing_key))
+    except Exception as exc:
+        hook_error("celery.backlog_watch", exc)
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """The worker's parent, consuming: its slots are read from now on, its queues polled."""
+    try:
+        integration = _installed
+        if integration is None or sender is None:
+            return
+        app = sender.app
+        queues = [str(name) for name in list(app.amqp.queues.consume_from or app.amqp.queues)]
+        integration.slots.attach(sender, queues)
+        for name in queues:
+            integration.backlog.watch(app, name)
+    except Exception as exc:
+        hook_error("celery.worker_ready", exc)
+
+
+def _on_test_worker_started(consumer: Any = None, **_: Any) -> None:
+    _on_worker_ready(sender=consumer)
+
+
 def _on_child_shutdown(**_: Any) -> None:
     """In the child, just before ``os._exit``: spans and measurements out now."""
     try:
@@ -296,11 +327,19 @@ def install(*, spans: bool = True) -> None:
         (signals.task_revoked, _on_revoked),
         (signals.worker_init, _on_worker_init),
         (signals.worker_process_shutdown, _on_child_shutdown),
+        (signals.after_task_publish, _on_published_queue),
+        (signals.worker_ready, _on_worker_ready),
     ]
     from ._log import logging_configured
 
     if logging_configured():
         pairs.append((signals.setup_logging, _on_setup_logging))
+    try:  # celery's own test worker (start_worker, pytest's celery_worker) sends no worker_ready
+        from celery.contrib.testing.worker import test_worker_started
+
+        pairs.append((test_worker_started, _on_test_worker_started))
+    except Exception:  # pragma: no cover - layout of another Celery version
+        pass
     for signal, fn in pairs:
         signal.connect(fn, weak=False)
         _connected.append((signal, fn))
@@ -325,18 +364,39 @@ class CeleryIntegration(Integration):
 
     def __init__(self) -> None:
         self.runtime: Any = None
+        self.backlog: Any = None
+        self.slots: Any = None
 
     def install(self, runtime: Any) -> None:
         global _installed
+        from ._celery_capacity import BacklogPoller, Slots
+
         self.runtime = runtime
+        self.backlog = BacklogPoller(runtime.settings)
+        self.slots = Slots(runtime.settings.service)
         _installed = self
         install(spans=runtime.settings.tracing)
 
     def uninstall(self) -> None:
         global _installed
+        from ._celery_capacity import BACKLOG, SLOTS
+
         _installed = None
         uninstall()
+        if self.backlog is not None:
+            self.backlog.stop()
+        BACKLOG.reset()
+        SLOTS.reset()
+
+    def tick(self, now: float) -> None:
+        if self.slots is not None:
+            self.slots.tick()
 
     def after_fork(self) -> None:
+        from ._celery_capacity import Slots
+
         _running.clear()
         _publishing.clear()
+        if self.backlog is not None:
+            self.backlog.after_fork()
+        self.slots = Slots(self.runtime.settings.service) if self.runtime is not None else None

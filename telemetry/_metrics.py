@@ -70,7 +70,7 @@ ZERO_WHEN_GONE = frozenset({
 #: over processes nor archived, so a change of the polling process neither doubles nor loses them
 EXTERNAL = frozenset({"pgbouncer_client_wait_seconds_total", "pgbouncer_transactions_total"})
 
-_SPECS = [
+_SPECS: list[MetricSpec] = [
     MetricSpec(
         "db_pool_connections_in_use", GAUGE, POOL_PID, "connections",
         "Connections checked out of the pool right now (the seed's metric).",
@@ -262,6 +262,41 @@ _SPECS = [
         "event_loop_blocked_total", COUNTER, ("service",), "episodes",
         "Times the loop was blocked longer than the threshold (each logged as event_loop_blocked).",
     ),
+    # ---------------------------------------------------------------- Celery capacity
+    MetricSpec(
+        "celery_queue_length", GAUGE, ("broker", "queue"), "messages",
+        "Messages waiting in the queue at the broker (Redis: the list and kombu's priority lists; "
+        "SQLAlchemy transport: visible rows), polled once per interval per host.",
+    ),
+    MetricSpec(
+        "celery_queue_oldest_message_seconds", GAUGE, ("broker", "queue"), "seconds",
+        "Age of the oldest waiting message, 0 when none waits (from the publish time the package stamps; Redis: the "
+        "tail of each list; SQLAlchemy transport: the row's timestamp).",
+    ),
+    MetricSpec(
+        "celery_backlog_view_up", GAUGE, (), "boolean",
+        "1 when the last backlog poll succeeded; 0: celery_queue_length is stale.",
+    ),
+    MetricSpec(
+        "celery_backlog_errors_total", COUNTER, ("reason",), "errors",
+        "Backlog polls that failed: timeout, refused, auth, error.",
+    ),
+    MetricSpec(
+        "celery_worker_pool_size", GAUGE, ("service", "worker", "pid"), "processes",
+        "Slots of the worker (its pool's concurrency), read in the worker's parent.",
+    ),
+    MetricSpec(
+        "celery_worker_busy", GAUGE, ("service", "worker", "queue", "pid"), "tasks",
+        "Tasks executing now (busy slots), by the queue they came from.",
+    ),
+    MetricSpec(
+        "celery_worker_reserved", GAUGE, ("service", "worker", "queue", "pid"), "tasks",
+        "Tasks received and not started (prefetched, waiting for a free slot), by queue.",
+    ),
+    MetricSpec(
+        "celery_worker_children_replaced_total", COUNTER, ("service", "worker"), "processes",
+        "Pool children started after the first ones (max_tasks_per_child, crashes, OOM kills).",
+    ),
     # ---------------------------------------------------------------- PostgreSQL server view
     # host-wide: published by one process per host (no pid label); see docs/shared-view.md
     MetricSpec(
@@ -398,6 +433,14 @@ _SPECS = [
         "Finished spans by fate: exported, failed (export error), dropped (queue full).",
     ),
 ]  # fmt: skip
+
+#: host-wide figures published by one polling process per host (the shared view, the Celery
+#: backlog): no ``pid`` label, no ``service`` of their own
+HOST_WIDE = frozenset(
+    s.name for s in _SPECS
+    if s.name.startswith(("db_server_", "pgbouncer_", "celery_queue_", "celery_backlog_"))
+    and s.name != "db_server_connection_limit"
+)  # fmt: skip
 
 CATALOGUE: dict[str, MetricSpec] = {}
 for _spec in _SPECS:

@@ -273,6 +273,10 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
             cached = pool.__dict__.get(_ATTR)
             if cached is not None:
                 return cached
+            if pool._orig_logging_name == "telemetry-internal":  # the package's own (backlog poller)
+                setattr(pool, _ATTR, _SKIP)
+                _seen_pools.add(pool)
+                return _SKIP
             key = _identity_key(pool)
             name = _explicit.get(key) if key is not None else None
             if name is None:

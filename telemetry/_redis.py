@@ -350,3 +350,8 @@ class RedisIntegration(Integration):
 def states() -> dict[str, RedisPoolState]:
     return dict(_states)
 
+
+
+def exclude(pool: Any) -> None:
+    """The package's own pool (the Celery backlog poller's): measured into a state nobody exports."""
+    pool.__dict__[_ATTR] = RedisPoolState("telemetry-internal")

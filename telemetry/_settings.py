@@ -215,6 +215,9 @@ _FIELDS: dict[str, _Field] = {
         _number(0.0, None, low_open=True),
         lambda: thresholds.LOCK_WAIT_EVENT_SECONDS,
     ),
+    "celery_backlog_interval_seconds": _Field(
+        ("TELEMETRY_CELERY_BACKLOG_INTERVAL_SECONDS",), _number(0.1, 3600.0, low_open=False), lambda: 5.0
+    ),
     "pooler_wait_event_seconds": _Field(
         ("TELEMETRY_DB_POOLER_WAIT_EVENT_SECONDS",),
         _number(0.0, None, low_open=False),
@@ -256,6 +259,7 @@ class Settings:
     shared_view_interval_seconds: float
     shared_view_timeout_seconds: float
     lock_wait_event_seconds: float
+    celery_backlog_interval_seconds: float
     pooler_wait_event_seconds: float
     idle_in_transaction_event_seconds: float
 

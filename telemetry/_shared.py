@@ -88,15 +88,20 @@ def _root(blockers: list[int], chain: dict[int, list[int]]) -> int:
 # --------------------------------------------------------------------------- host leadership
 
 
-class _Leader:
-    def __init__(self, directory: str | None) -> None:
+class Leader:
+    """Host-wide leadership for one job: a POSIX record lock on ``<directory>/<name>``, held for
+    the process's life (released when it dies, never inherited by fork). Without a directory
+    the process leads alone."""
+
+    def __init__(self, directory: str | None, name: str = LOCK_FILE) -> None:
         self.directory = directory
+        self.name = name
         self.fd: int | None = None
 
     def acquire(self) -> bool:
         if self.directory is None or self.fd is not None:
             return True
-        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(os.path.join(self.directory, self.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -620,7 +625,7 @@ class SharedViewIntegration(Integration):
         self.settings: Any = None
         self.thread: threading.Thread | None = None
         self.stop_event = threading.Event()
-        self.leader: _Leader | None = None
+        self.leader: Leader | None = None
         self.poller: _Poller | None = None
 
     def install(self, runtime: Any) -> None:
@@ -630,7 +635,7 @@ class SharedViewIntegration(Integration):
                 "invalid TELEMETRY_SERVER_VIEW_URL / TELEMETRY_PGBOUNCER_URL: the server and pooler "
                 "view need the psycopg (3) or psycopg2 driver installed (pip install psycopg)"
             )
-        self.leader = _Leader(s.multiproc_dir)
+        self.leader = Leader(s.multiproc_dir)
         self._start()
 
     def _start(self) -> None:

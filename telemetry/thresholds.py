@@ -82,3 +82,12 @@ FOR_POOLER_MAXWAIT = "1m"
 #: The server or pooler view failing this long (its figures are stale).
 FOR_SHARED_VIEW_DOWN = "5m"
 DASHBOARD_UID_SERVER = "telemetry-db-server"
+
+#: Celery capacity: a backlog above this that keeps growing raises CeleryQueueBacklogGrowing.
+CELERY_BACKLOG_WARNING = 100
+FOR_CELERY_BACKLOG = "10m"
+#: The oldest waiting message older than this raises CeleryQueueOldestMessageOld.
+CELERY_OLDEST_MESSAGE_SECONDS_WARNING = 300.0
+FOR_CELERY_OLDEST = "5m"
+#: Every slot of a worker busy this long raises CeleryWorkerSlotsSaturated.
+FOR_CELERY_SLOTS = "10m"

@@ -197,12 +197,13 @@ class Redis:
 
 
 @contextlib.contextmanager
-def start_redis() -> Iterator[Redis]:
+def start_redis(port: int | None = None) -> Iterator[Redis]:
+    """A throwaway Redis on a free port (or ``port``: a restart on the same address)."""
     binary = shutil.which("redis-server")
     if not binary:
         missing("redis-server")
     assert binary
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

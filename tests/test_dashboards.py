@@ -115,7 +115,7 @@ def _every_panel_returns_data(tmp_path, redis_server, pg, bouncer):
     shared = {"WORKLOAD_PG_URL": pg.url(), "WORKLOAD_PGBOUNCER_URL": bouncer.url(),
               "WORKLOAD_SERVER_VIEW_URL": pg.url(), "WORKLOAD_PGBOUNCER_ADMIN_URL": bouncer.admin_url}
     workload = subprocess.Popen([sys.executable, "-m", "tests.apps.workload", str(target), "40"], cwd=ROOT,
-                                env=dict(os.environ, WORKLOAD_REDIS_URL=redis_server.url, **shared),
+                                env=dict(os.environ, WORKLOAD_REDIS_URL=redis_server.url, TELEMETRY_CELERY_BACKLOG_INTERVAL_SECONDS="1", **shared),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     config = tmp_path / "prometheus.yml"
     config.write_text(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from telemetry._metrics import CATALOGUE, COUNTER, GAUGE
+from telemetry._metrics import CATALOGUE, COUNTER, GAUGE, HOST_WIDE
 from telemetry.tools import generate as _generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def test_generated_files_are_current():
 
 def test_catalogue_conventions():
     for spec in CATALOGUE.values():
-        if spec.name.startswith(("db_server_", "pgbouncer_")) and spec.name != "db_server_connection_limit":
+        if spec.name in HOST_WIDE:
             # the shared view: host-wide, from one poller per host, no service or pid of its own
             assert "pid" not in spec.labels, spec.name
             assert spec.unit, spec.name

@@ -201,6 +201,34 @@ CASES = [
           "The server or pooler view of h1:9000 is failing",
           "The host's poller cannot read PostgreSQL or pgbouncer: the db_server_ / pgbouncer_ "
           "figures are stale (see db_server_view_errors_total, pgbouncer_view_errors_total by reason)."),
+    # 30 more messages a minute from 150: above 100, and delta() is positive from the 2nd sample
+    # (1m): pending from 1m, firing at 11m
+    _case("CeleryQueueBacklogGrowing",
+          [{"series": f'celery_queue_length{{broker="redis://r:6379/0",queue="content",instance="{h}"}}', "values": "150+30x30"}
+           for h in ("h1:9000", "h2:9000")],
+          "10m", "11m", {"broker": "redis://r:6379/0", "queue": "content"},
+          "Queue content keeps growing",
+          "480 messages wait in content (redis://r:6379/0) and the backlog grew over the last 10 "
+          "minutes: the workers consuming it cannot keep up."),
+    _case("CeleryQueueOldestMessageOld",
+          [{"series": 'celery_queue_oldest_message_seconds{broker="redis://r:6379/0",queue="content"}', "values": "600x30"}],
+          "4m", "5m", {"broker": "redis://r:6379/0", "queue": "content"},
+          "Messages wait over 300s in content",
+          "The oldest message in content (redis://r:6379/0) has waited 10m 0s: no worker takes from "
+          "it, or all its slots are busy."),
+    _case("CeleryWorkerSlotsSaturated",
+          [{"series": 'celery_worker_busy{service="content-worker",worker="celery@h1",queue="content",pid="5"}', "values": "6x30"},
+           {"series": 'celery_worker_pool_size{service="content-worker",worker="celery@h1",pid="5"}', "values": "6x30"}],
+          "9m", "10m", {"service": "content-worker", "worker": "celery@h1"},
+          "Every slot of celery@h1 (content-worker) is busy",
+          "All pool processes of celery@h1 (content-worker) have been executing tasks for 10m: new "
+          "tasks wait in the queue (see celery_worker_reserved and the backlog)."),
+    _silent("celery capacity: a small steady backlog, young messages, free slots", [
+        {"series": 'celery_queue_length{broker="redis://r:6379/0",queue="content"}', "values": "500x30"},
+        {"series": 'celery_queue_oldest_message_seconds{broker="redis://r:6379/0",queue="content"}', "values": "20x30"},
+        {"series": 'celery_worker_busy{service="w",worker="celery@h1",queue="content",pid="5"}', "values": "5x30"},
+        {"series": 'celery_worker_pool_size{service="w",worker="celery@h1",pid="5"}', "values": "6x30"},
+    ], "25m", ["CeleryQueueBacklogGrowing", "CeleryQueueOldestMessageOld", "CeleryWorkerSlotsSaturated"]),
     _silent("shared side healthy: no queue, short waits, room on the server, views up", [
         {"series": 'pgbouncer_clients{database="postgres",user="app",state="waiting"}', "values": "0x30"},
         {"series": 'pgbouncer_client_maxwait_seconds{database="postgres",user="app"}', "values": "1x30"},

@@ -64,6 +64,13 @@ RECORDING: list[tuple[str, str]] = [
      'max by (database) (sum by (database, instance) (pgbouncer_clients{state="waiting"}))'),
     ("database:pgbouncer_client_maxwait_seconds:max",
      "max by (database) (pgbouncer_client_maxwait_seconds)"),
+    # Celery capacity: the backlog is host-wide (one poller per host: max across hosts), slots
+    # are per worker (its parent process)
+    ("broker_queue:celery_queue_length:max", "max by (broker, queue) (celery_queue_length)"),
+    ("broker_queue:celery_queue_oldest_message_seconds:max",
+     "max by (broker, queue) (celery_queue_oldest_message_seconds)"),
+    ("service_worker:celery_worker_busy:ratio",
+     "sum by (service, worker) (celery_worker_busy) / max by (service, worker) (celery_worker_pool_size)"),
 ]  # fmt: skip
 
 LOG_QUERIES = {
@@ -217,6 +224,34 @@ ALERTS: list[Alert] = [
         "Task {{ $labels.task }} waits long in queue {{ $labels.queue }}",
         "p95 queue wait of {{ $labels.task }} on {{ $labels.queue }} is {{ $value | humanizeDuration }}: "
         "workers cannot keep up.",
+        dashboard_uid=T.DASHBOARD_UID_CELERY,
+    ),
+    Alert(
+        "CeleryQueueBacklogGrowing",
+        f"broker_queue:celery_queue_length:max > {T.CELERY_BACKLOG_WARNING} "
+        "and delta(broker_queue:celery_queue_length:max[10m]) > 0",
+        T.FOR_CELERY_BACKLOG, "warning",
+        "Queue {{ $labels.queue }} keeps growing",
+        "{{ $value }} messages wait in {{ $labels.queue }} ({{ $labels.broker }}) and the backlog "
+        "grew over the last 10 minutes: the workers consuming it cannot keep up.",
+        dashboard_uid=T.DASHBOARD_UID_CELERY,
+    ),
+    Alert(
+        "CeleryQueueOldestMessageOld",
+        f"broker_queue:celery_queue_oldest_message_seconds:max > {T.CELERY_OLDEST_MESSAGE_SECONDS_WARNING:g}",
+        T.FOR_CELERY_OLDEST, "warning",
+        "Messages wait over " + f"{T.CELERY_OLDEST_MESSAGE_SECONDS_WARNING:g}s" + " in {{ $labels.queue }}",
+        "The oldest message in {{ $labels.queue }} ({{ $labels.broker }}) has waited "
+        "{{ $value | humanizeDuration }}: no worker takes from it, or all its slots are busy.",
+        dashboard_uid=T.DASHBOARD_UID_CELERY,
+    ),
+    Alert(
+        "CeleryWorkerSlotsSaturated",
+        "service_worker:celery_worker_busy:ratio >= 1",
+        T.FOR_CELERY_SLOTS, "warning",
+        "Every slot of {{ $labels.worker }} ({{ $labels.service }}) is busy",
+        "All pool processes of {{ $labels.worker }} ({{ $labels.service }}) have been executing tasks for "
+        + T.FOR_CELERY_SLOTS + ": new tasks wait in the queue (see celery_worker_reserved and the backlog).",
         dashboard_uid=T.DASHBOARD_UID_CELERY,
     ),
     Alert(

@@ -2,8 +2,7 @@
 /metrics for a real Prometheus: ``python -m tests.apps.workload PORT SECONDS``.
 
 Real parts only: SQLite pools (one starved into timeouts, one pointing at a closed port for
-connect errors), a FastAPI app driven through ASGI, a Celery worker thread on the memory
-transport (so tasks are published and carry the queue-wait header), an event loop that is
+connect errors), a FastAPI app driven through ASGI, a Celery worker thread on Redis (so tasks are published and carry the queue-wait header), an event loop that is
 blocked now and then, a semaphore with waiters. With ``WORKLOAD_PG_URL`` (and pgbouncer's),
 the shared side too: a pooler kept full by two transactions, one client queued behind them, a
 row lock with a waiter, transactions idle in transaction.
@@ -90,7 +89,8 @@ def sync_work() -> None:
         time.sleep(0.05)
 
 
-celery = Celery("workload", broker="memory://", backend="cache+memory://")
+# the broker on Redis (db 2): the backlog poller reads its queue lengths
+celery = Celery("workload", broker=os.environ["WORKLOAD_REDIS_URL"].rsplit("/", 1)[0] + "/2", backend="cache+memory://")
 celery.conf.task_default_queue = "content"
 
 

@@ -1,0 +1,191 @@
+"""Celery capacity on a real Redis and a real prefork worker: the backlog counted exactly per
+queue (priority lists included) while no worker runs, drained to 0 once one does; the worker's
+slots (2 of 2 busy, reserved tasks, children replaced); kombu's broker pool and the result
+backend's pool seen in the worker's processes; Redis restarted under the poller and the app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import telemetry
+from telemetry import _exposition
+from telemetry.testing import capture_events
+
+from . import services
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _host(directory: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for fam in _exposition.host_registry(directory).collect():
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _value(host: dict, name: str, **labels: str) -> float | None:
+    found = [v for (n, lb), v in host.items() if n == name and all((k, w) in lb for k, w in labels.items())]
+    return sum(found) if found else None
+
+
+def _wait_for(predicate: Any, timeout: float = 60.0, step: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture
+def env(redis_server: services.Redis, tmp_path: Any) -> Iterator[dict[str, str]]:
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    base = redis_server.url.rsplit("/", 1)[0]
+    values = {"BROKER_URL": f"{base}/0", "BACKEND_URL": f"{base}/1", "TELEMETRY_MULTIPROC_DIR": str(directory),
+              "TELEMETRY_FLUSH_INTERVAL_SECONDS": "0.1", "TELEMETRY_CELERY_BACKLOG_INTERVAL_SECONDS": "0.2"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    import redis
+
+    redis.Redis.from_url(values["BROKER_URL"]).flushall()
+    try:
+        yield values
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        sys.modules.pop("tests.apps.capacity_app", None)
+
+
+def _worker(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.apps.capacity_app", "worker", "--pool", "prefork",
+         "--concurrency", "2", "-Q", "content,logs", "-l", "warning", *extra],
+        cwd=ROOT, env=dict(os.environ, **env, TELEMETRY_SERVICE_NAME="capacity-worker"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_backlog_exact_per_queue_then_drained_and_the_slots_of_a_prefork_worker(env: dict[str, str]) -> None:
+    telemetry.instrument(service="api")
+    from tests.apps.capacity_app import app, quick, sleepy
+
+    directory = env["TELEMETRY_MULTIPROC_DIR"]
+    broker = "redis://127.0.0.1:" + env["BROKER_URL"].rsplit(":", 1)[1]
+    # no worker yet: 7 to content (priorities spread over kombu's priority lists), 5 to logs
+    for i in range(7):
+        quick.apply_async(queue="content", priority=(i * 3) % 10)
+    for _ in range(5):
+        quick.apply_async(queue="logs")
+    counted = _wait_for(lambda: (_value(_host(directory), "celery_queue_length", queue="content"),
+                                 _value(_host(directory), "celery_queue_length", queue="logs")) == (7, 5), 30)  # fmt: skip
+    host = _host(directory)
+    assert counted, (_value(host, "celery_queue_length", queue="content"), _value(host, "celery_queue_length", queue="logs"))
+    assert _value(host, "celery_queue_length", broker=broker, queue="content") == 7
+    age = _value(host, "celery_queue_oldest_message_seconds", queue="content")
+    assert age is not None and 0 <= age < 60
+    assert _value(host, "celery_backlog_view_up") == 1
+    worker = _worker(env, "--max-tasks-per-child", "1")
+    try:
+        drained = _wait_for(lambda: (_value(_host(directory), "celery_queue_length", queue="content"),
+                                     _value(_host(directory), "celery_queue_length", queue="logs")) == (0, 0), 90)  # fmt: skip
+        assert drained, "the backlog never drained to 0"
+        # slots: 2 long tasks fill the 2 slots; 3 more wait in the worker (reserved)
+        for _ in range(5):
+            sleepy.apply_async((4.0,), queue="content")
+
+        def full() -> Any:
+            host = _host(directory)
+            busy = _value(host, "celery_worker_busy", service="capacity-worker", queue="content")
+            size = _value(host, "celery_worker_pool_size", service="capacity-worker")
+            reserved = _value(host, "celery_worker_reserved", service="capacity-worker", queue="content")
+            seen.append((busy, size, reserved))
+            # the 5 are prefetched as they arrive: 2 running, the others waiting for a slot
+            return host if (busy, size) == (2, 2) and (reserved or 0) >= 2 else None
+
+        seen: list[Any] = []
+
+        host = _wait_for(full, 60)
+        last = _host(directory)
+        assert host, (sorted(set(seen)), [(n, v) for (n, lb), v in last.items() if n.startswith("celery_worker")])
+        worker_label = {dict(lb)["worker"] for (n, lb) in host if n == "celery_worker_pool_size"}
+        assert len(worker_label) == 1 and next(iter(worker_label)).startswith("celery@")
+        # kombu's broker pool (db 0) and the result backend's (db 1) in the worker's processes
+        port = env["BROKER_URL"].rsplit(":", 1)[1].split("/")[0]
+        for db in ("0", "1"):
+            assert (_value(host, "redis_pool_checkouts_total", service="capacity-worker",
+                           pool=f"127.0.0.1:{port}/{db}", result="ok") or 0) > 0, db  # fmt: skip
+        # every task ran in its own child (max_tasks_per_child=1): 17 replacements once all done
+        replaced = _wait_for(lambda: _value(_host(directory), "celery_worker_children_replaced_total",
+                                            service="capacity-worker") == 17, 60)  # fmt: skip
+        assert replaced, _value(_host(directory), "celery_worker_children_replaced_total")
+        # one poller per queue on the host: the API process and the worker's parent both watch
+        # content and logs, and the host's polls are not doubled (a single value per series)
+        series = [lb for (n, lb) in _host(directory) if n == "celery_queue_length"]
+        assert len(series) == len({tuple(sorted(lb)) for lb in series}) == 2
+    finally:
+        _stop(worker)
+    assert app.conf.broker_url == env["BROKER_URL"]
+
+
+def test_redis_restarted_under_the_poller_and_the_app(tmp_path: Any) -> None:
+    import redis
+
+    port = services.free_port()
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    url = f"redis://127.0.0.1:{port}/0"
+    os.environ.update(BROKER_URL=url, BACKEND_URL=f"redis://127.0.0.1:{port}/1")
+    try:
+        with services.start_redis(port):
+            telemetry.instrument(service="api", multiproc_dir=str(directory), celery_backlog_interval_seconds=0.2,
+                                 flush_interval_seconds=0.1)  # fmt: skip
+            from tests.apps.capacity_app import quick
+
+            quick.apply_async(queue="content")
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            assert client.ping()
+            assert _wait_for(lambda: _value(_host(str(directory)), "celery_queue_length", queue="content") == 1, 20)
+        # Redis gone: the app's own commands fail with redis-py's error (ours adds none), the
+        # poller counts its failures and keeps the last value, marked stale
+        with capture_events("telemetry_celery_backlog_failed", "telemetry_hook_error") as events:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                client.ping()
+            assert _wait_for(lambda: (_value(_host(str(directory)), "celery_backlog_errors_total") or 0) >= 2, 20)
+            host = _host(str(directory))
+            assert _value(host, "celery_backlog_view_up") == 0
+            assert _value(host, "celery_queue_length", queue="content") == 1
+            assert (_value(host, "redis_pool_checkouts_total", pool=f"127.0.0.1:{port}/0", result="error") or 0) >= 1
+        assert [e["event"] for e in events] == ["telemetry_celery_backlog_failed"]  # once per outage, no hook error
+        with services.start_redis(port):  # back on the same address: the poller recovers
+            assert _wait_for(lambda: _value(_host(str(directory)), "celery_backlog_view_up") == 1, 20)
+            assert client.ping()
+            client.close()
+    finally:
+        for key in ("BROKER_URL", "BACKEND_URL"):
+            os.environ.pop(key, None)
+        sys.modules.pop("tests.apps.capacity_app", None)
