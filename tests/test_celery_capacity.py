@@ -14,10 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 import telemetry
 from telemetry import _exposition
 from telemetry.testing import capture_events
+from telemetry.tools import diagnose, report
 
 from . import services
 
@@ -118,8 +121,13 @@ def test_backlog_exact_per_queue_then_drained_and_the_slots_of_a_prefork_worker(
         for _ in range(5):
             sleepy.apply_async((4.0,), queue="content")
 
+        texts: list[str] = []
+
         def full() -> Any:
-            host = _host(directory)
+            text = generate_latest(_exposition.host_registry(directory)).decode()
+            host = {(s.name, frozenset(s.labels.items())): s.value
+                    for fam in text_string_to_metric_families(text) for s in fam.samples}  # fmt: skip
+            texts.append(text)
             busy = _value(host, "celery_worker_busy", service="capacity-worker", queue="content")
             size = _value(host, "celery_worker_pool_size", service="capacity-worker")
             reserved = _value(host, "celery_worker_reserved", service="capacity-worker", queue="content")
@@ -132,6 +140,9 @@ def test_backlog_exact_per_queue_then_drained_and_the_slots_of_a_prefork_worker(
         host = _wait_for(full, 60)
         last = _host(directory)
         assert host, (sorted(set(seen)), [(n, v) for (n, lb), v in last.items() if n.startswith("celery_worker")])
+        # the diagnosis from that /metrics names the saturated worker
+        saturated = [f for f in diagnose.findings(report.parse(texts[-1])) if "every slot of" in f]
+        assert len(saturated) == 1 and "(capacity-worker) is busy (2 of 2)" in saturated[0], saturated
         worker_label = {dict(lb)["worker"] for (n, lb) in host if n == "celery_worker_pool_size"}
         assert len(worker_label) == 1 and next(iter(worker_label)).startswith("celery@")
         # kombu's broker pool (db 0) and the result backend's (db 1) in the worker's processes

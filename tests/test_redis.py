@@ -80,6 +80,15 @@ async def test_streams_holding_subscriptions_starve_the_publishers(redis_server)
     assert sample("redis_connection_hold_seconds_count", pool=name, owner="GET /tasks/{task_id}/stream") == 3
     assert sample("redis_connection_hold_seconds_sum", pool=name, owner="GET /tasks/{task_id}/stream") >= 3 * 1.0
     assert sample("redis_pool_connections_in_use", pool=name) == 0
+    # the diagnosis from this process's /metrics names the pool, the failures and the holder
+    from prometheus_client import REGISTRY, generate_latest
+
+    from telemetry.tools import diagnose, report
+
+    found = [f for f in diagnose.findings(report.parse(generate_latest(REGISTRY).decode())) if f.startswith("Redis:")]
+    assert len(found) == 1, found
+    assert f"pool {name} of api" in found[0] and "5 checkouts failed" in found[0]
+    assert "'GET /tasks/{task_id}/stream' holds" in found[0]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         assert (await http.post("/publish")).json() == {"ok": True}
     await pool.disconnect()

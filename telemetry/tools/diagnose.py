@@ -45,7 +45,64 @@ def findings(samples: Samples) -> list[str]:
     out.extend(_idle(samples))
     out.extend(_server(samples))
     out.extend(_pools(samples))
+    out.extend(_redis(samples))
+    out.extend(_celery(samples))
     out.extend(_views(samples))
+    return out
+
+
+def _redis(samples: Samples) -> list[str]:
+    """The busiest process of each Redis pool, and who holds its connections."""
+    in_use = {(lb["service"], lb["pool"], lb["pid"]): v for lb, v in _rows(samples, "redis_pool_connections_in_use")}
+    out = []
+    busiest: dict[tuple[str, str], float] = {}
+    for lb, top in _rows(samples, "redis_pool_connections_max"):
+        key = (lb["service"], lb["pool"], lb["pid"])
+        if top > 0 and key in in_use:
+            busiest[key[:2]] = max(busiest.get(key[:2], 0.0), in_use[key] / top)
+    failures: dict[tuple[str, str], float] = {}
+    for lb, v in _rows(samples, "redis_pool_checkouts_total"):
+        if lb.get("result") in ("timeout", "too_many") and v > 0:
+            key = (lb["service"], lb["pool"])
+            failures[key] = failures.get(key, 0) + v
+    for key in sorted(set(busiest) | set(failures)):
+        usage = busiest.get(key, 0.0)
+        if usage < T.POOL_USAGE_WARNING and not failures.get(key):
+            continue
+        service, pool = key
+        holds: dict[str, float] = {}
+        for lb, v in _rows(samples, "redis_connection_hold_seconds_sum"):
+            if lb.get("service") == service and lb.get("pool") == pool:
+                holds[lb.get("owner", "")] = holds.get(lb.get("owner", ""), 0) + v
+        top = max(holds, key=lambda k: holds[k]) if holds else ""
+        share = holds[top] / sum(holds.values()) * 100 if holds and sum(holds.values()) else 0
+        out.append(f"Redis: pool {pool} of {service} at {usage * 100:.0f}% in its busiest process, "
+                   f"{failures.get(key, 0):.0f} checkouts failed (timeout or too many)"
+                   + (f"; {top!r} holds {share:.0f}% of its connection time" if top else "") + ".")  # fmt: skip
+    return out
+
+
+def _celery(samples: Samples) -> list[str]:
+    out = []
+    lengths = _merged(samples, "celery_queue_length", ("broker", "queue"))
+    ages = _merged(samples, "celery_queue_oldest_message_seconds", ("broker", "queue"))
+    busy: dict[tuple[str, str], float] = {}
+    size: dict[tuple[str, str], float] = {}
+    reserved: dict[tuple[str, str], float] = {}
+    for lb, v in _rows(samples, "celery_worker_busy"):
+        busy[(lb["service"], lb["worker"])] = busy.get((lb["service"], lb["worker"]), 0) + v
+    for lb, v in _rows(samples, "celery_worker_reserved"):
+        reserved[(lb["service"], lb["worker"])] = reserved.get((lb["service"], lb["worker"]), 0) + v
+    for lb, v in _rows(samples, "celery_worker_pool_size"):
+        size[(lb["service"], lb["worker"])] = max(size.get((lb["service"], lb["worker"]), 0), v)
+    for key, slots in sorted(size.items()):
+        if slots and busy.get(key, 0) >= slots:
+            out.append(f"Celery: every slot of {key[1]} ({key[0]}) is busy ({busy[key]:.0f} of {slots:.0f}), "
+                       f"{reserved.get(key, 0):.0f} tasks reserved behind them (CeleryWorkerSlotsSaturated).")  # fmt: skip
+    for (broker, queue), n in sorted(lengths.items(), key=lambda kv: -kv[1]):
+        if n > 0 and (n >= T.CELERY_BACKLOG_WARNING or ages.get((broker, queue), 0) >= 60):
+            out.append(f"Celery: {n:.0f} messages wait in queue {queue} ({broker}), the oldest "
+                       f"{ages.get((broker, queue), 0):.0f} s.")  # fmt: skip
     return out
 
 
