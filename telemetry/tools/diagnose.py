@@ -56,15 +56,14 @@ def _redis(samples: Samples) -> list[str]:
     in_use = {(lb["service"], lb["pool"], lb["pid"]): v for lb, v in _rows(samples, "redis_pool_connections_in_use")}
     out = []
     busiest: dict[tuple[str, str], float] = {}
-    for lb, top in _rows(samples, "redis_pool_connections_max"):
-        key = (lb["service"], lb["pool"], lb["pid"])
-        if top > 0 and key in in_use:
-            busiest[key[:2]] = max(busiest.get(key[:2], 0.0), in_use[key] / top)
+    for lb, limit in _rows(samples, "redis_pool_connections_max"):
+        proc = (lb["service"], lb["pool"], lb["pid"])
+        if limit > 0 and proc in in_use:
+            busiest[proc[:2]] = max(busiest.get(proc[:2], 0.0), in_use[proc] / limit)
     failures: dict[tuple[str, str], float] = {}
     for lb, v in _rows(samples, "redis_pool_checkouts_total"):
         if lb.get("result") in ("timeout", "too_many") and v > 0:
-            key = (lb["service"], lb["pool"])
-            failures[key] = failures.get(key, 0) + v
+            failures[(lb["service"], lb["pool"])] = failures.get((lb["service"], lb["pool"]), 0) + v
     for key in sorted(set(busiest) | set(failures)):
         usage = busiest.get(key, 0.0)
         if usage < T.POOL_USAGE_WARNING and not failures.get(key):
@@ -74,11 +73,11 @@ def _redis(samples: Samples) -> list[str]:
         for lb, v in _rows(samples, "redis_connection_hold_seconds_sum"):
             if lb.get("service") == service and lb.get("pool") == pool:
                 holds[lb.get("owner", "")] = holds.get(lb.get("owner", ""), 0) + v
-        top = max(holds, key=lambda k: holds[k]) if holds else ""
-        share = holds[top] / sum(holds.values()) * 100 if holds and sum(holds.values()) else 0
+        holder = max(holds, key=lambda k: holds[k]) if holds else ""
+        share = holds[holder] / sum(holds.values()) * 100 if holds and sum(holds.values()) else 0
         out.append(f"Redis: pool {pool} of {service} at {usage * 100:.0f}% in its busiest process, "
                    f"{failures.get(key, 0):.0f} checkouts failed (timeout or too many)"
-                   + (f"; {top!r} holds {share:.0f}% of its connection time" if top else "") + ".")  # fmt: skip
+                   + (f"; {holder!r} holds {share:.0f}% of its connection time" if holder else "") + ".")  # fmt: skip
     return out
 
 
