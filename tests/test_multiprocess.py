@@ -48,6 +48,11 @@ def _checkouts(url: str, n: int) -> None:
 def _child_checkouts(url: str, n: int) -> None:
     """In a forked child: a hang dumps every thread's stack and exits (never a hung test run)."""
     faulthandler.dump_traceback_later(20, exit=True)  # exit=True: the watchdog ends with us
+    # a thread left by an earlier test may have held stdout's or stderr's buffer lock at the
+    # moment of fork; multiprocessing flushes both as the child exits and would wait forever
+    # (CPython does not renew those locks in a child): the child gets streams of its own
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the child
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     _checkouts(url, n)
 
 

@@ -105,6 +105,15 @@ def _celery(samples: Samples) -> list[str]:
     return out
 
 
+def beyond_the_pools(samples: Samples) -> list[str]:
+    """The findings a pool-only report lacks: pooler, locks, idle transactions, the server,
+    Redis pools and Celery capacity (the demo's report adds them to its own diagnosis)."""
+    out: list[str] = []
+    for part in (_pooler, _locks, _idle, _server, _redis, _celery, _views):
+        out.extend(part(samples))
+    return out
+
+
 def _owners(samples: Samples, state: str | None = None) -> dict[tuple[str, str], float]:
     by_owner = _merged(samples, "db_server_connections_by_owner", ("service", "owner", "state"))
     out: dict[tuple[str, str], float] = {}

@@ -137,6 +137,9 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     }
     result["alerts"] = alert_conditions(result)
     result["diagnosis"] = diagnose(result)
+    from .diagnose import beyond_the_pools
+
+    result["beyond_the_pools"] = beyond_the_pools(samples)
     return result
 
 
@@ -253,6 +256,8 @@ def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
                    f"{_fmt_s(r['seconds_for_30_concepts'])} for 30 concepts" if cps else "content: no task finished")  # fmt: skip
         out.append("alert conditions met: " + ("; ".join(r["alerts"]) or "none"))
         out.append("diagnosis: " + r["diagnosis"])
+        for finding in r.get("beyond_the_pools") or []:
+            out.append("  also: " + finding)
         out.append("")
     out.append("The seed report's expected benefit beside what was measured:")
     out.append(f"{'scenario':<10}{'metric':<26}{'report':>10}{'measured':>12}")
