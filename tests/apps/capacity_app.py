@@ -22,12 +22,12 @@ app.conf.worker_prefetch_multiplier = 4
 app.conf.worker_hijack_root_logger = False
 
 
-@app.task(name="quick")
+@app.task(name="quick", shared=False)  # not registered into every later app (tests create many)
 def quick() -> int:
     return 1
 
 
-@app.task(name="sleepy")
+@app.task(name="sleepy", shared=False)
 def sleepy(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
