@@ -10,8 +10,8 @@ outside every instrumented pool:
   (``<queue><sep><step>`` for the transport's ``priority_steps``); the oldest message is the
   tail of each list (``LINDEX -1``), aged by the ``telemetry_published_at`` header the package
   stamps at publish;
-* kombu's SQLAlchemy transport: visible rows of ``kombu_message`` per queue, the oldest by its
-  ``timestamp`` column.
+* kombu's SQLAlchemy transport: visible rows of ``kombu_message`` per queue, the oldest row's
+  publish stamp from its payload.
 
 Figures are host-wide gauges (``celery_queue_length``, ``celery_queue_oldest_message_seconds``);
 failures are counted by reason and the last values marked stale.
@@ -30,7 +30,6 @@ import hashlib
 import json
 import threading
 import time
-from datetime import datetime
 from typing import Any
 
 from ._log import emit, hook_error
@@ -210,16 +209,16 @@ class BacklogPoller:
                                                                 pool_logging_name="telemetry-internal")  # fmt: skip
         messages = str(q.options.get("message_tablename", "kombu_message"))
         queues = str(q.options.get("queue_tablename", "kombu_queue"))
-        sql = text(f"select count(*), min(m.timestamp) from {messages} m join {queues} q on m.queue_id = q.id "
-                   "where q.name = :name and m.visible")  # fmt: skip
+        where = f"from {messages} m join {queues} q on m.queue_id = q.id where q.name = :name and m.visible"
         with engine.connect() as conn:
-            n, oldest = conn.execute(sql, {"name": q.queue}).one()
-        age = 0.0 if not n else None
-        if oldest is not None:
-            if isinstance(oldest, str):
-                oldest = datetime.fromisoformat(oldest)
-            age = round(max(0.0, (datetime.now() - oldest).total_seconds()), 3)
-        return int(n or 0), age
+            n = conn.execute(text(f"select count(*) {where}"), {"name": q.queue}).scalar()
+            # the oldest row's payload carries the publish stamp (kombu sets its timestamp column
+            # only when a consumer touches the row)
+            payload = conn.execute(text(f"select m.payload {where} order by m.id limit 1"), {"name": q.queue}).scalar()
+        if not n:
+            return 0, 0.0
+        published = _published_at(payload)
+        return int(n), (round(max(0.0, time.time() - published), 3) if published is not None else None)
 
     def close(self) -> None:
         for client in list(self.clients.values()):

@@ -270,8 +270,8 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "celery_queue_oldest_message_seconds", GAUGE, ("broker", "queue"), "seconds",
-        "Age of the oldest waiting message, 0 when none waits (from the publish time the package stamps; Redis: the "
-        "tail of each list; SQLAlchemy transport: the row's timestamp).",
+        "Age of the oldest waiting message, 0 when none waits (the publish time the package stamps, "
+        "read from the tail of each Redis list or the oldest row of the SQLAlchemy transport).",
     ),
     MetricSpec(
         "celery_backlog_view_up", GAUGE, (), "boolean",

@@ -200,3 +200,35 @@ def test_redis_restarted_under_the_poller_and_the_app(tmp_path: Any) -> None:
         for key in ("BROKER_URL", "BACKEND_URL"):
             os.environ.pop(key, None)
         sys.modules.pop("tests.apps.capacity_app", None)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kombu's models use noload (SQLAlchemy 2.1)
+def test_backlog_on_the_sqlalchemy_transport(tmp_path: Any) -> None:
+    """kombu's SQLAlchemy transport (the demo's default broker): visible rows per queue, the
+    oldest by its timestamp; the poller's own engine is not one of the app's pools."""
+    from celery import Celery
+
+    telemetry.instrument(service="api", celery_backlog_interval_seconds=0.2)
+    app = Celery("sqla", broker=f"sqla+sqlite:///{tmp_path}/broker.db", backend="cache+memory://")
+
+    @app.task(name="noop", shared=False)
+    def noop() -> None:
+        return None
+
+    for _ in range(4):
+        noop.apply_async(queue="content")
+    for _ in range(2):
+        noop.apply_async(queue="logs")
+    sample = telemetry.testing.sample
+
+    def lengths() -> Any:
+        try:
+            return (sample("celery_queue_length", queue="content"), sample("celery_queue_length", queue="logs"))
+        except KeyError:
+            return None
+
+    assert _wait_for(lambda: lengths() == (4, 2), 20), lengths()
+    assert 0 <= sample("celery_queue_oldest_message_seconds", queue="content") < 60
+    assert sample("celery_backlog_view_up") == 1
+    pools = {dict(lb).get("pool") for (n, lb) in telemetry.testing.metrics() if n == "db_pool_checkouts_total"}
+    assert not any("telemetry-internal" in str(p) for p in pools)
