@@ -149,7 +149,7 @@ def child(config: str, n: int) -> dict[str, float]:
     def publish() -> dict:
         headers = {"id": "t", "task": "noop"}
         signals.before_task_publish.send(sender="noop", headers=headers, body=None)
-        signals.after_task_publish.send(sender="noop", headers=headers, body=None)
+        signals.after_task_publish.send(sender="noop", headers=headers, body=None, exchange="", routing_key="content")
         return headers
 
     def timed(fn: Any) -> Any:

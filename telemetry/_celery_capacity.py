@@ -98,6 +98,7 @@ class BacklogPoller:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
         self.queues: dict[tuple[str, str], _Queue] = {}
+        self.ignored: set[tuple[str, str]] = set()
         self.clients: dict[str, Any] = {}
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -111,12 +112,15 @@ class BacklogPoller:
         conf = app.conf
         url = str(conf.broker_url or conf.broker_read_url or "")
         key = (url, queue)
-        if key in self.queues or len(self.queues) >= MAX_QUEUES:
+        if key in self.queues or key in self.ignored:
             return
         scheme = url.split("://", 1)[0].lower()
         transport = "redis" if scheme in ("redis", "rediss") else "sqlalchemy" if scheme.startswith(("sqla", "sqlalchemy")) else ""
-        if not transport:
-            return  # AMQP and others: RabbitMQ reports its queues itself (see docs)
+        if not transport or len(self.queues) >= MAX_QUEUES:
+            # AMQP and others (RabbitMQ reports its queues itself, see docs), or too many queues
+            if len(self.ignored) < 10 * MAX_QUEUES:
+                self.ignored.add(key)
+            return
         options = dict(conf.broker_transport_options or {})
         with self._lock:
             self.queues.setdefault(key, _Queue(url, transport, queue, options, self.settings.multiproc_dir))
@@ -241,6 +245,7 @@ class BacklogPoller:
         for q in self.queues.values():
             q.leader.forget()
         self.queues.clear()
+        self.ignored.clear()
         self.clients.clear()
         self.thread = None
         self._lock = threading.Lock()
