@@ -30,6 +30,7 @@ import hashlib
 import json
 import threading
 import time
+import weakref
 from typing import Any
 
 from ._log import emit, hook_error
@@ -99,6 +100,7 @@ class BacklogPoller:
         self.settings = settings
         self.queues: dict[tuple[str, str], _Queue] = {}
         self.ignored: set[tuple[str, str]] = set()
+        self._urls: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self.clients: dict[str, Any] = {}
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -109,11 +111,17 @@ class BacklogPoller:
         """Poll ``queue`` of ``app``'s broker from now on (idempotent, cheap when known)."""
         if not queue:
             return
-        conf = app.conf
-        url = str(conf.broker_url or conf.broker_read_url or "")
+        try:
+            url = self._urls[app]
+        except (KeyError, TypeError):
+            conf = app.conf  # Celery's settings lookups cost microseconds: once per app
+            url = str(conf.broker_url or conf.broker_read_url or "")
+            with contextlib.suppress(TypeError):
+                self._urls[app] = url
         key = (url, queue)
         if key in self.queues or key in self.ignored:
             return
+        conf = app.conf
         scheme = url.split("://", 1)[0].lower()
         transport = "redis" if scheme in ("redis", "rediss") else "sqlalchemy" if scheme.startswith(("sqla", "sqlalchemy")) else ""
         if not transport or len(self.queues) >= MAX_QUEUES:
