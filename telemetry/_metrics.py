@@ -378,7 +378,12 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "pgbouncer_pool_size", GAUGE, ("database",), "connections",
-        "Server connections pgbouncer opens per user/database pair (SHOW DATABASES pool_size).",
+        "Server connections pgbouncer opens per user/database pair (SHOW DATABASES pool_size, else "
+        "SHOW CONFIG default_pool_size).",
+    ),
+    MetricSpec(
+        "pgbouncer_max_client_connections", GAUGE, (), "connections",
+        "Client connections pgbouncer accepts in all (SHOW CONFIG max_client_conn).",
     ),
     MetricSpec(
         "pgbouncer_client_maxwait_seconds", GAUGE, ("database", "user"), "seconds",
@@ -417,7 +422,7 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "pgbouncer_view_query_seconds", GAUGE, (), "seconds",
-        "Duration of the last pgbouncer admin query set (SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES).",
+        "Duration of the last pgbouncer admin query set (SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES/CONFIG).",
     ),
     MetricSpec(
         "pgbouncer_view_polls_total", COUNTER, (), "polls",

@@ -350,17 +350,20 @@ class _Poller:
             clients = _rows(conn, "SHOW CLIENTS")
             servers = _rows(conn, "SHOW SERVERS")
             databases = _rows(conn, "SHOW DATABASES")
+            config = {str(r["key"]): r["value"] for r in _rows(conn, "SHOW CONFIG")}
         except Exception as exc:
             self._fail("pgbouncer", exc, s.pgbouncer_url)
             return None
         PUBLISHED.pooler_seconds = round(time.perf_counter() - t0, 6)
         self.logged_failure.discard("pgbouncer")
-        return self._publish_pooler(pools, stats, clients, servers, databases)
+        return self._publish_pooler(pools, stats, clients, servers, databases, config)
 
     def _publish_pooler(self, pools: list[dict[str, Any]], stats: list[dict[str, Any]],
                         clients: list[dict[str, Any]], servers: list[dict[str, Any]],
-                        databases: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+                        databases: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         out: list[Sample] = []
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            out.append(("pgbouncer_max_client_connections", (), int(config["max_client_conn"])))
         for p in pools:
             if p["database"] == "pgbouncer":
                 continue
@@ -371,9 +374,11 @@ class _Poller:
                 out.append(("pgbouncer_servers", lb + (("state", state),), int(p[f"sv_{state}"])))
             maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
             out.append(("pgbouncer_client_maxwait_seconds", lb, maxwait))
+        default_size = config.get("default_pool_size")
         for d in databases:
-            if d["name"] != "pgbouncer" and d.get("pool_size") is not None:
-                out.append(("pgbouncer_pool_size", (("database", str(d["name"])),), int(d["pool_size"])))
+            size = d.get("pool_size") if d.get("pool_size") is not None else default_size
+            if d["name"] != "pgbouncer" and size is not None:
+                out.append(("pgbouncer_pool_size", (("database", str(d["name"])),), int(size)))
         for st in stats:
             if st["database"] == "pgbouncer":
                 continue

@@ -161,6 +161,7 @@ def test_pooler_queue_names_the_service_and_owner_holding_the_server_connections
     assert _value(host, "pgbouncer_clients_by_application", application="api", state="waiting") == 3
     assert (_value(host, "pgbouncer_client_wait_longest_seconds", application="api") or 0) > 0
     assert _value(host, "pgbouncer_pool_size", database="postgres") == bouncer.pool_size
+    assert _value(host, "pgbouncer_max_client_connections") == 500  # SHOW CONFIG max_client_conn
     # the server view joins the server backends (through the pooler) to the worker's owner
     assert _value(host, "db_server_connections_by_owner", service="worker", owner="content_task") == 4
     # the host-wide gauges carry no pid: one series whichever process polls
