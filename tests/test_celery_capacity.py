@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,33 +21,17 @@ from telemetry import _exposition
 from telemetry.testing import capture_events
 from telemetry.tools import diagnose, report
 
-from . import services
+from . import hostview, services
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _host(directory: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for fam in _exposition.host_registry(directory).collect():
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
+_host, _value = hostview.host, hostview.value
 
 
-def _value(host: dict, name: str, **labels: str) -> float | None:
-    found = [v for (n, lb), v in host.items() if n == name and all((k, w) in lb for k, w in labels.items())]
-    return sum(found) if found else None
-
-
-def _wait_for(predicate: Any, timeout: float = 60.0, step: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(step)
-    return predicate()
+def _wait_for(predicate: Any, timeout: float = 20.0, step: float = 0.1) -> Any:
+    return hostview.wait_for(predicate, timeout, step)
 
 
 @pytest.fixture

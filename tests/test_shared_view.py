@@ -25,7 +25,7 @@ from telemetry import _exposition, _shared
 from telemetry.testing import capture_events
 from telemetry.tools import cli, diagnose, report
 
-from . import services
+from . import hostview, services
 
 pytestmark = pytest.mark.integration
 
@@ -43,29 +43,11 @@ def row(pg: services.Postgres) -> str:
     return "shared_item"
 
 
-def _host(directory: str | None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    if directory is None:
-        return telemetry.testing.metrics()
-    out = {}
-    for fam in _exposition.host_registry(directory).collect():
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def _value(host: dict, name: str, **labels: str) -> float | None:
-    found = [v for (n, lb), v in host.items() if n == name and all((k, w) in lb for k, w in labels.items())]
-    return sum(found) if found else None
+_host, _value = hostview.host, hostview.value
 
 
 def _wait_for(predicate: Any, timeout: float = 20.0, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(step)
-    return predicate()
+    return hostview.wait_for(predicate, timeout, step)
 
 
 _WORKER = textwrap.dedent(
