@@ -73,7 +73,7 @@ EXTERNAL = frozenset({"pgbouncer_client_wait_seconds_total", "pgbouncer_transact
 _SPECS: list[MetricSpec] = [
     MetricSpec(
         "db_pool_connections_in_use", GAUGE, POOL_PID, "connections",
-        "Connections checked out of the pool right now (the seed's metric).",
+        "Connections checked out of the pool right now (the incident report's metric).",
         "db.client.connection.count{state=used}",
     ),
     MetricSpec(
@@ -83,7 +83,7 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "db_pool_size", GAUGE, POOL_PID, "connections",
-        "Configured pool_size (kept from the seed; usage is NOT measured against it).",
+        "Configured pool_size (kept from the incident report; usage is NOT measured against it).",
         "db.client.connection.idle.max",
     ),
     MetricSpec(

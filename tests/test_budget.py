@@ -1,4 +1,4 @@
-"""`telemetry budget`: the seed's two configurations do not fit ~50 connections (84 and 160),
+"""`telemetry budget`: the incident report's two configurations do not fit ~50 connections (84 and 160),
 a fitting one passes, bad input gets a clear message and exit code 2, never a traceback."""
 
 from __future__ import annotations

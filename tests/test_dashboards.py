@@ -157,6 +157,19 @@ def _every_panel_returns_data(tmp_path, redis_server, pg, bouncer):
         rules = httpx.get(f"{api}/rules").json()["data"]["groups"]
         assert {g["name"] for g in rules} == {"telemetry-db-pool"}
         assert httpx.get(f"{api}/query", params={"query": "service_pool:db_pool_usage:max"}).json()["data"]["result"]
+        # telemetry diagnose over that Prometheus (last minute) names the resources and holders
+        from telemetry.tools import diagnose
+
+        found = diagnose.findings(diagnose.from_prometheus(f"http://127.0.0.1:{prom}", "1m"))
+        pooler = [f for f in found if f.startswith("pgbouncer:")]
+        assert len(pooler) == 1 and "held by api (2)" in pooler[0] and "api 'content_task'" in pooler[0], found
+        locks = [f for f in found if f.startswith("Locks:")]
+        assert len(locks) == 1 and "api 'content_task' holds a lock that blocks api 'PUT /items/{item_id}' (1)" in locks[0], found
+        assert any(f.startswith("Idle in transaction: a backend of api") for f in found), found
+        assert any(f.startswith("Semaphore: ") and "MAX_DB_CONCURRENT" in f for f in found), found
+        assert any(f.startswith("Redis: pool ") for f in found), found
+        with pytest.raises(ValueError, match="--window"):
+            diagnose.from_prometheus(f"http://127.0.0.1:{prom}", "15 minutes")
     finally:
         for proc in (server, workload):
             if proc.poll() is None:

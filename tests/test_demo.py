@@ -63,7 +63,7 @@ def test_demo_on_embedded_defaults(tmp_path):
     out, report = _demo(tmp_path, "--scenario", "all")
     _check(report, ["seed", "fixed", "batched"])
     assert "/metrics (host aggregate" in out.stdout
-    assert "diagnosis:" in out.stdout and "The seed report's expected benefit" in out.stdout
+    assert "diagnosis:" in out.stdout and "The incident report's expected benefit" in out.stdout
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") == 6 and "polyline" in html
 

@@ -233,7 +233,7 @@ def test_instrument_sqlalchemy_only_that_engine(tmp_path):
 
 
 def test_critical_usage_event_and_rate_limit(tmp_path):
-    """db_pool_critical_usage above 90% of pool_size + max_overflow with the seed's fields, at
+    """db_pool_critical_usage above 90% of pool_size + max_overflow with the incident report's fields, at
     most once per interval per pool; the rest are counted."""
     telemetry.instrument(service="content", critical_log_interval_seconds=60)
     engine = create_engine(f"sqlite:///{tmp_path}/c.db", poolclass=QueuePool, pool_size=2, max_overflow=2)

@@ -1,2 +1,2 @@
-"""A small, faithful version of the seed report's backend, instrumented only through
+"""A small, faithful version of the incident report's backend, instrumented only through
 ``telemetry.instrument(...)``: FastAPI API, Celery content worker, SQLAlchemy async engine."""

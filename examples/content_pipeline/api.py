@@ -50,7 +50,8 @@ async def stream(task_id: str) -> StreamingResponse:
     async def events():
         deadline = time.monotonic() + config.STREAM_SECONDS
         if config.SSE_HOLDS_SESSION:
-            # the seed's handler: one session for the life of the stream
+            # a planted cause, not the report's code (its streams read Redis only): one session
+            # for the life of the stream
             async with engine.connect() as conn:
                 while time.monotonic() < deadline:
                     n = (await conn.execute(select(func.count()).select_from(concepts).where(concepts.c.task_id == task_id))).scalar()

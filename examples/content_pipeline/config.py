@@ -1,4 +1,4 @@
-"""The seed's knobs, by their names, from the environment (the demo sets them per scenario)."""
+"""The incident report's knobs, by their names, from the environment (the demo sets them per scenario)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,6 @@ MAX_DB_CONCURRENT = _int("MAX_DB_CONCURRENT", 3)
 CONCEPTS = _int("CONCEPTS", 30)
 LLM_SECONDS = _float("LLM_SECONDS", 0.3)  # per step; Tutorial -> Resource -> Quiz
 SAVE_SECONDS = _float("SAVE_SECONDS", 0.2)  # time a save holds its session (slow writes)
-BATCH_SIZE = _int("BATCH_SIZE", 0)  # 0: save each concept on its own (the seed); N: plan 2
-SSE_HOLDS_SESSION = os.environ.get("SSE_HOLDS_SESSION", "1") == "1"  # the seed's stream handler
+BATCH_SIZE = _int("BATCH_SIZE", 0)  # 0: save each concept on its own (the incident report's way); N: plan 2
+SSE_HOLDS_SESSION = os.environ.get("SSE_HOLDS_SESSION", "1") == "1"  # planted (the report's streams hold no session)
 STREAM_SECONDS = _float("STREAM_SECONDS", 3.0)

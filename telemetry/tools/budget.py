@@ -1,6 +1,6 @@
 """Connection budget: processes x (pool_size + max_overflow) against the server's limit.
 
-The seed report did this by hand twice (84, then 160, against ~50 real connections). Under load
+The incident report did this by hand twice (84, then 160, against ~50 real connections). Under load
 every process grows to its maximum, so the worst case is what must fit.
 """
 

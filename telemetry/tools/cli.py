@@ -1,14 +1,14 @@
 """The ``telemetry`` command.
 
     telemetry demo [--scenario seed|fixed|batched|all] [--duration S] ...
-                                               reproduce the seed incident and diagnose it
+                                               reproduce the incident and diagnose it
     telemetry generate [--root DIR]            regenerate committed generated files
     telemetry prepare-multiproc-dir DIR        empty the multiprocess directory (deploy start)
     telemetry serve-metrics --dir DIR [--port P] [--addr A]
                                                serve the host aggregate of DIR on /metrics
                                                (and poll the server/pooler view when
                                                TELEMETRY_SERVER_VIEW_URL / _PGBOUNCER_URL are set)
-    telemetry diagnose --metrics-url URL [--metrics-url URL2 ...]
+    telemetry diagnose --metrics-url URL [--metrics-url URL2 ...] | --prometheus-url URL [--window 15m]
                                                where the time goes (pools, pooler, locks,
                                                server) and which service/owner causes it
     telemetry budget FILE.yml | --limit N --service NAME=PxSIZE+OVERFLOW ...
@@ -74,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     bud.add_argument("--reserved", type=int, default=0)
     bud.add_argument("--service", action="append", default=[], help="NAME=PROCESSESxPOOL_SIZE+MAX_OVERFLOW")
     diag = sub.add_parser("diagnose", help="say where the time goes and who causes it, from hosts' /metrics")
-    diag.add_argument("--metrics-url", action="append", required=True, dest="urls",
-                      help="a host's /metrics (repeat for several hosts)")
+    source = diag.add_mutually_exclusive_group(required=True)
+    source.add_argument("--metrics-url", action="append", dest="urls", default=[],
+                        help="a host's /metrics, read now (repeat for several hosts)")
+    source.add_argument("--prometheus-url", help="a Prometheus server (its HTTP query API), e.g. http://prometheus:9090")
+    diag.add_argument("--window", default="15m", help="with --prometheus-url: the window looked at (default 15m)")
     demo = sub.add_parser("demo", help="reproduce the content-pipeline incident and diagnose it")
     demo.add_argument("--scenario", default="all", choices=["seed", "fixed", "batched", "all"])
     demo.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of load per scenario")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--concepts", type=_positive(int), default=30)
     demo.add_argument("--llm-seconds", type=_positive(float), default=0.3, help="simulated LLM latency per step")
     demo.add_argument("--save-seconds", type=_positive(float), default=0.2, help="time a save holds its session")
-    demo.add_argument("--pool-timeout", type=_positive(float), default=3.0, help="pool_timeout (the seed's 60 s, scaled)")
+    demo.add_argument("--pool-timeout", type=_positive(float), default=3.0, help="pool_timeout (the incident report's 60 s, scaled)")
     demo.add_argument("--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1:5432/db (default: SQLite)")
     demo.add_argument("--broker", help="e.g. redis://127.0.0.1:6379/0 (default: kombu's SQLAlchemy transport on SQLite)")
     demo.add_argument("--out", default="demo-out", help="where report.json and report.html go")
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             from .diagnose import run as diagnose
 
             try:
-                text, _found = diagnose(args.urls)
+                text, _found = diagnose(args.urls, args.prometheus_url, args.window)
             except (OSError, ValueError) as exc:
                 print(f"telemetry diagnose: {exc}", file=sys.stderr)
                 return 2

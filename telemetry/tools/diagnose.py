@@ -1,4 +1,5 @@
-"""``telemetry diagnose``: read one or more hosts' ``/metrics`` and say where the time goes and
+"""``telemetry diagnose``: read one or more hosts' ``/metrics`` (or a Prometheus over a time
+window) and say where the time goes and
 who causes it: the pools (per process), the transaction pooler and the server (shared), each
 named by service and owner (route template, task, ``db_owner``).
 
@@ -10,11 +11,57 @@ on another (the blocker's host) are taken from the host that knows them.
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.parse
 import urllib.request
 from typing import Any
 
 from .. import thresholds as T
 from .report import Samples, parse, quantile, usage_by_service
+
+#: what the findings read, by kind: gauges at their peak over the window (``*_view_up`` at
+#: their lowest), counters and histogram series as their increase over it
+USED_GAUGES = (
+    "pgbouncer_clients", "pgbouncer_client_maxwait_seconds", "pgbouncer_servers_by_application",
+    "pgbouncer_pool_size", "db_server_connections_by_owner", "db_server_lock_blocking",
+    "db_server_lock_wait_longest_seconds", "db_server_oldest_idle_in_transaction_seconds",
+    "db_server_connections_max", "db_server_connections", "db_pool_connections_in_use",
+    "db_pool_connections_max", "redis_pool_connections_in_use", "redis_pool_connections_max",
+    "celery_queue_length", "celery_queue_oldest_message_seconds", "celery_worker_busy",
+    "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
+    "asyncio_semaphore_capacity",
+)  # fmt: skip
+USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
+USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
+USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds")
+_WINDOW = re.compile(r"^[1-9][0-9]*[smhd]$")
+
+
+def from_prometheus(url: str, window: str, timeout: float = 10.0) -> Samples:
+    """The samples the findings need, from a Prometheus HTTP API over the last ``window``
+    (``15m``): gauges at their peak (views at their lowest), counters and histograms as their
+    increase, so every finding describes that window."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--prometheus-url {url!r}: expected an http:// or https:// URL")
+    if not _WINDOW.match(window):
+        raise ValueError(f"--window {window!r}: expected a Prometheus duration such as 30s, 15m, 1h")
+    queries = [(name, f"max_over_time({name}[{window}])") for name in USED_GAUGES]
+    queries += [(name, f"min_over_time({name}[{window}])") for name in USED_LOWEST]
+    queries += [(name, f"increase({name}[{window}])") for name in USED_COUNTERS]
+    for name in USED_HISTOGRAMS:
+        queries += [(f"{name}{part}", f"increase({name}{part}[{window}])") for part in ("_bucket", "_sum", "_count")]
+    out: Samples = []
+    base = url.rstrip("/") + "/api/v1/query?"
+    for name, expr in queries:
+        with urllib.request.urlopen(base + urllib.parse.urlencode({"query": expr}), timeout=timeout) as r:  # noqa: S310
+            body = json.loads(r.read().decode())
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus refused {expr!r}: {body.get('error')}")
+        for row in body["data"]["result"]:
+            labels = {k: v for k, v in row["metric"].items() if k != "__name__"}
+            out.append((name, labels, float(row["value"][1])))
+    return out
 
 
 def fetch(url: str, timeout: float = 10.0) -> Samples:
@@ -45,9 +92,31 @@ def findings(samples: Samples) -> list[str]:
     out.extend(_idle(samples))
     out.extend(_server(samples))
     out.extend(_pools(samples))
+    out.extend(_semaphores(samples))
     out.extend(_redis(samples))
     out.extend(_celery(samples))
     out.extend(_views(samples))
+    return out
+
+
+def _semaphores(samples: Samples) -> list[str]:
+    """A telemetry.Semaphore with tasks queued in front of it (MAX_DB_CONCURRENT)."""
+    waiters: dict[tuple[str, str], float] = {}
+    capacity: dict[tuple[str, str], float] = {}
+    for lb, v in _rows(samples, "asyncio_semaphore_waiters"):
+        key = (lb.get("service", ""), lb.get("semaphore", ""))
+        waiters[key] = max(waiters.get(key, 0), v)
+    for lb, v in _rows(samples, "asyncio_semaphore_capacity"):
+        key = (lb.get("service", ""), lb.get("semaphore", ""))
+        capacity[key] = max(capacity.get(key, 0), v)
+    out = []
+    for (service, name), n in sorted(waiters.items()):
+        if n <= 0:
+            continue
+        p95 = quantile(0.95, samples, "asyncio_semaphore_wait_seconds", service=service, semaphore=name)
+        out.append(f"Semaphore: up to {n:.0f} tasks of {service} queued for {name} (capacity "
+                   f"{capacity.get((service, name), 0):.0f}, wait p95 {p95 or 0:.2f} s): throughput is "
+                   "capped there, not at the pool (SemaphoreConvoy).")  # fmt: skip
     return out
 
 
@@ -109,7 +178,7 @@ def beyond_the_pools(samples: Samples) -> list[str]:
     """The findings a pool-only report lacks: pooler, locks, idle transactions, the server,
     Redis pools and Celery capacity (the demo's report adds them to its own diagnosis)."""
     out: list[str] = []
-    for part in (_pooler, _locks, _idle, _server, _redis, _celery, _views):
+    for part in (_pooler, _locks, _idle, _server, _semaphores, _redis, _celery, _views):
         out.extend(part(samples))
     return out
 
@@ -228,7 +297,13 @@ def render(urls: list[str], per_url: list[Samples]) -> str:
     return "\n".join(lines)
 
 
-def run(urls: list[str]) -> tuple[str, list[str]]:
-    per_url: list[Any] = [fetch(url) for url in urls]
+def run(urls: list[str], prometheus: str | None = None, window: str = "15m") -> tuple[str, list[str]]:
+    """From hosts' ``/metrics`` (now) or a Prometheus (over the last ``window``)."""
+    if prometheus:
+        per_url: list[Any] = [from_prometheus(prometheus, window)]
+        sources = [f"{prometheus} (last {window})"]
+    else:
+        per_url = [fetch(url) for url in urls]
+        sources = urls
     merged = [s for samples in per_url for s in samples]
-    return render(urls, per_url), findings(merged)
+    return render(sources, per_url), findings(merged)

@@ -259,7 +259,7 @@ def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
         for finding in r.get("beyond_the_pools") or []:
             out.append("  also: " + finding)
         out.append("")
-    out.append("The seed report's expected benefit beside what was measured:")
+    out.append("The incident report's expected benefit beside what was measured:")
     out.append(f"{'scenario':<10}{'metric':<26}{'report':>10}{'measured':>12}")
     for row in rows:
         exp, got = row["report_expected"], row["measured"]
