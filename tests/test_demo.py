@@ -29,7 +29,7 @@ def _demo(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict
         return out, json.load(fh)
 
 
-def _check(report: dict, scenarios: list[str], tasks: int = 8) -> None:
+def _check(report: dict, scenarios: list[str], tasks: int = 8, page_failures: bool = True) -> None:
     by = {r["scenario"]: r for r in report["results"]}
     assert list(by) == scenarios
     for name, r in by.items():
@@ -39,7 +39,9 @@ def _check(report: dict, scenarios: list[str], tasks: int = 8) -> None:
         assert r["tasks_succeeded"] == tasks
     seed = by["seed"]
     assert seed["pool_usage_peak"]["api"] >= 0.95
-    assert seed["api"]["pool_timeouts"] > 0 and seed["api"]["timeout_rate"] > 0
+    assert seed["api"]["pool_timeouts"] > 0
+    if page_failures:  # which requests hit pool_timeout varies with the driver's timing
+        assert seed["api"]["timeout_rate"] > 0
     assert "GET /tasks/{task_id}/stream" in seed["diagnosis"]
     assert "cannot drain the API's" in seed["diagnosis"]
     assert any(a.startswith("DbPoolCheckoutTimeouts") for a in seed["alerts"])
@@ -74,7 +76,9 @@ def test_demo_on_postgres_and_redis(tmp_path, redis_server):
     with services.start_postgres(max_connections=100) as pg:
         _, report = _demo(tmp_path, "--scenario", "seed", "--generations", "16",
                           "--database-url", pg.url("asyncpg"), "--broker", redis_server.url)  # fmt: skip
-    _check(report, ["seed"], tasks=16)
+    # asyncpg's pool on PostgreSQL: the timeouts fall on streams, /generate or ordinary pages
+    # depending on the run (CI saw 12 timeouts, none on an ordinary page), so only the count
+    _check(report, ["seed"], tasks=16, page_failures=False)
 
 
 @pytest.mark.parametrize(
