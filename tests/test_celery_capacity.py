@@ -155,18 +155,19 @@ def test_redis_restarted_under_the_poller_and_the_app(tmp_path: Any) -> None:
     url = f"redis://127.0.0.1:{port}/0"
     os.environ.update(BROKER_URL=url, BACKEND_URL=f"redis://127.0.0.1:{port}/1")
     try:
-        with services.start_redis(port):
-            telemetry.instrument(service="api", multiproc_dir=str(directory), celery_backlog_interval_seconds=0.2,
-                                 flush_interval_seconds=0.1)  # fmt: skip
-            from tests.apps.capacity_app import quick
-
-            quick.apply_async(queue="content")
-            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-            assert client.ping()
-            assert _wait_for(lambda: _value(_host(str(directory)), "celery_queue_length", queue="content") == 1, 20)
-        # Redis gone: the app's own commands fail with redis-py's error (ours adds none), the
-        # poller counts its failures and keeps the last value, marked stale
+        # the capture is open before Redis stops: the poller may notice within its 0.2 s interval
         with capture_events("telemetry_celery_backlog_failed", "telemetry_hook_error") as events:
+            with services.start_redis(port):
+                telemetry.instrument(service="api", multiproc_dir=str(directory), celery_backlog_interval_seconds=0.2,
+                                     flush_interval_seconds=0.1)  # fmt: skip
+                from tests.apps.capacity_app import quick
+
+                quick.apply_async(queue="content")
+                client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+                assert client.ping()
+                assert _wait_for(lambda: _value(_host(str(directory)), "celery_queue_length", queue="content") == 1, 20)
+            # Redis gone: the app's own commands fail with redis-py's error (ours adds none), the
+            # poller counts its failures and keeps the last value, marked stale
             with pytest.raises(redis.exceptions.ConnectionError):
                 client.ping()
             assert _wait_for(lambda: (_value(_host(str(directory)), "celery_backlog_errors_total") or 0) >= 2, 20)

@@ -38,8 +38,11 @@ def _check(report: dict, scenarios: list[str], tasks: int = 8, page_failures: bo
         assert json.loads(json.dumps(again, default=str)) == r  # every number comes from the metrics
         assert r["tasks_succeeded"] == tasks
     seed = by["seed"]
-    assert seed["pool_usage_peak"]["api"] >= 0.95
+    # exhaustion is proven by the checkout timeouts (a timeout needs that process's pool at its
+    # max); the peak is sampled every 0.5 s and on a loaded machine can miss those instants
+    # (CI read 75% once on the oldest versions, with timeouts counted)
     assert seed["api"]["pool_timeouts"] > 0
+    assert seed["pool_usage_peak"]["api"] > 0.5
     if page_failures:  # which requests hit pool_timeout varies with the driver's timing
         assert seed["api"]["timeout_rate"] > 0
     assert "GET /tasks/{task_id}/stream" in seed["diagnosis"]
