@@ -33,13 +33,12 @@ import time
 import weakref
 from typing import Any
 
+from ._celery import HEADER
 from ._log import emit, hook_error
 from ._settings import mask_url
 from ._shared import Leader
 from ._stats import REGISTRY, LabeledStats
 
-HEADER = "telemetry_published_at"
-REASONS = ("timeout", "refused", "auth", "error")
 #: at most this many queues are polled per process (queues come from code, not from input)
 MAX_QUEUES = 100
 
@@ -251,7 +250,7 @@ class BacklogPoller:
     def after_fork(self) -> None:
         """The parent's thread, clients and locks are not the child's: start over, empty."""
         for q in self.queues.values():
-            q.leader.forget()
+            q.leader.release()  # record locks are not inherited: close the copied fd
         self.queues.clear()
         self.ignored.clear()
         self.clients.clear()

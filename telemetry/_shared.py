@@ -116,10 +116,6 @@ class Leader:
                 os.close(self.fd)
             self.fd = None
 
-    def forget(self) -> None:
-        """In a forked child: record locks are not inherited; the copied fd is closed."""
-        self.release()
-
 
 def _host_owners(directory: str | None) -> list[list[Any]]:
     """This process's owner rows and those the host's other live processes last wrote."""
@@ -687,7 +683,7 @@ class SharedViewIntegration(Integration):
     def after_fork(self) -> None:
         # the parent's thread and connections are not ours; a child polls only if it becomes leader
         if self.leader is not None:
-            self.leader.forget()
+            self.leader.release()  # record locks are not inherited: close the copied fd
         if self.poller is not None:
             self.poller.server_conn = self.poller.pooler_conn = None  # the parent's sockets
         PUBLISHED.reset()
