@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,10 +30,21 @@ def redis_server() -> Iterator[services.Redis]:
 
 @pytest.fixture(autouse=True)
 def _clean_telemetry() -> Iterator[None]:
-    """Every test starts and ends with nothing instrumented."""
+    """Every test starts and ends with nothing instrumented, leaves no thread running and no
+    garbage behind. A forked child hangs in a C library's lock (SQLite's) that another thread held
+    at the moment of fork: a thread left by an earlier test, or a garbage collection that the
+    scraping thread of a later test happens to run, closing an earlier test's SQLite connections
+    (CI saw a forked child stuck in sqlite3.connect)."""
     telemetry.uninstrument()
+    before = set(threading.enumerate())
     yield
     telemetry.uninstrument()
+    deadline = time.monotonic() + 5
+    while left := [t for t in threading.enumerate() if t not in before and t.is_alive()]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the test left threads running: {sorted(t.name for t in left)}")
+        time.sleep(0.05)
+    gc.collect()  # here, in the main thread
 
 
 async def starve(engine: Any, waiters: int, hold: float = 1.0, owner: str = "hog") -> list[str]:

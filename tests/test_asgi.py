@@ -5,6 +5,9 @@ count per request through a mount; WebSocket refusals; /metrics served where the
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -24,15 +27,24 @@ EXPECTED = {
 }
 
 
+@pytest.fixture
+async def routers_app() -> AsyncIterator[Any]:
+    """The router-based app; its engine disposed after the test (aiosqlite keeps a thread per
+    connection, and a thread left running can hang a later test's forked child)."""
+    telemetry.instrument(service="api")
+    from .apps.routers_app import db
+    from .apps.routers_app.main import app
+
+    yield app
+    await db.engine.dispose()
+
+
 def _requests(route: str, method: str = "GET") -> float:
     return sample("http_server_request_duration_seconds_count", route=route, method=method)
 
 
-async def test_every_route_of_a_router_based_app_has_its_template():
-    telemetry.instrument(service="api")
-    from .apps.routers_app.main import app
-
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+async def test_every_route_of_a_router_based_app_has_its_template(routers_app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=routers_app), base_url="http://t") as client:
         for (method, path), _template in EXPECTED.items():
             for _ in range(3):
                 response = await client.request(method, path)
@@ -49,15 +61,12 @@ async def test_every_route_of_a_router_based_app_has_its_template():
         sample("db_connection_hold_seconds_count", owner="GET unmatched")
 
 
-async def test_websocket_template_and_refusal_before_accept():
+async def test_websocket_template_and_refusal_before_accept(routers_app):
     """A WebSocket route inside an included router has its template; one closed before accept
     is answered 403 (the ASGI spec), not counted as a server error."""
-    telemetry.instrument(service="api")
-    from .apps.routers_app.main import app
-
-    sent = await asgi_driver.websocket(app, "/api/v1/ws/lobby")
+    sent = await asgi_driver.websocket(routers_app, "/api/v1/ws/lobby")
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
-    sent = await asgi_driver.websocket(app, "/api/v1/ws/closed")
+    sent = await asgi_driver.websocket(routers_app, "/api/v1/ws/closed")
     assert [m["type"] for m in sent] == ["websocket.close"]
     route = "/api/v1/ws/{room}"
     assert sample("http_server_request_duration_seconds_count", route=route, status="101") == 1
@@ -84,13 +93,10 @@ async def test_a_mounted_sub_application_counts_each_request_once():
     assert _requests("/v1/items/{item_id}") == 3
 
 
-async def test_metrics_route_answers_200_under_its_own_template():
+async def test_metrics_route_answers_200_under_its_own_template(routers_app):
     """``app.add_route("/metrics", telemetry.metrics_app())`` (the README's line): a plain GET
     gets the exposition, not a redirect, and is labelled "/metrics"."""
-    telemetry.instrument(service="api")
-    from .apps.routers_app.main import app
-
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=routers_app), base_url="http://t") as client:
         response = await client.get("/metrics")
     assert response.status_code == 200
     # the scrape sees itself: the /metrics request is in flight while the exposition is built

@@ -43,6 +43,7 @@ def _checkouts(url: str, n: int) -> None:
     for _ in range(n):
         with engine.connect():
             pass
+    engine.dispose()  # closed here, not by a garbage collection in another thread during a fork
 
 
 def _child_checkouts(url: str, n: int) -> None:
@@ -113,7 +114,7 @@ def test_pid_reuse_and_interrupted_merge_are_not_double_counted(tmp_path):
 
 
 def _short_lived(url: str, n: int) -> None:
-    _checkouts(url, n)
+    _child_checkouts(url, n)
 
 
 def test_scrapes_during_churn_never_go_backwards(tmp_path):
@@ -131,12 +132,19 @@ def test_scrapes_during_churn_never_go_backwards(tmp_path):
     t = threading.Thread(target=scraper)
     t.start()
     ctx = multiprocessing.get_context("fork")
-    for _ in range(12):
-        p = ctx.Process(target=_short_lived, args=(url, 2))
-        p.start()
-        p.join(30)
-    stop.set()
-    t.join()
+    exits = []
+    try:
+        for _ in range(12):
+            p = ctx.Process(target=_short_lived, args=(url, 2), daemon=True)
+            p.start()
+            p.join(30)
+            exits.append(p.exitcode)
+            if p.is_alive():
+                p.kill()
+    finally:
+        stop.set()
+        t.join()
+    assert exits == [0] * 12  # a hung child dumps its threads (stderr) and exits 1
     final = _total(_host(directory), "db_pool_checkouts_total", result="ok")
     assert final == 24
     assert len(seen) > 5
