@@ -184,9 +184,9 @@ def start_metrics_server(
     if basic_auth is not None and bearer_token is not None:
         raise ConfigError("start_metrics_server: give basic_auth or bearer_token, not both")
     runtime = _runtime.current()
-    if runtime is not None:
-        registry = runtime.registry(directory)
-    elif directory:
+    if runtime is not None:  # stopped by uninstrument(), like everything instrument() started
+        return runtime.serve_metrics(port, addr, directory, basic_auth=basic_auth, bearer_token=bearer_token)
+    if directory:
         _multiprocess.check_dir(directory)
         registry = _exposition.host_registry(directory, None)
     else:

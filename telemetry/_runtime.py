@@ -170,8 +170,8 @@ class Runtime:
             return _exposition.host_registry(directory, self.process_file)
         return prometheus_client.REGISTRY
 
-    def serve_metrics(self, port: int, addr: str, **auth: Any) -> Any:
-        server = _exposition.serve(self.registry(), port, addr, **auth)
+    def serve_metrics(self, port: int, addr: str, directory: str | None = None, **auth: Any) -> Any:
+        server = _exposition.serve(self.registry(directory), port, addr, **auth)
         self.metrics_servers.append(server)
         return server
 
