@@ -17,7 +17,7 @@ OLDEST=(
   "opentelemetry-instrumentation-celery==0.46b0" "opentelemetry-instrumentation-sqlalchemy==0.46b0"
   "asyncpg==0.29.0" "psycopg[binary]==3.1.18" "aiosqlite==0.20.0"
 )
-TOOLS=("grafanalib>=0.7" "pyyaml>=6" "rich>=13" "pytest>=8" "pytest-asyncio>=0.23")
+TOOLS=("grafanalib>=0.7" "pyyaml>=6" "rich>=13" "matplotlib>=3.7" "pytest>=8" "pytest-asyncio>=0.23")
 [ -x .venv-oldest/bin/python ] || "$PY" -m venv .venv-oldest
 .venv-oldest/bin/python -m pip install -q --disable-pip-version-check "${OLDEST[@]}" "${TOOLS[@]}" 2>&1 | grep -v '^WARNING: Location' || true
 .venv-oldest/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true

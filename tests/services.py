@@ -1,4 +1,5 @@
-"""Throwaway real services for the tests: PostgreSQL, Redis, started on free loopback ports.
+"""Throwaway real services for the tests: PostgreSQL, pgbouncer, Redis, started on free loopback
+ports (the same code as ``telemetry demo --stack real``: ``telemetry/tools/stack.py``).
 
 Outside CI a test whose binary is missing is skipped with the reason; with ``CI=true`` it fails,
 so CI can never pass by skipping the real-service tests.
@@ -7,25 +8,25 @@ so CI can never pass by skipping the real-service tests.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
+
+from telemetry.tools import stack
+from telemetry.tools.stack import Pgbouncer, Postgres, Redis, free_port, pg_bin, wait_port
+
+__all__ = ["Pgbouncer", "Postgres", "Redis", "binary", "free_port", "missing", "pg_bin", "restart_postgres",
+           "start_pgbouncer", "start_postgres", "start_redis", "wait_port"]  # fmt: skip
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def missing(what: str) -> None:
     """Skip (locally) or fail (CI) because a service binary is not installed."""
-    message = f"{what} is not installed: run scripts/install-system-deps.sh"
+    message = what if what.endswith("scripts/install-system-deps.sh") else f"{what} is not installed: run scripts/install-system-deps.sh"
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
@@ -40,83 +41,31 @@ def binary(name: str, package: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-def pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
-
-
-@dataclass
-class Postgres:
-    port: int
-    datadir: str
-    max_connections: int
-    user: str = "postgres"
-
-    def url(self, driver: str = "psycopg", password: str | None = None) -> str:
-        auth = self.user if password is None else f"{self.user}:{password}"
-        return f"postgresql+{driver}://{auth}@127.0.0.1:{self.port}/postgres"
-
-    def psql(self, sql: str) -> str:
-        out = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
-             "-At", "-c", sql],
-            check=True, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        return out.stdout.strip()
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() != 0:
-        return cmd
-    return ["runuser", "-u", "postgres", "--", *cmd]
+@contextlib.contextmanager
+def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
+    try:
+        with stack.start_postgres(max_connections) as server:
+            yield server
+    except stack.Missing as exc:
+        missing(str(exc))
 
 
 @contextlib.contextmanager
-def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
-    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
-    if not initdb or not pg_ctl or not shutil.which("psql"):
-        missing("PostgreSQL (initdb, pg_ctl, psql)")
-    assert initdb and pg_ctl
-    datadir = tempfile.mkdtemp(prefix="telemetry-pg-")
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(datadir, pw.pw_uid, pw.pw_gid)
-    port = free_port()
-    subprocess.run(
-        _as_postgres([initdb, "-D", datadir, "-A", "trust", "-U", "postgres", "--no-sync"]),
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    opts = (
-        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
-        f"-c max_connections={max_connections} -c fsync=off -c shared_buffers=16MB"
-    )
-    subprocess.run(
-        _as_postgres([pg_ctl, "-D", datadir, "-o", opts, "-l", f"{datadir}/log", "-w", "start"]),
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
     try:
-        yield Postgres(port=port, datadir=datadir, max_connections=max_connections)
-    finally:
-        subprocess.run(
-            _as_postgres([pg_ctl, "-D", datadir, "-m", "immediate", "-w", "stop"]),
-            capture_output=True, timeout=60,
-        )  # fmt: skip
-        shutil.rmtree(datadir, ignore_errors=True)
+        with stack.start_pgbouncer(pg, pool_size) as bouncer:
+            yield bouncer
+    except stack.Missing as exc:
+        missing(str(exc))
+
+
+@contextlib.contextmanager
+def start_redis(port: int | None = None) -> Iterator[Redis]:
+    try:
+        with stack.start_redis(port) as server:
+            yield server
+    except stack.Missing as exc:
+        missing(str(exc))
 
 
 def restart_postgres(pg: Postgres) -> None:
@@ -124,93 +73,6 @@ def restart_postgres(pg: Postgres) -> None:
     assert pg_ctl
     # -l: the restarted server must not inherit (and hold open) our stdout pipe
     subprocess.run(
-        _as_postgres([pg_ctl, "-D", pg.datadir, "-m", "fast", "-l", f"{pg.datadir}/log", "-w", "restart"]),
+        stack.as_postgres([pg_ctl, "-D", pg.datadir, "-m", "fast", "-l", f"{pg.datadir}/log", "-w", "restart"]),
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
     )  # fmt: skip
-
-
-@dataclass
-class Pgbouncer:
-    """pgbouncer in transaction mode in front of a throwaway PostgreSQL."""
-
-    port: int
-    pool_size: int
-    process: subprocess.Popen[bytes]
-
-    def url(self, driver: str = "psycopg", user: str = "postgres") -> str:
-        return f"postgresql+{driver}://{user}@127.0.0.1:{self.port}/postgres"
-
-    @property
-    def admin_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/pgbouncer"
-
-
-@contextlib.contextmanager
-def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
-    """pgbouncer (Debian package, run as the postgres user) on a free port, transaction mode,
-    ``default_pool_size=pool_size``, admin console database ``pgbouncer``."""
-    path = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
-    if not path:
-        missing("pgbouncer (Debian package pgbouncer)")
-    assert path
-    workdir = tempfile.mkdtemp(prefix="telemetry-pgbouncer-")
-    port = free_port()
-    with open(f"{workdir}/userlist.txt", "w") as fh:
-        fh.write('"postgres" ""\n"monitor" ""\n')
-    with open(f"{workdir}/pgbouncer.ini", "w") as fh:
-        fh.write(
-            f"[databases]\npostgres = host=127.0.0.1 port={pg.port} dbname=postgres\n"
-            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-            f"auth_type = trust\nauth_file = {workdir}/userlist.txt\npool_mode = transaction\n"
-            f"default_pool_size = {pool_size}\nmax_client_conn = 500\nadmin_users = postgres\n"
-            f"stats_users = monitor\nlogfile = {workdir}/pgbouncer.log\n"
-            "ignore_startup_parameters = extra_float_digits,statement_timeout\n"
-        )
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        for name in ("", "/userlist.txt", "/pgbouncer.ini"):
-            os.chown(workdir + name, pw.pw_uid, pw.pw_gid)
-    proc = subprocess.Popen(
-        _as_postgres([path, f"{workdir}/pgbouncer.ini"]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        yield Pgbouncer(port=port, pool_size=pool_size, process=proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@dataclass
-class Redis:
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-@contextlib.contextmanager
-def start_redis(port: int | None = None) -> Iterator[Redis]:
-    """A throwaway Redis on a free port (or ``port``: a restart on the same address)."""
-    binary = shutil.which("redis-server")
-    if not binary:
-        missing("redis-server")
-    assert binary
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        yield Redis(port=port, process=proc)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

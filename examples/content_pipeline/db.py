@@ -7,22 +7,28 @@ from . import config
 
 metadata = MetaData()
 tasks = Table("tasks", metadata, Column("id", String(40), primary_key=True),
-              Column("status", String(20)), Column("created", Float))  # fmt: skip
+              Column("status", String(20)), Column("created", Float), Column("viewed", Float))  # fmt: skip
 concepts = Table("concepts", metadata, Column("task_id", String(40), primary_key=True),
                  Column("n", Integer, primary_key=True), Column("tutorial", Text),
                  Column("resource", Text), Column("quiz", Text))  # fmt: skip
 notes = Table("notes", metadata, Column("id", Integer, primary_key=True, autoincrement=True),
               Column("body", Text))  # fmt: skip
+logs = Table("logs", metadata, Column("id", Integer, primary_key=True, autoincrement=True),
+             Column("task_id", String(40)), Column("line", Text))  # fmt: skip
 
 
-def make_engine() -> AsyncEngine:
-    kwargs: dict = {"pool_size": config.DB_POOL_SIZE, "max_overflow": config.DB_MAX_OVERFLOW,
+def make_engine(pool_size: int | None = None, max_overflow: int | None = None) -> AsyncEngine:
+    kwargs: dict = {"pool_size": config.DB_POOL_SIZE if pool_size is None else pool_size,
+                    "max_overflow": config.DB_MAX_OVERFLOW if max_overflow is None else max_overflow,
                     "pool_timeout": config.DB_POOL_TIMEOUT}  # fmt: skip
     if config.DATABASE_URL.startswith("sqlite"):
         from sqlalchemy.pool import AsyncAdaptedQueuePool
 
         kwargs["poolclass"] = AsyncAdaptedQueuePool
         kwargs["connect_args"] = {"timeout": 60}
+    elif "+psycopg" in config.DATABASE_URL:
+        # behind a transaction-mode pooler: no server-side prepared statements
+        kwargs["connect_args"] = {"prepare_threshold": None}
     return create_async_engine(config.DATABASE_URL, **kwargs)
 
 

@@ -1,16 +1,20 @@
-"""Celery entry point: ``celery -A examples.content_pipeline.worker worker --pool prefork``.
+"""Celery entry point, one per worker group (the report's logs 4, content 6, workflow 4):
+``celery -A examples.content_pipeline.worker worker --pool prefork -Q content -c 6``.
 
 The one line of telemetry a worker needs is ``telemetry.instrument(...)``, in the prefork parent
-before the pool forks; children start clean on their own.
+before the pool forks; children start clean on their own. ``WORKER_SERVICE`` names the group.
 """
 
 from __future__ import annotations
 
+import os
+
 import telemetry
 
-telemetry.configure_logging("worker")
-telemetry.instrument(service="worker")
+SERVICE = os.environ.get("WORKER_SERVICE", "worker")
+telemetry.configure_logging(SERVICE)
+telemetry.instrument(service=SERVICE)
 
-from .tasks import app, generate_content  # noqa: E402
+from .tasks import advance_workflow, app, generate_content, write_log  # noqa: E402
 
-__all__ = ["app", "generate_content"]
+__all__ = ["advance_workflow", "app", "generate_content", "write_log"]

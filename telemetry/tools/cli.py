@@ -1,6 +1,6 @@
 """The ``telemetry`` command.
 
-    telemetry demo [--scenario seed|fixed|batched|all] [--duration S] ...
+    telemetry demo [--stack embedded|real] [--scenario NAME|all] [--duration S] ...
                                                reproduce the incident and diagnose it
     telemetry generate [--root DIR]            regenerate committed generated files
     telemetry prepare-multiproc-dir DIR        empty the multiprocess directory (deploy start)
@@ -80,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--prometheus-url", help="a Prometheus server (its HTTP query API), e.g. http://prometheus:9090")
     diag.add_argument("--window", default="15m", help="with --prometheus-url: the window looked at (default 15m)")
     demo = sub.add_parser("demo", help="reproduce the content-pipeline incident and diagnose it")
-    demo.add_argument("--scenario", default="all", choices=["seed", "fixed", "batched", "all"])
-    demo.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of load per scenario")
+    from .demo import SCENARIOS
+
+    demo.add_argument("--scenario", default="all",
+                      help=f"all that the stack can run (default) or a comma-separated list of: {', '.join(SCENARIOS)}")
+    demo.add_argument("--stack", default="embedded", choices=["embedded", "real"],
+                      help="embedded: SQLite and kombu's SQLAlchemy transport, nothing to install; real: throwaway "
+                           "PostgreSQL behind pgbouncer (transaction mode) and Redis, from the installed binaries")  # fmt: skip
+    demo.add_argument("--duration", type=_positive(float), default=15.0, help="seconds of load per scenario")
     demo.add_argument("--generations", type=_positive(int), default=16, help="concurrent POST /generate, each watched by a stream")
     demo.add_argument("--rate", type=_positive(float), default=15.0, help="ordinary page requests per second")
     demo.add_argument("--concepts", type=_positive(int), default=30)

@@ -1,17 +1,21 @@
-"""``telemetry demo``: reproduce the content-pipeline incident with real processes and diagnose it.
+"""``telemetry demo``: run the incident report's backend with real processes, its plans and
+planted suspects, and diagnose each from the package's own metrics and events.
 
 For each scenario it starts the reference pipeline (``examples/content_pipeline``): uvicorn with
-``UVICORN_WORKERS`` workers and a prefork Celery worker with ``CELERY_CONTENT_CONCURRENCY``
-children, on SQLite and kombu's SQLAlchemy transport by default (no server to install) or on
-PostgreSQL and Redis (``--database-url``, ``--broker``). It drives K generations, each watched by
-a status stream, plus a steady stream of ordinary page requests; shows pool usage live; serves
-the host's ``/metrics`` (Prometheus can scrape it); and ends with the incident report, computed
-only from the package's metrics.
+``UVICORN_WORKERS`` workers and the report's three prefork Celery worker groups (logs, content,
+workflow). Stacks: the embedded default (SQLite, kombu's SQLAlchemy transport: nothing to install,
+and it says what it cannot show), ``--stack real`` (throwaway PostgreSQL behind pgbouncer in
+transaction mode, and Redis, from the installed binaries), or the user's own servers
+(``--database-url``, ``--broker``). It drives K generations, each watched by a status stream, plus
+a steady stream of ordinary pages; shows pool usage live; serves the host's ``/metrics``
+(Prometheus can scrape it); and ends with the report, computed only from the package's metrics
+(gauges at their peak over the run) and events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,21 +24,76 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from .. import thresholds as T
 from . import report as _report
 
-SCENARIOS: dict[str, dict[str, str]] = {
-    # the report's configuration
-    "seed": {"DB_POOL_SIZE": "2", "DB_MAX_OVERFLOW": "2", "MAX_DB_CONCURRENT": "3",
-             "UVICORN_WORKERS": "4", "CELERY_CONTENT_CONCURRENCY": "6", "BATCH_SIZE": "0"},
-    # its plan 1: pools 5+5, semaphore 8, 2 API workers, content concurrency 3
-    "fixed": {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "5", "MAX_DB_CONCURRENT": "8",
-              "UVICORN_WORKERS": "2", "CELERY_CONTENT_CONCURRENCY": "3", "BATCH_SIZE": "0"},
-    # its plan 2: plan 1 plus batched saves (5 concepts per session)
-    "batched": {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "5", "MAX_DB_CONCURRENT": "8",
-                "UVICORN_WORKERS": "2", "CELERY_CONTENT_CONCURRENCY": "3", "BATCH_SIZE": "5"},
+#: the incident report's configuration (its knobs by their names); every scenario starts here
+SEED: dict[str, str] = {
+    "DB_POOL_SIZE": "2", "DB_MAX_OVERFLOW": "2", "MAX_DB_CONCURRENT": "3", "UVICORN_WORKERS": "4",
+    "CELERY_CONTENT_CONCURRENCY": "6", "CELERY_LOGS_CONCURRENCY": "4", "CELERY_WORKFLOW_CONCURRENCY": "4",
+    "BATCH_SIZE": "0",
 }  # fmt: skip
+_PLAN1 = {"DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "5", "MAX_DB_CONCURRENT": "8", "UVICORN_WORKERS": "2",
+          "CELERY_CONTENT_CONCURRENCY": "3"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scenario:
+    kind: str  # "report" (its configuration), "plan" (its plans), "suspect" (planted), "remedy"
+    about: str
+    env: dict[str, str] = field(default_factory=dict)
+    real_only: bool = False  # needs the pooler, PostgreSQL's row locks or Redis
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "seed": Scenario("report", "the incident report's configuration and code, nothing planted"),
+    "fixed": Scenario("plan", "the report's plan 1: pools 5+5, semaphore 8, 2 API workers, content concurrency 3", _PLAN1),
+    "batched": Scenario("plan", "the report's plan 2: plan 1 plus saves of 5 concepts per session", {**_PLAN1, "BATCH_SIZE": "5"}),
+    "stream-session": Scenario("suspect", "PLANTED: each status stream polls the database on one session for its life",
+                               {"STREAM_HOLDS_SESSION": "1"}),
+    "stream-session-remedy": Scenario("remedy", "the diagnosis's fix: a short session per poll", {"STREAM_SESSION_PER_POLL": "1"}),
+    "sync-call": Scenario("suspect", "PLANTED: /roadmaps makes a 0.6 s synchronous call inside async def",
+                          {"SYNC_CALL_SECONDS": "0.6"}),
+    "sync-call-remedy": Scenario("remedy", "the diagnosis's fix: the call runs in a thread (asyncio.to_thread)",
+                                 {"SYNC_CALL_SECONDS": "0.6", "SYNC_CALL_OFFLOADED": "1"}),
+    "worker-transactions": Scenario("suspect", "PLANTED: each concept's transaction opens before its LLM steps",
+                                    {"TX_ACROSS_LLM": "1"}, real_only=True),
+    "worker-transactions-remedy": Scenario("remedy", "the diagnosis's fix: the transaction around the write only", {}, real_only=True),
+    "redis-subscriptions": Scenario("suspect", "PLANTED: status streams subscribe through the API's shared Redis pool "
+                                    "(the report's max_connections 50 scaled to 2 per process)",
+                                    {"SUBSCRIBE_ON_SHARED_POOL": "1", "REDIS_MAX_CONNECTIONS": "2"}, real_only=True),
+    "redis-subscriptions-remedy": Scenario("remedy", "the diagnosis's fix: subscriptions on a pool of their own",
+                                           {"SUBSCRIBE_DEDICATED": "1", "REDIS_MAX_CONNECTIONS": "2"}, real_only=True),
+    "row-lock": Scenario("suspect", "PLANTED: the content task locks its task row across 8 LLM steps (its outline)",
+                         {"ROW_LOCK_ACROSS_LLM": "1"}, real_only=True),
+    "row-lock-remedy": Scenario("remedy", "the diagnosis's fix: no lock across the model call", {}, real_only=True),
+}  # fmt: skip
+#: the worker groups of the report: (queue, concurrency knob)
+GROUPS = (("content", "CELERY_CONTENT_CONCURRENCY"), ("logs", "CELERY_LOGS_CONCURRENCY"),
+          ("workflow", "CELERY_WORKFLOW_CONCURRENCY"))  # fmt: skip
+#: the report's ~50 server connections behind the pooler, scaled to the demo's client count
+POOLER_SERVER_CONNECTIONS = 12
+
+
+def choose(names: str, stack: str) -> list[str]:
+    """The scenarios ``--scenario a,b,...`` (or ``all``) runs on ``stack``, in that order."""
+    if names == "all":
+        return [n for n, s in SCENARIOS.items() if stack == "real" or not s.real_only]
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    for name in chosen:
+        if name not in SCENARIOS:
+            raise DemoError(f"--scenario: unknown scenario {name!r}; expected 'all' or a comma-separated list of "
+                            f"{', '.join(SCENARIOS)}")  # fmt: skip
+        if SCENARIOS[name].real_only and stack != "real":
+            raise DemoError(f"--scenario {name} needs --stack real (the pooler, PostgreSQL's row locks or Redis); "
+                            f"on the embedded stack: {', '.join(n for n, s in SCENARIOS.items() if not s.real_only)}")  # fmt: skip
+    if not chosen:
+        raise DemoError("--scenario: expected 'all' or a comma-separated list of scenario names")
+    return chosen
 
 
 class DemoError(Exception):
@@ -92,37 +151,77 @@ def check_database(url: str) -> None:
         raise DemoError(f"cannot reach the database at {safe}: {type(exc).__name__}: {exc}".strip()) from None
 
 
+@dataclass
+class Stack:
+    """Where the scenarios run: the embedded default (SQLite, kombu's SQLAlchemy transport, no
+    Redis) or real servers (PostgreSQL behind pgbouncer in transaction mode, Redis)."""
+
+    name: str
+    database_url: str | None = None  # None: a SQLite file per scenario
+    broker: str | None = None
+    redis_url: str | None = None
+    server_view_url: str | None = None
+    pgbouncer_url: str | None = None
+
+    def cannot_show(self) -> list[str]:
+        if self.name == "real":
+            return []
+        return ["no pooler and no shared server limit (each process's pool is all there is: the report's "
+                "blocking chain through the pooler cannot happen here)",
+                "no Redis (the status streams send heartbeats; the Redis suspect needs --stack real)",
+                "no row locks (SQLite locks the whole file; the row-lock suspect needs --stack real)"]  # fmt: skip
+
+
+#: gauges the report reads at their peak over the run (the demo's max_over_time)
+def _peak_names() -> tuple[str, ...]:
+    from .diagnose import USED_GAUGES
+
+    return (*USED_GAUGES, "db_pool_pending_requests", "http_server_requests_in_flight")
+
+
 class Run:
     """One scenario: processes, load, sampling."""
 
-    def __init__(self, scenario: str, args: Any, workdir: str) -> None:
+    def __init__(self, scenario: str, args: Any, workdir: str, stack: Stack) -> None:
         self.scenario = scenario
         self.args = args
+        self.stack = stack
         self.dir = os.path.join(workdir, scenario)
         os.makedirs(os.path.join(self.dir, "mp"), exist_ok=True)
         self.api_port, self.metrics_port = _free_port(), _free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.files: list[Any] = []
-        self.timeline: dict[str, Any] = {"usage": {}, "latency": {"api p95": []}}
+        self.timeline: dict[str, Any] = {"usage": {}, "latency": {"api p95": []}, "pooler_waiting": {}, "semaphore_waiters": {}}
         self.peaks: dict[str, float] = {}
+        self.gauge_peaks: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.samples: _report.Samples = []
         self.raw_metrics = ""
+        self.events: list[dict[str, Any]] = []
+        self.sustained: dict[str, float] = {}
+        self.above_since: dict[str, float] = {}
 
     def env(self) -> dict[str, str]:
-        db = self.args.database_url or f"sqlite+aiosqlite:///{self.dir}/pipeline.db"
-        broker = self.args.broker or f"sqla+sqlite:///{self.dir}/broker.db"
-        backend = self.args.broker or f"db+sqlite:///{self.dir}/results.db"
+        db = self.stack.database_url or f"sqlite+aiosqlite:///{self.dir}/pipeline.db"
+        broker = self.stack.broker or f"sqla+sqlite:///{self.dir}/broker.db"
+        backend = self.stack.broker or f"db+sqlite:///{self.dir}/results.db"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "OTEL_"))}
-        env.update(SCENARIOS[self.scenario])
+        env.update(SEED)
+        env.update(SCENARIOS[self.scenario].env)
         env.update(
-            DATABASE_URL=db, BROKER_URL=broker, RESULT_BACKEND=backend,
+            DATABASE_URL=db, BROKER_URL=broker, RESULT_BACKEND=backend, REDIS_URL=self.stack.redis_url or "",
             DB_POOL_TIMEOUT=str(self.args.pool_timeout), CONCEPTS=str(self.args.concepts),
             LLM_SECONDS=str(self.args.llm_seconds), SAVE_SECONDS=str(self.args.save_seconds),
-            STREAM_SECONDS=str(self.args.duration), SSE_HOLDS_SESSION="1",
+            STREAM_SECONDS=str(self.args.duration), REDIS_TIMEOUT="1",
             TELEMETRY_MULTIPROC_DIR=os.path.join(self.dir, "mp"), TELEMETRY_FLUSH_INTERVAL_SECONDS="0.25",
             TELEMETRY_METRICS_PORT=str(self.metrics_port), TELEMETRY_TRACING="false",
+            TELEMETRY_SHARED_VIEW_INTERVAL_SECONDS="0.25",
+            TELEMETRY_LOCK_WAIT_EVENT_SECONDS="0.3",
             PYTHONUNBUFFERED="1", PYTHONPATH=_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )  # fmt: skip
+        if self.stack.server_view_url:
+            env["TELEMETRY_SERVER_VIEW_URL"] = self.stack.server_view_url
+        if self.stack.pgbouncer_url:
+            env["TELEMETRY_PGBOUNCER_URL"] = self.stack.pgbouncer_url
         return env
 
     def start(self) -> None:
@@ -132,49 +231,71 @@ class Run:
             raise DemoError(f"the reference pipeline is not at {root}/examples/content_pipeline: run from a checkout")
         if root not in sys.path:
             sys.path.insert(0, root)
-
-        os.environ.update({k: env[k] for k in ("DATABASE_URL",)})
         self._schema(env["DATABASE_URL"])
-        wlog, alog = os.path.join(self.dir, "worker.log"), os.path.join(self.dir, "api.log")
-        wout, aout = open(wlog, "w"), open(alog, "w")  # noqa: SIM115 - closed in stop()
-        self.files += [wout, aout]
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "examples.content_pipeline.worker", "worker",
-             "--pool", "prefork", "--concurrency", env["CELERY_CONTENT_CONCURRENCY"], "-l", "warning"],
-            cwd=root, env=env, stdout=wout, stderr=subprocess.STDOUT, start_new_session=True,
-        ))  # fmt: skip
+        first = None
+        for queue, knob in GROUPS:
+            log = os.path.join(self.dir, f"{queue}-worker.log")
+            out = open(log, "w")  # noqa: SIM115 - closed in stop()
+            self.files.append(out)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "examples.content_pipeline.worker", "worker",
+                 "--pool", "prefork", "-Q", queue, "-n", f"{queue}@%h", "--concurrency", env[knob],
+                 "-l", "warning"],
+                cwd=root, env={**env, "WORKER_SERVICE": f"{queue}-worker"}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            self.procs.append(proc)
+            if first is None:
+                first = (proc, log)
+                _wait_port(self.metrics_port, proc, "the content worker", log)  # it serves the host's /metrics
+        alog = os.path.join(self.dir, "api.log")
+        aout = open(alog, "w")  # noqa: SIM115 - closed in stop()
+        self.files.append(aout)
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "examples.content_pipeline.api:app", "--workers",
              env["UVICORN_WORKERS"], "--host", "127.0.0.1", "--port", str(self.api_port),
              "--log-level", "warning"],
             cwd=root, env=env, stdout=aout, stderr=subprocess.STDOUT, start_new_session=True,
         ))  # fmt: skip
-        _wait_port(self.metrics_port, self.procs[0], "the Celery worker", wlog)
-        _wait_port(self.api_port, self.procs[1], "the API", alog)
+        _wait_port(self.api_port, self.procs[-1], "the API", alog)
 
     def _schema(self, url: str) -> None:
         from sqlalchemy import event
         from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import NullPool
 
-        from examples.content_pipeline.db import create_schema
+        from examples.content_pipeline.db import metadata
 
         async def go() -> None:
-            engine = create_async_engine(url)
+            kwargs: dict[str, Any] = {"poolclass": NullPool}
+            if "+psycopg" in url:
+                kwargs["connect_args"] = {"prepare_threshold": None}
+            engine = create_async_engine(url, **kwargs)
             if url.startswith("sqlite"):
                 @event.listens_for(engine.sync_engine, "connect")
                 def _wal(dbapi_conn: Any, _rec: Any) -> None:
                     cur = dbapi_conn.cursor()
                     cur.execute("PRAGMA journal_mode=WAL")
                     cur.close()
-            await create_schema(engine)
+            async with engine.begin() as conn:
+                await conn.run_sync(metadata.drop_all)  # a shared server: each scenario starts empty
+                await conn.run_sync(metadata.create_all)
             await engine.dispose()
 
         asyncio.run(go())
+        if self.stack.redis_url:
+            import redis
+
+            client = redis.Redis.from_url(self.stack.redis_url)
+            client.flushdb()
+            client.close()
 
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                # the parent only: Celery's prefork parent and uvicorn's supervisor stop their own
+                # children (a child killed alongside may hold the pool's queue lock: the parent hangs)
+                os.kill(proc.pid, signal.SIGTERM)
         for proc in self.procs:
             try:
                 proc.wait(timeout=20)
@@ -183,6 +304,7 @@ class Run:
                 proc.wait(timeout=10)
         for fh in self.files:
             fh.close()
+        self.events = _events(os.path.join(self.dir, "api.log"))
 
     async def scrape(self, client: Any) -> _report.Samples:
         r = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
@@ -201,19 +323,37 @@ class Run:
                 ids.append(r.json()["task_id"])
 
             async def stream(task_id: str) -> None:
+                """A user watching the task: its status stream, and its page saying every second
+                that it is still seen (a short update of the task's row)."""
+                async def seen() -> None:
+                    while time.monotonic() - t0 < self.args.duration:
+                        try:
+                            await client.post(f"{base}/tasks/{task_id}/seen")
+                        except httpx.HTTPError:
+                            pass
+                        await asyncio.sleep(1.0)
+
+                pinger = asyncio.create_task(seen())
                 try:
                     async with client.stream("GET", f"{base}/tasks/{task_id}/stream") as resp:
                         async for _ in resp.aiter_lines():
                             pass
                 except httpx.HTTPError:
                     pass
+                await pinger
 
             async def page(i: int) -> None:
+                # the ordinary pages: a list, a note, a task's page (an update of its row), its status
                 try:
-                    if i % 3 == 2:
-                        await client.post(f"{base}/notes")
-                    else:
+                    kind = i % 4
+                    if kind == 0:
                         await client.get(f"{base}/roadmaps")
+                    elif kind == 1:
+                        await client.post(f"{base}/notes")
+                    elif kind == 2:
+                        await client.post(f"{base}/tasks/{ids[i % len(ids)]}/seen")
+                    else:
+                        await client.get(f"{base}/tasks/{ids[i % len(ids)]}/status")
                 except httpx.HTTPError:
                     pass
 
@@ -234,7 +374,7 @@ class Run:
             deadline = time.monotonic() + self.args.duration * 3 + 60
             while time.monotonic() < deadline:
                 prev = await self._sample(client, t0, prev, live)
-                done = _report.total(prev, "celery_tasks_total", outcome="succeeded")
+                done = _report.total(prev, "celery_tasks_total", outcome="succeeded", task="generate_content")
                 if done >= self.args.generations:
                     break
                 await asyncio.sleep(0.5)
@@ -242,19 +382,57 @@ class Run:
             r = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
             self.raw_metrics = r.text
             self.samples = _report.parse(r.text)
+            self._keep_peaks(self.samples)
+
+    def _keep_peaks(self, samples: _report.Samples) -> None:
+        names = _peak_names()
+        for n, lb, v in samples:
+            if n in names:
+                key = (n, tuple(sorted(lb.items())))
+                self.gauge_peaks[key] = max(self.gauge_peaks.get(key, v), v)
 
     async def _sample(self, client: Any, t0: float, prev: _report.Samples, live: Any) -> _report.Samples:
         cur = await self.scrape(client)
         t = time.monotonic() - t0
+        self._keep_peaks(cur)
         for service, usage in _report.usage_by_service(cur).items():
             self.peaks[service] = max(self.peaks.get(service, 0.0), usage)
             self.timeline["usage"].setdefault(service, []).append((t, usage))
+            # how long in a row the busiest process stayed above the warning line: what an
+            # alert's ``for:`` looks at (an instant at 100% is not a starved pool)
+            if usage > T.POOL_USAGE_WARNING:
+                since = self.above_since.setdefault(service, t)
+                self.sustained[service] = max(self.sustained.get(service, 0.0), round(t - since, 3))
+            else:
+                self.above_since.pop(service, None)
         p95 = _report.interval_p95(prev, cur) if prev else None
         if p95 is not None:
             self.timeline["latency"]["api p95"].append((t, p95))
+        waiting = _report.total(cur, "pgbouncer_clients", state="waiting")
+        if self.stack.pgbouncer_url:
+            self.timeline["pooler_waiting"].setdefault("clients waiting", []).append((t, waiting))
+        sem = _report.total(cur, "asyncio_semaphore_waiters")
+        self.timeline["semaphore_waiters"].setdefault("MAX_DB_CONCURRENT", []).append((t, sem))
         if live is not None:
             live.update(_live_table(self.scenario, t, cur, self.peaks, p95))
         return cur
+
+
+def _events(path: str) -> list[dict[str, Any]]:
+    """The package's own events from the API's log (one JSON object per line)."""
+    out = []
+    try:
+        with open(path, errors="replace") as fh:
+            for line in fh:
+                if line.startswith("{") and '"event_loop_blocked"' in line:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    out.append({k: event.get(k) for k in ("event", "status", "service", "call_site", "blocked_seconds")})
+    except OSError:
+        pass
+    return out
 
 
 def _live_table(scenario: str, t: float, samples: _report.Samples, peaks: dict[str, float],
@@ -269,49 +447,91 @@ def _live_table(scenario: str, t: float, samples: _report.Samples, peaks: dict[s
         if n in ("db_pool_connections_in_use", "db_pool_connections_max", "db_pool_pending_requests"):
             rows.setdefault((lb["service"], lb["pool"], lb["pid"]), {})[n] = v
     for (service, pool, pid), r in sorted(rows.items()):
-        # the app's database, and kombu's broker/result-backend pools when they use SQLAlchemy
+        if not r.get("db_pool_connections_in_use") and not r.get("db_pool_pending_requests") and service != "api":
+            continue  # idle worker children: the table stays readable
         table.add_row(service, pool.rsplit("/", 1)[-1], pid,
                       f"{r.get('db_pool_connections_in_use', 0):.0f} / "
                       + (f"{r['db_pool_connections_max']:.0f}" if "db_pool_connections_max" in r else "-"),
                       f"{r.get('db_pool_pending_requests', 0):.0f}", f"{peaks.get(service, 0) * 100:.0f}%")  # fmt: skip
-    done = _report.total(samples, "celery_tasks_total", outcome="succeeded")
+    done = _report.total(samples, "celery_tasks_total", outcome="succeeded", task="generate_content")
     failed = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count" and lb.get("status", "").startswith("5"))
+    waiting = _report.total(samples, "pgbouncer_clients", state="waiting")
     latency = "-" if p95 is None else f"{p95 * 1000:.0f} ms"
-    table.caption = f"content tasks done: {done:.0f}   API p95 (last 0.5 s): {latency}   API 5xx so far: {failed:.0f}"
+    table.caption = (f"content tasks done: {done:.0f}   API p95 (last 0.5 s): {latency}   API 5xx so far: {failed:.0f}"
+                     f"   pooler clients waiting: {waiting:.0f}")  # fmt: skip
     return table
 
 
+@contextlib.contextmanager
+def open_stack(args: Any) -> Iterator[Stack]:
+    """The embedded default, the user's own servers (``--database-url``/``--broker``), or
+    throwaway PostgreSQL + pgbouncer + Redis started from the installed binaries."""
+    if args.stack != "real":
+        if args.database_url:
+            check_database(args.database_url)
+        yield Stack("embedded" if not args.database_url else "custom", args.database_url, args.broker)
+        return
+    from . import stack as _stack
+
+    try:
+        with contextlib.ExitStack() as started:
+            pg = started.enter_context(_stack.start_postgres(max_connections=100))
+            bouncer = started.enter_context(_stack.start_pgbouncer(pg, POOLER_SERVER_CONNECTIONS))
+            redis = started.enter_context(_stack.start_redis())
+            yield Stack("real", database_url=bouncer.url("psycopg"), broker=redis.url,
+                        redis_url=redis.url.rsplit("/", 1)[0] + "/2",
+                        server_view_url=pg.url().replace("+psycopg", ""), pgbouncer_url=bouncer.admin_url)  # fmt: skip
+    except _stack.Missing as exc:
+        raise DemoError(f"--stack real: {exc}") from None
+
+
 def run(args: Any) -> int:
-    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    if args.database_url:
-        check_database(args.database_url)
+    from rich.console import Console
+    from rich.live import Live
+
+    scenarios = choose(args.scenario, args.stack)
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="telemetry-demo-")
     results, timelines, raw = [], {}, {}
-    from rich.console import Console
-    from rich.live import Live
-
     console = Console()
-    for scenario in scenarios:
-        demo = Run(scenario, args, workdir)
-        console.print(f"[bold]scenario {scenario}[/]: {SCENARIOS[scenario]}")
-        try:
-            demo.start()
-            console.print(f"  /metrics (host aggregate, Prometheus can scrape it): http://127.0.0.1:{demo.metrics_port}/metrics")
-            with Live(console=console, refresh_per_second=2, transient=not sys.stdout.isatty()) as live:
-                asyncio.run(demo.drive(live))
-        finally:
-            demo.stop()
-        results.append(_report.summarize(scenario, demo.samples, demo.peaks, args.concepts))
-        timelines[scenario] = demo.timeline
-        raw[scenario] = {"metrics": demo.raw_metrics, "peaks": demo.peaks}
+    with open_stack(args) as stack:
+        console.print(f"[bold]stack {stack.name}[/]" + (f": pgbouncer (transaction mode, {POOLER_SERVER_CONNECTIONS} "
+                      "server connections) in front of PostgreSQL, Redis" if stack.name == "real" else ""))  # fmt: skip
+        for note in stack.cannot_show():
+            console.print(f"  this stack cannot show: {note}")
+        for n, scenario in enumerate(scenarios, 1):
+            spec = SCENARIOS[scenario]
+            demo = Run(scenario, args, workdir, stack)
+            console.print(f"[bold]scenario {scenario}[/] ({n}/{len(scenarios)}, {spec.kind}): {spec.about}")
+            t0 = time.monotonic()
+            try:
+                demo.start()
+                console.print(f"  started in {time.monotonic() - t0:.0f} s; /metrics (host aggregate, Prometheus can "
+                              f"scrape it): http://127.0.0.1:{demo.metrics_port}/metrics")  # fmt: skip
+                t1 = time.monotonic()
+                with Live(console=console, refresh_per_second=2, transient=not sys.stdout.isatty()) as live:
+                    asyncio.run(demo.drive(live))
+                console.print(f"  load and content tasks done in {time.monotonic() - t1:.0f} s")
+            finally:
+                t2 = time.monotonic()
+                demo.stop()
+                console.print(f"  stopped in {time.monotonic() - t2:.0f} s")
+            peaks = [[name, dict(labels), v] for (name, labels), v in demo.gauge_peaks.items()]
+            results.append(_report.summarize(scenario, demo.samples, demo.peaks, args.concepts, peaks, demo.events,
+                                             demo.sustained))  # fmt: skip
+            timelines[scenario] = demo.timeline
+            raw[scenario] = {"metrics": demo.raw_metrics, "peaks": demo.peaks, "gauge_peaks": peaks, "events": demo.events,
+                             "sustained": demo.sustained}  # fmt: skip
+            console.print("  " + results[-1]["diagnosis"], markup=False, highlight=False)
     rows = _report.comparison(results)
-    text = _report.render_text(results, rows)
+    text = _report.render_text(results, rows, stack.cannot_show())
     console.print(text, markup=False, highlight=False)
-    report = {"results": results, "comparison": rows, "disagreements": _report.disagreements(rows),
-              "timelines": timelines, "settings": {k: v for k, v in vars(args).items() if k != "func"},
-              "scenarios": SCENARIOS, "raw": raw}  # fmt: skip
+    report = {"stack": stack.name, "cannot_show": stack.cannot_show(), "results": results, "comparison": rows,
+              "disagreements": _report.disagreements(rows), "timelines": timelines,
+              "settings": {k: v for k, v in vars(args).items() if k != "func"},
+              "scenarios": {n: {"kind": s.kind, "about": s.about, "env": {**SEED, **s.env}} for n, s in SCENARIOS.items()},
+              "raw": raw}  # fmt: skip
     with open(os.path.join(out_dir, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2, default=str)
     with open(os.path.join(out_dir, "report.html"), "w") as fh:

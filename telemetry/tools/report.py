@@ -82,11 +82,24 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.0f}%"
 
 
-OTHER_ROUTES = ("/roadmaps", "/notes")
+OTHER_ROUTES = ("/roadmaps", "/notes", "/tasks/{task_id}/seen", "/tasks/{task_id}/status")
 
 
-def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts: int) -> dict[str, Any]:
-    """One scenario's numbers, every one from the metrics."""
+def with_peaks(samples: Samples, gauge_peaks: list[list[Any]] | None) -> Samples:
+    """The final scrape with each sampled gauge at its peak over the run (the demo's
+    ``max_over_time``): a pooler queue that drained before the end still shows."""
+    if not gauge_peaks:
+        return samples
+    peak = {(n, tuple(sorted(lb.items()))): v for n, lb, v in gauge_peaks}
+    out = [(n, lb, peak.pop((n, tuple(sorted(lb.items()))), v)) for n, lb, v in samples]
+    out.extend((n, dict(lb), v) for (n, lb), v in peak.items())  # series gone by the end
+    return out
+
+
+def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts: int,
+              gauge_peaks: list[list[Any]] | None = None, events: list[dict[str, Any]] | None = None,
+              sustained: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One scenario's numbers, every one from the metrics (and the package's own events)."""
     other = {"route_in": OTHER_ROUTES}
     req_total = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count"
                     and lb.get("route") in OTHER_ROUTES)  # fmt: skip
@@ -103,9 +116,9 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     for service in holds:
         for owner in holds[service]:
             hold_p95[f"{service}: {owner}"] = quantile(0.95, samples, "db_connection_hold_seconds", service=service, owner=owner)
-    tasks = total(samples, "celery_tasks_total", outcome="succeeded")
-    runtime_sum = total(samples, "celery_task_runtime_seconds_sum")
-    runtime_count = total(samples, "celery_task_runtime_seconds_count")
+    tasks = total(samples, "celery_tasks_total", outcome="succeeded", task="generate_content")
+    runtime_sum = total(samples, "celery_task_runtime_seconds_sum", task="generate_content")
+    runtime_count = total(samples, "celery_task_runtime_seconds_count", task="generate_content")
     mean_runtime = runtime_sum / runtime_count if runtime_count else None
     sem_count = total(samples, "asyncio_semaphore_wait_seconds_count")
     sem_sum = total(samples, "asyncio_semaphore_wait_seconds_sum")
@@ -123,12 +136,15 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
             "share_waiting_for_pool": (wait_sum / latency_sum) if latency_sum else None,
         },
         "pool_usage_peak": peaks,
+        "pool_above_warning_longest_seconds": sustained or {},
         "checkout_wait_p95_seconds": {s: quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=s)
                                       for s in values(samples, "db_pool_checkout_wait_seconds_count", "service")},  # fmt: skip
         "hold_p95_seconds_by_owner": hold_p95,
         "hold_seconds_by_owner": holds,
         "event_loop_lag_p99_seconds": lag_p99,
         "event_loop_blocked": total(samples, "event_loop_blocked_total"),
+        "blocking_call_site": _blocking_site(events or []),
+        "pooler_clients_waiting_peak": total(with_peaks(samples, gauge_peaks), "pgbouncer_clients", state="waiting"),
         "semaphore": {"waits": sem_count, "mean_wait_seconds": (sem_sum / sem_count) if sem_count else None},
         "tasks_succeeded": tasks,
         "seconds_per_task": mean_runtime,
@@ -139,8 +155,38 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     result["diagnosis"] = diagnose(result)
     from .diagnose import beyond_the_pools
 
-    result["beyond_the_pools"] = beyond_the_pools(samples)
+    result["beyond_the_pools"] = beyond_the_pools(with_peaks(samples, gauge_peaks))
+    result["verdict"] = verdict(result)
     return result
+
+
+def _blocking_site(events: list[dict[str, Any]]) -> str | None:
+    """The call site the package's event_loop_blocked events name most often."""
+    sites: dict[str, int] = {}
+    for e in events:
+        if e.get("event") == "event_loop_blocked" and e.get("status") == "blocked" and e.get("call_site"):
+            sites[e["call_site"]] = sites.get(e["call_site"], 0) + 1
+    return max(sites, key=lambda k: sites[k]) if sites else None
+
+
+#: the demo's scaled ``for:`` of the pool-usage alerts (5m and 2m in production)
+SUSTAINED_SECONDS = 2.0
+
+
+def verdict(r: dict[str, Any]) -> dict[str, Any]:
+    """Whether the API is healthy: no pool timeouts, no failed pages, the API's pool never above
+    the warning threshold for ``SUSTAINED_SECONDS`` in a row, nobody queued at the pooler, the
+    loop never blocked."""
+    above = r["pool_above_warning_longest_seconds"].get("api", 0.0)
+    checks = {
+        "api_pool_timeouts": r["api"]["pool_timeouts"] == 0,
+        "failed_pages": not r["api"]["timeout_rate"],
+        # the warning alert's for:, scaled to the demo: never above 80% for 2 s in a row
+        "api_pool_below_warning": above < SUSTAINED_SECONDS,
+        "nobody_waiting_at_the_pooler": not r["pooler_clients_waiting_peak"],
+        "event_loop_never_blocked": not r["event_loop_blocked"],
+    }
+    return {"healthy": all(checks.values()), "checks": checks}
 
 
 def alert_conditions(r: dict[str, Any]) -> list[str]:
@@ -186,14 +232,19 @@ def diagnose(r: dict[str, Any]) -> str:
             if slow_others:
                 parts.append(f"Short requests also held connections for seconds ({', '.join(sorted(slow_others))}): "
                              "they wait on database locks, a server-side cause.")  # fmt: skip
-    elif r["event_loop_blocked"]:
-        parts.append("API latency comes from a blocked event loop (sync work inside async def), not the pool.")
-    elif share is not None:
+    if r["event_loop_blocked"]:
+        site = r.get("blocking_call_site")
+        parts.append(f"The API's event loop was blocked {r['event_loop_blocked']:.0f} times (sync work inside "
+                     "async def: every request of that worker waits)"
+                     + (f"; the line seen most while blocked: {site}" if site else "")
+                     + ". Run that call in a thread (asyncio.to_thread) or use an async client.")  # fmt: skip
+    if (share is None or share < 0.5) and not r["event_loop_blocked"] and share is not None:
         parts.append(f"The API pool is not the bottleneck: {share * 100:.0f}% of page time waits for it.")
-    worker_peak = r["pool_usage_peak"].get("worker")
+    worker_peak = r["pool_usage_peak"].get("content-worker")
     if worker_peak is not None:
-        parts.append(f"Celery workers peaked at {worker_peak * 100:.0f}% of their own pools; each process has "
-                     "its own pool, so the content tasks cannot drain the API's.")  # fmt: skip
+        parts.append(f"Celery content workers peaked at {worker_peak * 100:.0f}% of their own pools; each process has "
+                     "its own pool, so the content tasks cannot drain the API's"
+                     + (": what they share is the pooler." if r["pooler_clients_waiting_peak"] else "."))  # fmt: skip
     return " ".join(parts) or "No saturation observed."
 
 
@@ -209,6 +260,8 @@ def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         s = r["scenario"]
+        if s not in SEED_TABLE["timeout_rate"]:
+            continue  # the report's table has its configuration and its two plans only
         measured = {
             "timeout_rate": r["api"]["timeout_rate"],
             "pool_usage_peak": max(r["pool_usage_peak"].values()) if r["pool_usage_peak"] else None,
@@ -235,15 +288,19 @@ def disagreements(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-    out = []
+def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]], cannot_show: list[str] | None = None) -> str:
+    out = [f"This stack cannot show: {note}" for note in cannot_show or []]
+    if out:
+        out.append("")
     for r in results:
         a = r["api"]
         out.append(f"== scenario {r['scenario']} ==")
         out.append(f"API (ordinary pages): {a['requests']:.0f} requests, p50 {_fmt_s(a['p50_seconds'])}, "
                    f"p95 {_fmt_s(a['p95_seconds'])}, p99 {_fmt_s(a['p99_seconds'])}, "
                    f"failed (pool timeout) {_pct(a['timeout_rate'])}, waiting for the pool {_pct(a['share_waiting_for_pool'])}")  # fmt: skip
-        out.append("pool usage peak (busiest process): " + ", ".join(f"{s} {_pct(v)}" for s, v in sorted(r["pool_usage_peak"].items())))
+        out.append("pool usage peak (busiest process): " + ", ".join(f"{s} {_pct(v)}" for s, v in sorted(r["pool_usage_peak"].items()))
+                   + "; longest above 80%: " + (", ".join(f"{s} {v:.1f} s" for s, v in sorted(r["pool_above_warning_longest_seconds"].items()))
+                                                or "never"))  # fmt: skip
         out.append("checkout wait p95: " + ", ".join(f"{s} {_fmt_s(v)}" for s, v in sorted(r["checkout_wait_p95_seconds"].items())))
         top = sorted(((v or 0, k) for k, v in r["hold_p95_seconds_by_owner"].items()), reverse=True)[:5]
         out.append("hold p95 by owner: " + ", ".join(f"{k} {_fmt_s(v)}" for v, k in top))
@@ -254,10 +311,14 @@ def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
         cps = r["concepts_per_second"]
         out.append(f"content: {r['tasks_succeeded']:.0f} tasks, {cps:.1f} concepts/s per task, "
                    f"{_fmt_s(r['seconds_for_30_concepts'])} for 30 concepts" if cps else "content: no task finished")  # fmt: skip
+        if r["pooler_clients_waiting_peak"]:
+            out.append(f"pooler: up to {r['pooler_clients_waiting_peak']:.0f} clients waiting for a server connection")
         out.append("alert conditions met: " + ("; ".join(r["alerts"]) or "none"))
         out.append("diagnosis: " + r["diagnosis"])
         for finding in r.get("beyond_the_pools") or []:
             out.append("  also: " + finding)
+        failed = [k for k, ok in r["verdict"]["checks"].items() if not ok]
+        out.append("healthy: " + ("yes" if not failed else "no (" + ", ".join(k.replace("_", " ") for k in failed) + ")"))
         out.append("")
     out.append("The incident report's expected benefit beside what was measured:")
     out.append(f"{'scenario':<10}{'metric':<26}{'report':>10}{'measured':>12}")
@@ -274,42 +335,92 @@ def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
     return "\n".join(out)
 
 
-def _svg(series: dict[str, list[tuple[float, float]]], title: str, unit: str, threshold: float | None = None) -> str:
-    w, h, pad = 640, 220, 40
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return f"<p>{html.escape(title)}: no data</p>"
-    tmax = max(t for t, _ in points) or 1
-    vmax = max([v for _, v in points] + [threshold or 0]) or 1
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">',
-             f'<text x="{pad}" y="16" font-size="13">{html.escape(title)} ({html.escape(unit)}, max {vmax:.2f})</text>',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#999"/>']  # fmt: skip
+#: the charts of report.html: (timeline key, title, y label, as percent, thresholds)
+CHARTS = (
+    ("usage", "pool usage of the busiest process, per service", "checked out / max (%)", True,
+     ((T.POOL_USAGE_WARNING, "warning 80%"), (T.POOL_USAGE_CRITICAL, "critical 95%"))),
+    ("latency", "API p95 of ordinary pages (per 0.5 s)", "seconds", False, ()),
+    ("pooler_waiting", "pgbouncer clients waiting for a server connection", "clients", False, ()),
+    ("semaphore_waiters", "tasks queued at MAX_DB_CONCURRENT (all content processes)", "tasks", False, ()),
+)  # fmt: skip
 
-    def xy(t: float, v: float) -> tuple[float, float]:
-        return pad + (w - pad - 10) * t / tmax, (h - pad) - (h - pad - 24) * v / vmax
 
-    if threshold is not None:
-        _, y = xy(0, threshold)
-        parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{w - 10}" y2="{y:.1f}" stroke="#aaa" stroke-dasharray="4"/>')
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(t, v) for t, v in pts))
-        color = colors[i % len(colors)]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
-        parts.append(f'<text x="{w - 150}" y="{30 + 14 * i}" font-size="11" fill="{color}">{html.escape(name)}</text>')
-    parts.append(f'<text x="{pad}" y="{h - 10}" font-size="11">seconds since start (0 to {tmax:.0f})</text></svg>')
-    return "".join(parts)
+def chart(timelines: dict[str, dict[str, Any]], key: str, title: str, ylabel: str, percent: bool,
+          thresholds: tuple[tuple[float, str], ...]) -> str | None:  # fmt: skip
+    """One figure, one panel per scenario on a shared scale, as inline SVG (text kept as text);
+    None when no scenario has data for it."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = [s for s, tl in timelines.items() if any(tl.get(key, {}).values())]
+    if not scenarios:
+        return None
+    cols = min(3, len(scenarios))
+    rows = (len(scenarios) + cols - 1) // cols
+    with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9}):
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), sharex=True, sharey=True, squeeze=False)
+        scale = 100.0 if percent else 1.0
+        for ax, scenario in zip(axes.flat, scenarios, strict=False):
+            for name, points in sorted(timelines[scenario][key].items()):
+                if points:
+                    ax.plot([t for t, _ in points], [v * scale for _, v in points], label=name, linewidth=1.4)
+            for value, label in thresholds:
+                ax.axhline(value * scale, linestyle="--", linewidth=0.9, color="#c0392b" if value >= 0.9 else "#e67e22")
+                ax.annotate(label, (0, value * scale), fontsize=7, color="#555", va="bottom")
+            ax.set_title(scenario)
+            ax.set_xlabel("seconds since the load started")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper right")
+        for ax in list(axes.flat)[len(scenarios):]:
+            ax.set_visible(False)
+        fig.suptitle(title)
+        fig.tight_layout()
+        out = io.StringIO()
+        fig.savefig(out, format="svg")
+        plt.close(fig)
+    svg = out.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    """All scenarios side by side: the figures a reader compares."""
+    rows = [
+        ("ordinary pages", lambda r: f"{r['api']['requests']:.0f}"),
+        ("failed pages", lambda r: _pct(r["api"]["timeout_rate"])),
+        ("API p95", lambda r: _fmt_s(r["api"]["p95_seconds"])),
+        ("API pool timeouts", lambda r: f"{r['api']['pool_timeouts']:.0f}"),
+        ("share waiting for the pool", lambda r: _pct(r["api"]["share_waiting_for_pool"])),
+        ("API pool peak", lambda r: _pct(r["pool_usage_peak"].get("api"))),
+        ("pooler clients waiting (peak)", lambda r: f"{r['pooler_clients_waiting_peak']:.0f}"),
+        ("event loop blocked", lambda r: f"{r['event_loop_blocked']:.0f}"),
+        ("concepts/s per task", lambda r: "-" if r["concepts_per_second"] is None else f"{r['concepts_per_second']:.1f}"),
+        ("healthy", lambda r: "yes" if r["verdict"]["healthy"] else "no"),
+    ]  # fmt: skip
+    head = "".join(f"<th>{html.escape(r['scenario'])}</th>" for r in results)
+    body = "".join(f"<tr><th style='text-align:left'>{html.escape(label)}</th>"
+                   + "".join(f"<td>{html.escape(str(get(r)))}</td>" for r in results) + "</tr>"
+                   for label, get in rows)  # fmt: skip
+    return f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th></th>{head}</tr>{body}</table>"
 
 
 def render_html(results: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], text: str) -> str:
     body = ["<html><head><meta charset='utf-8'><title>telemetry demo: incident report</title></head>",
-            "<body style='font-family: sans-serif'><h1>Incident report</h1>"]  # fmt: skip
+            "<body style='font-family: sans-serif'><h1>Incident report</h1>", "<h2>All scenarios</h2>",
+            _table(results)]  # fmt: skip
+    for key, title, ylabel, percent, thresholds in CHARTS:
+        svg = chart(timelines, key, title, ylabel, percent, thresholds)
+        if svg is not None:
+            body.append(f"<h2>{html.escape(title)}</h2>")
+            body.append(svg)
+    body.append("<h2>Diagnosis per scenario</h2>")
     for r in results:
-        tl = timelines.get(r["scenario"], {})
-        body.append(f"<h2>scenario {html.escape(r['scenario'])}</h2>")
-        body.append(_svg(tl.get("usage", {}), "pool usage, busiest process", "ratio", T.POOL_USAGE_WARNING))
-        body.append(_svg(tl.get("latency", {}), "API p95 latency of ordinary pages", "seconds"))
-        body.append(f"<p>{html.escape(r['diagnosis'])}</p>")
+        body.append(f"<h3>{html.escape(r['scenario'])}</h3><p>{html.escape(r['diagnosis'])}</p>")
+        body.extend(f"<p>also: {html.escape(f)}</p>" for f in r.get("beyond_the_pools") or [])
     body.append(f"<pre>{html.escape(text)}</pre></body></html>")
     return "\n".join(body)
 

@@ -1,0 +1,189 @@
+"""Throwaway local services on free loopback ports, started from the installed Debian binaries:
+PostgreSQL (``initdb`` and ``pg_ctl`` run as the ``postgres`` user when we are root), pgbouncer in
+transaction mode in front of it, Redis. ``telemetry demo --stack real`` and the test suite use them;
+nothing here runs in a user's process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+class Missing(Exception):
+    """A service binary is not installed; the message names it and its Debian package."""
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} is not installed: run scripts/install-system-deps.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+@dataclass
+class Postgres:
+    port: int
+    datadir: str
+    max_connections: int
+    user: str = "postgres"
+
+    def url(self, driver: str = "psycopg", password: str | None = None) -> str:
+        auth = self.user if password is None else f"{self.user}:{password}"
+        return f"postgresql+{driver}://{auth}@127.0.0.1:{self.port}/postgres"
+
+    def psql(self, sql: str) -> str:
+        out = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
+             "-At", "-c", sql],
+            check=True, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+
+def as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+@contextlib.contextmanager
+def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    if not initdb or not pg_ctl or not shutil.which("psql"):
+        raise Missing("PostgreSQL (initdb, pg_ctl, psql; Debian package postgresql)")
+    datadir = tempfile.mkdtemp(prefix="telemetry-pg-")
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(datadir, pw.pw_uid, pw.pw_gid)
+    port = free_port()
+    subprocess.run(
+        as_postgres([initdb, "-D", datadir, "-A", "trust", "-U", "postgres", "--no-sync"]),
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    opts = (
+        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
+        f"-c max_connections={max_connections} -c fsync=off -c shared_buffers=16MB"
+    )
+    subprocess.run(
+        as_postgres([pg_ctl, "-D", datadir, "-o", opts, "-l", f"{datadir}/log", "-w", "start"]),
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield Postgres(port=port, datadir=datadir, max_connections=max_connections)
+    finally:
+        subprocess.run(
+            as_postgres([pg_ctl, "-D", datadir, "-m", "immediate", "-w", "stop"]),
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+@dataclass
+class Pgbouncer:
+    """pgbouncer in transaction mode in front of a throwaway PostgreSQL."""
+
+    port: int
+    pool_size: int
+    process: subprocess.Popen[bytes]
+
+    def url(self, driver: str = "psycopg", user: str = "postgres") -> str:
+        return f"postgresql+{driver}://{user}@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/pgbouncer"
+
+
+@contextlib.contextmanager
+def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
+    """pgbouncer (Debian package, run as the postgres user) on a free port, transaction mode,
+    ``default_pool_size=pool_size``, admin console database ``pgbouncer``."""
+    path = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if not path:
+        raise Missing("pgbouncer (Debian package pgbouncer)")
+    workdir = tempfile.mkdtemp(prefix="telemetry-pgbouncer-")
+    port = free_port()
+    with open(f"{workdir}/userlist.txt", "w") as fh:
+        fh.write('"postgres" ""\n"monitor" ""\n')
+    with open(f"{workdir}/pgbouncer.ini", "w") as fh:
+        fh.write(
+            f"[databases]\npostgres = host=127.0.0.1 port={pg.port} dbname=postgres\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {workdir}/userlist.txt\npool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 500\nadmin_users = postgres\n"
+            f"stats_users = monitor\nlogfile = {workdir}/pgbouncer.log\n"
+            "ignore_startup_parameters = extra_float_digits,statement_timeout\n"
+        )
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        for name in ("", "/userlist.txt", "/pgbouncer.ini"):
+            os.chown(workdir + name, pw.pw_uid, pw.pw_gid)
+    proc = subprocess.Popen(
+        as_postgres([path, f"{workdir}/pgbouncer.ini"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield Pgbouncer(port=port, pool_size=pool_size, process=proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class Redis:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextlib.contextmanager
+def start_redis(port: int | None = None) -> Iterator[Redis]:
+    """A throwaway Redis on a free port (or ``port``: a restart on the same address)."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise Missing("redis-server (Debian package redis-server)")
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield Redis(port=port, process=proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
