@@ -99,13 +99,16 @@ def test_demo_on_the_real_stack(tmp_path):
     assert tx["pooler_clients_waiting_peak"] > 0
     pooler = [f for f in tx["beyond_the_pools"] if f.startswith("pgbouncer:")]
     assert pooler and "content-worker" in pooler[0] and "'generate_content'" in pooler[0], tx["beyond_the_pools"]
+    assert tx["diagnosis"].startswith("The shared limit was reached at the pooler"), tx["diagnosis"]
     assert by["worker-transactions-remedy"]["pooler_clients_waiting_peak"] < tx["pooler_clients_waiting_peak"]
     # suspect: subscriptions exhaust the API's shared Redis pool; the holder is the stream route
     redis = [f for f in by["redis-subscriptions"]["beyond_the_pools"] if f.startswith("Redis:")]
     assert redis and "'GET /tasks/{task_id}/stream'" in redis[0], by["redis-subscriptions"]["beyond_the_pools"]
+    assert by["redis-subscriptions"]["diagnosis"].startswith("Redis: pool"), by["redis-subscriptions"]["diagnosis"]
     # suspect: a row lock across an LLM call; the blocker (task) and its victims (the task's page)
     locks = [f for f in by["row-lock"]["beyond_the_pools"] if f.startswith("Locks:")]
     assert locks and "content-worker 'generate_content' holds a lock" in locks[0], by["row-lock"]["beyond_the_pools"]
+    assert by["row-lock"]["diagnosis"].startswith("Row locks: content-worker 'generate_content'")
     # its victims: the workflow task and the task's page update the row (a victim that waited less
     # than a flush interval may read 'unknown': its process had not yet published its owner)
     assert "'advance_workflow'" in locks[0] or "'POST /tasks/{task_id}/seen'" in locks[0], locks[0]
