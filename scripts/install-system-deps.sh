@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the test suite runs for real: PostgreSQL, Redis, Prometheus (promtool),
+# Debian packages the test suite and `telemetry demo --stack real` run for real: PostgreSQL, Redis, Prometheus (promtool),
 # Alertmanager (amtool), pgbouncer. Their package scripts try to start services; that is refused on our
 # machines and nothing is left running: the tests start their own throwaway instances.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """asyncio: a measured drop-in Semaphore and the event-loop lag monitor.
 
-``Semaphore`` is the seed's ``MAX_DB_CONCURRENT`` guard with capacity, in use, waiters and wait
+``Semaphore`` is the incident report's ``MAX_DB_CONCURRENT`` guard with capacity, in use, waiters and wait
 time exported. The loop monitor schedules a callback every 0.1 s and measures how late it runs
 (the lag histogram); a watchdog thread notices when the loop has not run it for longer than the
 threshold and then, while the loop is still blocked, reads the loop thread's stack: the line

@@ -11,7 +11,7 @@ from __future__ import annotations
 POOL_USAGE_WARNING = 0.80
 #: Pool usage that raises the critical alert (pages).
 POOL_USAGE_CRITICAL = 0.95
-#: Pool usage above which the ``db_pool_critical_usage`` log event is emitted (the seed's 90%).
+#: Pool usage above which the ``db_pool_critical_usage`` log event is emitted (the incident report's 90%).
 POOL_USAGE_LOG = 0.90
 #: Seconds a connection may be held before ``db_connection_held_too_long`` (and the p95 alert).
 HOLD_SECONDS_WARNING = 5.0
