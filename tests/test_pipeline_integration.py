@@ -63,6 +63,7 @@ def stack(pg, redis_server, tmp_path) -> Iterator[dict]:
         TELEMETRY_METRICS_PORT=str(metrics_port), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100", CONCEPTS=str(CONCEPTS), LLM_SECONDS="0.05",
         SAVE_SECONDS="0.05", MAX_DB_CONCURRENT="2", STREAM_SECONDS="1", BLOCK_SECONDS="1.2",
+        STREAM_HOLDS_SESSION="1",  # the demo's planted suspect: a long holder to attribute
         TELEMETRY_LOOP_BLOCKED_SECONDS="0.3", PYTHONUNBUFFERED="1", TELEMETRY_TRACE_SQL="true",
     )  # fmt: skip
     sys.path.insert(0, ROOT)
@@ -78,7 +79,7 @@ def stack(pg, redis_server, tmp_path) -> Iterator[dict]:
     worker_out, api_out = open(worker_log, "w"), open(api_log, "w")  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "examples.content_pipeline.worker", "worker",
-         "--pool", "prefork", "--concurrency", "2", "--max-tasks-per-child", "1", "-l", "info"],
+         "--pool", "prefork", "-Q", "content", "--concurrency", "2", "--max-tasks-per-child", "1", "-l", "info"],
         cwd=ROOT, env=env, stdout=worker_out, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
@@ -143,7 +144,7 @@ def test_pipeline_end_to_end(stack):
             break
         time.sleep(0.3)
     assert ok == TASKS
-    assert _total(samples, "celery_task_queue_wait_seconds_count", task="generate_content", queue="celery") == TASKS
+    assert _total(samples, "celery_task_queue_wait_seconds_count", task="generate_content", queue="content") == TASKS
     assert _total(samples, "celery_task_runtime_seconds_count", task="generate_content") == TASKS
     # owners: the resume step once per task, one save per concept, all under the task's name
     assert _total(samples, "db_connection_hold_seconds_count", service="worker", owner="resume-step") == TASKS
@@ -159,7 +160,8 @@ def test_pipeline_end_to_end(stack):
     assert _total(samples, "http_server_pool_wait_seconds_count", route="/roadmaps") == 10
     assert _total(samples, "db_connection_hold_seconds_count", service="api", owner="GET /roadmaps") == 10
     assert _total(samples, "db_connection_hold_seconds_count", service="api", owner="POST /notes") == 5
-    # the stream held one session for its whole life (about 1 s), attributed to the route
+    # the stream (planted: STREAM_HOLDS_SESSION) held one session for its whole life (about 1 s),
+    # attributed to the route
     stream_hold = _total(samples, "db_connection_hold_seconds_sum", owner="GET /tasks/{task_id}/stream")
     assert stream_hold >= 0.9
     assert _total(samples, "event_loop_blocked_total", service="api") >= 1

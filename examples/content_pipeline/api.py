@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -127,6 +128,13 @@ async def roadmaps() -> dict:
     async with engine.connect() as conn:
         n = (await conn.execute(select(func.count()).select_from(tasks))).scalar()
     return {"tasks": n}
+
+
+@app.get("/blocking")
+async def blocking() -> dict:
+    """Sync work inside async def, on purpose (the integration test's blocked loop)."""
+    time.sleep(float(os.environ.get("BLOCK_SECONDS", "1.0")))
+    return {"ok": True}
 
 
 @app.post("/notes")
