@@ -6,6 +6,9 @@
   - peers: ``instrumentator`` (prometheus-fastapi-instrumentator), ``starlette-exporter``,
     ``otel-fastapi`` (OpenTelemetry's FastAPI instrumentation, SDK provider, no exporter);
   - the package: ``metrics`` (``TELEMETRY_TRACING=false``: metrics, owner, pool-wait split),
+    ``metrics+bare-sdk-span`` (the floor under any standard span: the package's metrics plus one
+    SDK span per request, per task run and per publish, no attribute, not current, no
+    propagation),
     ``metrics+spans`` (the default: plus one SERVER span per request, SDK provider, no
     exporter), and on a FastAPI with native telemetry (0.16x) ``metrics+spans+fastapi-native``,
     where FastAPI's own spans (server, dependencies, endpoint) come on with any SDK provider
@@ -38,9 +41,26 @@ import sys
 import time
 from typing import Any
 
-CONFIGS = ["bare", "instrumentator", "starlette-exporter", "otel-fastapi", "metrics", "metrics+spans",
-           "metrics+spans+fastapi-native"]  # fmt: skip
-PACKAGE = ("metrics", "metrics+spans", "metrics+spans+fastapi-native")
+CONFIGS = ["bare", "instrumentator", "starlette-exporter", "otel-fastapi", "metrics", "metrics+bare-sdk-span",
+           "metrics+spans", "metrics+spans+fastapi-native"]  # fmt: skip
+PACKAGE = ("metrics", "metrics+bare-sdk-span", "metrics+spans", "metrics+spans+fastapi-native")
+
+
+class _BareSpan:
+    """The floor under any standard span: one SDK span per request, started and ended around the
+    app, with no attribute, not made current, no propagation (``metrics+bare-sdk-span``)."""
+
+    def __init__(self, app: Any) -> None:
+        from opentelemetry import trace
+
+        self.app, self.tracer = app, trace.get_tracer("floor")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        span = self.tracer.start_span("GET")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            span.end()
 
 
 def _fastapi_native() -> bool:
@@ -106,12 +126,12 @@ def child(config: str, n: int) -> dict[str, float]:
     loop.run_until_complete(_call(bare_app))  # its middleware stack is built now: stays bare
     telemetry: Any = None
     if config in PACKAGE:
-        os.environ["TELEMETRY_TRACING"] = "false" if config == "metrics" else "true"
+        os.environ["TELEMETRY_TRACING"] = "true" if "+spans" in config else "false"
         import telemetry as telemetry_module
 
         telemetry = telemetry_module
         telemetry.instrument(service="bench", sqlalchemy=False, loop_blocked_seconds=60)
-    if config == "otel-fastapi":
+    if config in ("otel-fastapi", "metrics+bare-sdk-span"):
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
 
@@ -129,6 +149,8 @@ def child(config: str, n: int) -> dict[str, float]:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(app)
+    elif config == "metrics+bare-sdk-span":
+        app.add_middleware(_BareSpan)
     for _ in range(200):
         loop.run_until_complete(_call(app))
         loop.run_until_complete(_call(bare_app))
@@ -162,6 +184,24 @@ def child(config: str, n: int) -> dict[str, float]:
         return run
 
     headers = publish()  # what a published message carries (traceparent with spans on)
+    floor: dict[str, Any] = {}
+
+    def floor_start(task_id: str = "", **_: Any) -> None:
+        floor[task_id] = tracer.start_span("run")
+
+    def floor_end(task_id: str = "", **_: Any) -> None:
+        floor.pop(task_id).end()
+
+    def floor_publish(headers: dict, **_: Any) -> None:
+        floor[headers["id"]] = tracer.start_span("publish")
+
+    def floor_published(headers: dict, **_: Any) -> None:
+        floor.pop(headers["id"]).end()
+
+    if config == "metrics+bare-sdk-span":
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("floor")
     settings = {"service": "bench", "sqlalchemy": False, "loop_blocked_seconds": 60}
     best = {"task": [float("inf")] * 2, "publish": [float("inf")] * 2}
     batch = max(200, n // 9)
@@ -171,6 +211,14 @@ def child(config: str, n: int) -> dict[str, float]:
                 telemetry.instrument(**settings)
             else:
                 telemetry.uninstrument()
+            if config == "metrics+bare-sdk-span":
+                for signal, receiver in ((signals.task_prerun, floor_start), (signals.task_postrun, floor_end),
+                                         (signals.before_task_publish, floor_publish),
+                                         (signals.after_task_publish, floor_published)):  # fmt: skip
+                    if on:
+                        signal.connect(receiver, weak=False)
+                    else:
+                        signal.disconnect(receiver)
             for op, fn in (("task", lambda: noop.apply(headers=headers)), ("publish", publish)):
                 timed(fn)(50)
                 best[op][on] = min(best[op][on], timed(fn)(batch))

@@ -35,9 +35,10 @@ class _Config:
 
 CONFIG = _Config()
 
-#: asyncio task -> the span of the request it serves (set by the ASGI middleware when tracing),
-#: so a blocked loop can name the trace of the code that blocks it; ids are formatted only then
-TASK_SPANS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: asyncio task -> the span of the request it serves (set by the ASGI middleware when tracing,
+#: removed when the request ends), so a blocked loop can name the trace of the code that blocks
+#: it; ids are formatted only then. A plain dict: a weak key costs a weakref per request.
+TASK_SPANS: dict[Any, Any] = {}
 
 
 def _release_capacity(labels: Any, value: int, generation: int) -> None:
@@ -295,10 +296,17 @@ def uninstall_loop_hook() -> None:
     _original_run_forever = None
 
 
-def remember_request_span(task: Any, span: Any) -> None:
-    """The ASGI middleware: ``task`` serves the request of ``span``."""
+def remember_request_span(task: Any, span: Any) -> bool:
+    """The ASGI middleware: ``task`` serves the request of ``span`` until
+    :func:`forget_request_span`; whether it was remembered."""
     if task is not None and span is not None:
         TASK_SPANS[task] = span
+        return True
+    return False
+
+
+def forget_request_span(task: Any) -> None:
+    TASK_SPANS.pop(task, None)
 
 
 def _task_trace(task: Any) -> dict[str, str]:
@@ -314,10 +322,12 @@ def after_fork_in_child() -> None:
     global _monitored_lock
     _monitored_lock = threading.Lock()
     _monitored.clear()
+    TASK_SPANS.clear()
 
 
 def reset() -> None:
     uninstall_loop_hook()
+    TASK_SPANS.clear()
     for monitor in list(_monitored.values()):
         try:
             monitor.handle.cancel()

@@ -153,15 +153,26 @@ def _load_api() -> Any:
     if _api is None:
         try:
             from opentelemetry import context, propagate, trace
-            from opentelemetry.trace import SpanKind, Status, StatusCode
+            from opentelemetry.baggage import _BAGGAGE_KEY
+            from opentelemetry.trace import (
+                NonRecordingSpan,
+                SpanContext,
+                SpanKind,
+                Status,
+                StatusCode,
+                TraceFlags,
+                TraceState,
+            )
         except ImportError:
             return None
 
         _api = types.SimpleNamespace(
             context=context, propagate=propagate, trace=trace, SpanKind=SpanKind, Status=Status,
             StatusCode=StatusCode, tracer=trace.get_tracer("telemetry"),
-            fast=_default_propagators(propagate),
-        )
+            fast=_default_propagators(propagate), NonRecordingSpan=NonRecordingSpan,
+            SpanContext=SpanContext, TraceState=TraceState, baggage_key=_BAGGAGE_KEY,
+            flags={0: TraceFlags(0), 1: TraceFlags(1)},  # the two values seen in practice
+        )  # fmt: skip
     return _api
 
 
@@ -195,11 +206,13 @@ def _parse_traceparent(value: str, tracestate: str | None) -> Any:
         return None
     if not trace_id or not span_id:
         return None
-    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
-
-    state = TraceState.from_header([tracestate]) if tracestate else None
-    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state)
-    return _api.trace.set_span_in_context(NonRecordingSpan(parent))
+    api = _api
+    state = api.TraceState.from_header([tracestate]) if tracestate else None
+    trace_flags = api.flags.get(flags)
+    if trace_flags is None:
+        trace_flags = api.flags[0].__class__(flags)
+    parent = api.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace_flags, trace_state=state)
+    return api.trace.set_span_in_context(api.NonRecordingSpan(parent))
 
 
 def start_server_span(scope: dict[str, Any], method: str, route: str) -> tuple[Any, Any]:
@@ -308,9 +321,7 @@ def inject(carrier: dict[str, Any], context: Any = None) -> None:
 
 
 def _has_baggage(api: Any, context: Any) -> bool:
-    from opentelemetry.baggage import _BAGGAGE_KEY
-
-    return bool(api.context.get_value(_BAGGAGE_KEY, context))
+    return bool(api.context.get_value(api.baggage_key, context))
 
 
 class _RequestGetter:

@@ -66,6 +66,45 @@ async def test_blocked_loop_names_the_blocking_line():
     assert sample("event_loop_lag_seconds_bucket", le="0.25") < sample("event_loop_lag_seconds_count")
 
 
+async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
+    """With tracing on, the event carries the trace id of the request whose handler blocks the
+    loop; the request's entry in the task map goes when the request ends (no growth)."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from telemetry import _asyncio
+
+    telemetry.instrument(service="api", loop_blocked_seconds=0.2, tracing=True)
+    exporter = InMemorySpanExporter()
+    from opentelemetry import trace
+
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    app = FastAPI()
+
+    @app.get("/reports/{report_id}")
+    async def report(report_id: int) -> dict:
+        time.sleep(0.6)  # sync work inside async def
+        return {"id": report_id}
+
+    @app.get("/ok")
+    async def ok() -> dict:
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/ok")).status_code == 200  # the loop is watched from here on
+        await asyncio.sleep(0.15)
+        with capture_logs() as logs:
+            assert (await client.get("/reports/3")).status_code == 200
+            await asyncio.sleep(0.2)
+        assert not _asyncio.TASK_SPANS, "a finished request left its task in the map"
+    blocked = [e for e in logs if e["event"] == "event_loop_blocked" and e["status"] == "blocked"]
+    assert len(blocked) == 1, logs
+    spans = [s for s in exporter.get_finished_spans() if s.name == "GET /reports/{report_id}"]
+    assert len(spans) == 1
+    assert blocked[0]["trace_id"] == format(spans[0].context.trace_id, "032x")
+    assert blocked[0]["span_id"] == format(spans[0].context.span_id, "016x")
+
+
 @pytest.mark.integration
 async def test_asgi_pool_wait_split_and_route_templates(pg):
     """With a 1-connection pool held by a hog, a request's pool wait is the time it queued, and
