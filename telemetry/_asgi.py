@@ -188,7 +188,7 @@ class TelemetryMiddleware:
         if kind not in ("http", "websocket") or scope.get(_ACTIVE_KEY):
             await self.app(scope, receive, send)
             return
-        span = context_token = task = None
+        span = context_token = remembered = None
         try:
             scope[_ACTIVE_KEY] = True
             method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
@@ -202,9 +202,9 @@ class TelemetryMiddleware:
                 native = scope.get("fastapi.telemetry")  # FastAPI >= 0.16x opened its own span
                 if native is None or getattr(native, "span", None) is None:
                     span, context_token = _tracing.start_server_span(scope, labels.method, labels.route)
-                task = asyncio.current_task()
-                if not remember_request_span(task, span or getattr(native, "span", None)):
-                    task = None
+                remembered = remember_request_span(
+                    asyncio.current_task(), span or getattr(native, "span", None)
+                )
         except Exception as exc:
             hook_error("asgi.start", exc)
             await self.app(scope, receive, send)
@@ -240,8 +240,8 @@ class TelemetryMiddleware:
                 labels.flight[0] -= 1
                 OWNER.reset(owner_token)
                 ACCOUNT.reset(account_token)
-                if task is not None:
-                    forget_request_span(task)
+                if remembered is not None:
+                    forget_request_span(remembered)
                 if span is not None:
                     _tracing.end_server_span(span, context_token, status or 500, error)
             except Exception as exc:

@@ -296,17 +296,22 @@ def uninstall_loop_hook() -> None:
     _original_run_forever = None
 
 
-def remember_request_span(task: Any, span: Any) -> bool:
+def remember_request_span(task: Any, span: Any) -> tuple[Any, Any] | None:
     """The ASGI middleware: ``task`` serves the request of ``span`` until
-    :func:`forget_request_span`; whether it was remembered."""
-    if task is not None and span is not None:
-        TASK_SPANS[task] = span
-        return True
-    return False
+    :func:`forget_request_span` is given what this returns (None: nothing remembered)."""
+    if task is None or span is None:
+        return None
+    previous = TASK_SPANS.get(task)  # a request served inside another one, in the same task
+    TASK_SPANS[task] = span
+    return task, previous
 
 
-def forget_request_span(task: Any) -> None:
-    TASK_SPANS.pop(task, None)
+def forget_request_span(remembered: tuple[Any, Any]) -> None:
+    task, previous = remembered
+    if previous is None:
+        TASK_SPANS.pop(task, None)
+    else:
+        TASK_SPANS[task] = previous
 
 
 def _task_trace(task: Any) -> dict[str, str]:

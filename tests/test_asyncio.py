@@ -68,7 +68,8 @@ async def test_blocked_loop_names_the_blocking_line():
 
 async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
     """With tracing on, the event carries the trace id of the request whose handler blocks the
-    loop; the request's entry in the task map goes when the request ends (no growth)."""
+    loop, also after the handler served a request of its own in the same task (an in-process
+    ASGI call); the request's entry in the task map goes when the request ends (no growth)."""
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -83,6 +84,9 @@ async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
 
     @app.get("/reports/{report_id}")
     async def report(report_id: int) -> dict:
+        inner = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+        async with inner:  # runs in this task: its request ends before ours
+            assert (await inner.get("/ok")).status_code == 200
         time.sleep(0.6)  # sync work inside async def
         return {"id": report_id}
 
