@@ -50,8 +50,8 @@ _connected: list[tuple[Any, Any]] = []
 _installed: CeleryIntegration | None = None
 
 
-def _queue(task: Any) -> str:
-    info = getattr(task.request, "delivery_info", None) or {}
+def _queue(request: Any) -> str:
+    info = getattr(request, "delivery_info", None) or {}
     return str(info.get("routing_key") or info.get("exchange") or "default")
 
 
@@ -139,7 +139,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task is None or task_id is None:
             return
         request = task.request
-        labels = _task_labels(task.name, _queue(task))
+        labels = _task_labels(task.name, _queue(request))
         published = getattr(request, HEADER, None)
         if isinstance(published, (int, float)):
             start = published
