@@ -171,7 +171,7 @@ def _load_api() -> Any:
             StatusCode=StatusCode, tracer=trace.get_tracer("telemetry"),
             fast=_default_propagators(propagate), NonRecordingSpan=NonRecordingSpan,
             SpanContext=SpanContext, TraceState=TraceState, baggage_key=_BAGGAGE_KEY,
-            flags={0: TraceFlags(0), 1: TraceFlags(1)},  # the two values seen in practice
+            TraceFlags=TraceFlags, flags={0: TraceFlags(0), 1: TraceFlags(1)},  # the two seen in practice
         )  # fmt: skip
     return _api
 
@@ -208,9 +208,9 @@ def _parse_traceparent(value: str, tracestate: str | None) -> Any:
         return None
     api = _api
     state = api.TraceState.from_header([tracestate]) if tracestate else None
-    trace_flags = api.flags.get(flags)
+    trace_flags = api.flags.get(flags)  # (TraceFlags(0) is falsy: compare with None)
     if trace_flags is None:
-        trace_flags = api.flags[0].__class__(flags)
+        trace_flags = api.TraceFlags(flags)
     parent = api.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace_flags, trace_state=state)
     return api.trace.set_span_in_context(api.NonRecordingSpan(parent))
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -21,6 +22,7 @@ from telemetry.tools.stack import Pgbouncer, Postgres, Redis, free_port, pg_bin,
 __all__ = ["Pgbouncer", "Postgres", "Redis", "binary", "free_port", "missing", "pg_bin", "restart_postgres",
            "start_pgbouncer", "start_postgres", "start_redis", "wait_port"]  # fmt: skip
 
+T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -42,30 +44,26 @@ def binary(name: str, package: str) -> str:
 
 
 @contextlib.contextmanager
-def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
+def _or_missing(started: contextlib.AbstractContextManager[T]) -> Iterator[T]:
+    """``started`` (one of ``telemetry.tools.stack``'s starters), or skip (locally) / fail (CI)
+    when its binary is not installed."""
     try:
-        with stack.start_postgres(max_connections) as server:
+        with started as server:
             yield server
     except stack.Missing as exc:
         missing(str(exc))
 
 
-@contextlib.contextmanager
-def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
-    try:
-        with stack.start_pgbouncer(pg, pool_size) as bouncer:
-            yield bouncer
-    except stack.Missing as exc:
-        missing(str(exc))
+def start_postgres(max_connections: int = 40) -> contextlib.AbstractContextManager[Postgres]:
+    return _or_missing(stack.start_postgres(max_connections))
 
 
-@contextlib.contextmanager
-def start_redis(port: int | None = None) -> Iterator[Redis]:
-    try:
-        with stack.start_redis(port) as server:
-            yield server
-    except stack.Missing as exc:
-        missing(str(exc))
+def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> contextlib.AbstractContextManager[Pgbouncer]:
+    return _or_missing(stack.start_pgbouncer(pg, pool_size))
+
+
+def start_redis(port: int | None = None) -> contextlib.AbstractContextManager[Redis]:
+    return _or_missing(stack.start_redis(port))
 
 
 def restart_postgres(pg: Postgres) -> None:

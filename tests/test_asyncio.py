@@ -70,6 +70,7 @@ async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
     """With tracing on, the event carries the trace id of the request whose handler blocks the
     loop, also after the handler served a request of its own in the same task (an in-process
     ASGI call); the request's entry in the task map goes when the request ends (no growth)."""
+    from opentelemetry import trace
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -77,8 +78,6 @@ async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
 
     telemetry.instrument(service="api", loop_blocked_seconds=0.2, tracing=True)
     exporter = InMemorySpanExporter()
-    from opentelemetry import trace
-
     trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
     app = FastAPI()
 

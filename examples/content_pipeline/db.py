@@ -17,18 +17,24 @@ logs = Table("logs", metadata, Column("id", Integer, primary_key=True, autoincre
              Column("task_id", String(40)), Column("line", Text))  # fmt: skip
 
 
+def connect_args(url: str) -> dict:
+    """What the URL's driver needs here: SQLite waits for the file's write lock; psycopg behind a
+    transaction-mode pooler prepares no server-side statements."""
+    if url.startswith("sqlite"):
+        return {"timeout": 60}
+    if "+psycopg" in url:
+        return {"prepare_threshold": None}
+    return {}
+
+
 def make_engine(pool_size: int | None = None, max_overflow: int | None = None) -> AsyncEngine:
     kwargs: dict = {"pool_size": config.DB_POOL_SIZE if pool_size is None else pool_size,
                     "max_overflow": config.DB_MAX_OVERFLOW if max_overflow is None else max_overflow,
-                    "pool_timeout": config.DB_POOL_TIMEOUT}  # fmt: skip
+                    "pool_timeout": config.DB_POOL_TIMEOUT, "connect_args": connect_args(config.DATABASE_URL)}  # fmt: skip
     if config.DATABASE_URL.startswith("sqlite"):
         from sqlalchemy.pool import AsyncAdaptedQueuePool
 
         kwargs["poolclass"] = AsyncAdaptedQueuePool
-        kwargs["connect_args"] = {"timeout": 60}
-    elif "+psycopg" in config.DATABASE_URL:
-        # behind a transaction-mode pooler: no server-side prepared statements
-        kwargs["connect_args"] = {"prepare_threshold": None}
     return create_async_engine(config.DATABASE_URL, **kwargs)
 
 

@@ -264,13 +264,10 @@ class Run:
         from sqlalchemy.ext.asyncio import create_async_engine
         from sqlalchemy.pool import NullPool
 
-        from examples.content_pipeline.db import metadata
+        from examples.content_pipeline.db import connect_args, metadata
 
         async def go() -> None:
-            kwargs: dict[str, Any] = {"poolclass": NullPool}
-            if "+psycopg" in url:
-                kwargs["connect_args"] = {"prepare_threshold": None}
-            engine = create_async_engine(url, **kwargs)
+            engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args(url))
             if url.startswith("sqlite"):
                 @event.listens_for(engine.sync_engine, "connect")
                 def _wal(dbapi_conn: Any, _rec: Any) -> None:

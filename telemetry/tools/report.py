@@ -100,6 +100,7 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
               gauge_peaks: list[list[Any]] | None = None, events: list[dict[str, Any]] | None = None,
               sustained: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """One scenario's numbers, every one from the metrics (and the package's own events)."""
+    peaked = with_peaks(samples, gauge_peaks)
     other = {"route_in": OTHER_ROUTES}
     req_total = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count"
                     and lb.get("route") in OTHER_ROUTES)  # fmt: skip
@@ -144,7 +145,7 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
         "event_loop_lag_p99_seconds": lag_p99,
         "event_loop_blocked": total(samples, "event_loop_blocked_total"),
         "blocking_call_site": _blocking_site(events or []),
-        "pooler_clients_waiting_peak": total(with_peaks(samples, gauge_peaks), "pgbouncer_clients", state="waiting"),
+        "pooler_clients_waiting_peak": total(peaked, "pgbouncer_clients", state="waiting"),
         "semaphore": {"waits": sem_count, "mean_wait_seconds": (sem_sum / sem_count) if sem_count else None},
         "tasks_succeeded": tasks,
         "seconds_per_task": mean_runtime,
@@ -154,7 +155,7 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     from .diagnose import beyond_the_pools
 
     result["alerts"] = alert_conditions(result)
-    result["beyond_the_pools"] = beyond_the_pools(with_peaks(samples, gauge_peaks))
+    result["beyond_the_pools"] = beyond_the_pools(peaked)
     result["diagnosis"] = diagnose(result)
     result["verdict"] = verdict(result)
     return result
