@@ -133,12 +133,20 @@ def relabel_semaphores(service: str) -> None:
             hook_error("semaphore.relabel", exc)
 
 
+#: one episode, one report: the watchdog and the late beat can both find it overdue
+_episode_lock = threading.Lock()
+
+
 class _LoopMonitor:
     """Beats on the loop it watches; holds only a weak reference to it, so a finished loop
-    (``asyncio.run()`` per Celery task) is freed and its monitor pruned by the watchdog."""
+    (``asyncio.run()`` per Celery task) is freed and its monitor pruned by the watchdog.
+
+    The watchdog thread reports an episode while it lasts; a block that ends between two of its
+    ticks (a 0.6 s call against a 0.5 s threshold overdue by at most 0.6 s minus the beat
+    interval) is reported by the late beat itself, with what the watchdog sampled meanwhile."""
 
     __slots__ = ("loop_ref", "thread_ident", "last_beat", "expected", "blocked_since", "handle",
-                 "samples", "reported", "__weakref__")  # fmt: skip
+                 "samples", "reported", "frames", "where", "__weakref__")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)
@@ -147,6 +155,8 @@ class _LoopMonitor:
         self.expected = self.last_beat + CONFIG.beat_interval
         self.blocked_since: float | None = None
         self.samples: dict[str, int] = {}  # innermost user frame -> times seen this episode
+        self.frames: list[str] = []  # the latest sampled stack of this episode
+        self.where: dict[str, Any] = {}  # the task (and its trace) seen blocking, latest sample
         self.reported = False
         self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
 
@@ -157,8 +167,10 @@ class _LoopMonitor:
     def beat(self) -> None:
         now = _perf()
         try:
-            STATS.observe("event_loop_lag_seconds", (("service", INTERNAL.service),),
-                          max(0.0, now - self.expected))  # fmt: skip
+            lag = max(0.0, now - self.expected)
+            STATS.observe("event_loop_lag_seconds", (("service", INTERNAL.service),), lag)
+            if not self.reported and lag >= CONFIG.blocked_threshold:  # ended between two watchdog ticks
+                self.report(self.expected, lag, self.frames, self.where)
             if self.reported and self.blocked_since is not None:
                 site, seen, total = self.summary()
                 emit("warning", "event_loop_blocked", status="resumed",
@@ -166,11 +178,14 @@ class _LoopMonitor:
                      call_site=site, call_site_samples=seen, samples=total)  # fmt: skip
         except Exception as exc:
             hook_error("loop.beat", exc)
-        self.blocked_since = None
-        self.reported = False
-        self.samples = {}
-        self.last_beat = now
-        self.expected = now + CONFIG.beat_interval
+        with _episode_lock:  # a watchdog report in flight belongs to the episode that ends here
+            self.blocked_since = None
+            self.reported = False
+            self.samples = {}
+            self.frames = []
+            self.where = {}
+            self.last_beat = now
+            self.expected = now + CONFIG.beat_interval
         loop = self.loop_ref()
         if loop is not None and not loop.is_closed():
             self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
@@ -183,6 +198,23 @@ class _LoopMonitor:
         site = max(samples, key=lambda k: samples[k])
         return site, samples[site], sum(samples.values())
 
+    def report(self, expected: float, overdue: float, frames: list[str], where: dict[str, Any]) -> None:
+        """Count the episode (the one whose beat was due at ``expected``) and say where the loop is
+        (or was) blocked: once, whichever of the watchdog and the late beat comes first."""
+        with _episode_lock:
+            if self.reported or self.expected != expected:
+                return
+            self.reported = True
+            if self.blocked_since is None:
+                self.blocked_since = expected
+        STATS.inc("event_loop_blocked_total", (("service", INTERNAL.service),))
+        best, seen, total = self.summary()
+        emit(
+            "warning", "event_loop_blocked", status="blocked",
+            blocked_seconds=round(overdue, 3), threshold_seconds=CONFIG.blocked_threshold,
+            call_site=best, call_site_samples=seen, samples=total, frames=frames, **{"task": None, **where},
+        )  # fmt: skip
+
     def check(self, now: float) -> None:
         """Watchdog side (another thread). From half the threshold on, sample the loop thread's
         stack at every tick; at the threshold report the line seen most, once per episode. One
@@ -190,27 +222,20 @@ class _LoopMonitor:
         loop = self.loop_ref()
         if loop is None or loop.is_closed() or not loop.is_running():
             return
-        overdue = now - self.expected
+        expected = self.expected
+        overdue = now - expected
         if overdue < CONFIG.blocked_threshold / 2:
             return
         if self.blocked_since is None:
-            self.blocked_since = self.expected
+            self.blocked_since = expected
         frames = _stacks.holder_stack(self.thread_ident, None)
         site = _stacks.call_site(frames) or "unknown"
         self.samples[site] = self.samples.get(site, 0) + 1
-        if overdue < CONFIG.blocked_threshold or self.reported:
-            return
-        self.reported = True
-        STATS.inc("event_loop_blocked_total", (("service", INTERNAL.service),))
         task = asyncio.tasks._current_tasks.get(loop)  # type: ignore[attr-defined]
-        best, seen, total = self.summary()
-        emit(
-            "warning", "event_loop_blocked", status="blocked",
-            blocked_seconds=round(overdue, 3), threshold_seconds=CONFIG.blocked_threshold,
-            call_site=best, call_site_samples=seen, samples=total, frames=frames,
-            task=task.get_name() if task is not None else None,
-            **_task_trace(task),
-        )  # fmt: skip
+        where = {"task": task.get_name() if task is not None else None, **_task_trace(task)}
+        self.frames, self.where = frames, where
+        if overdue >= CONFIG.blocked_threshold and not self.reported:
+            self.report(expected, overdue, frames, where)
 
 
 #: id(loop) -> its monitor. Not a WeakKeyDictionary: its weakref callbacks can change it while
@@ -324,8 +349,9 @@ def _task_trace(task: Any) -> dict[str, str]:
 
 def after_fork_in_child() -> None:
     """The parent's loops do not run in the child."""
-    global _monitored_lock
+    global _monitored_lock, _episode_lock
     _monitored_lock = threading.Lock()
+    _episode_lock = threading.Lock()
     _monitored.clear()
     TASK_SPANS.clear()
 

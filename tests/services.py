@@ -11,16 +11,18 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import TypeVar
 
+import httpx
 import pytest
 
 from telemetry.tools import stack
 from telemetry.tools.stack import Pgbouncer, Postgres, Redis, free_port, pg_bin, wait_port
 
 __all__ = ["Pgbouncer", "Postgres", "Redis", "binary", "free_port", "missing", "pg_bin", "restart_postgres",
-           "start_pgbouncer", "start_postgres", "start_redis", "wait_port"]  # fmt: skip
+           "start_pgbouncer", "start_postgres", "start_redis", "wait_port", "wait_ready"]  # fmt: skip
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -41,6 +43,18 @@ def binary(name: str, package: str) -> str:
         missing(f"{name} (Debian package {package})")
     assert path
     return path
+
+
+def wait_ready(port: int, timeout: float = 60.0) -> None:
+    """Wait until a Prometheus or Alertmanager on ``port`` answers ``/-/ready`` with 200: its port
+    opens before it serves (a query during start-up answers 503 "Service Unavailable")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing ready on 127.0.0.1:{port}/-/ready after {timeout:.0f}s")
 
 
 @contextlib.contextmanager

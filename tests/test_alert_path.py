@@ -69,7 +69,7 @@ def test_saturation_pages_pings_inhibits_and_resolves(pg, tmp_path):
 
     try:
         assert app.stdout and app.stdout.readline().strip() == "ready"
-        services.wait_port(prom_port, 30)
+        services.wait_ready(prom_port, 60)
         _wait(lambda: httpx.get(f"{api}/alertmanagers").json()["data"]["activeAlertmanagers"], 60, "Prometheus to find Alertmanager")
         _wait(lambda: [r for r in httpx.get(f"{api}/query", params={"query": "up"}).json()["data"]["result"]
                        if r["value"][1] == "1"], 60, "the first scrape")  # fmt: skip

@@ -133,7 +133,7 @@ def start_alertmanager(config: str, tmp: str) -> tuple[subprocess.Popen[bytes], 
          "--log.level=warn"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    services.wait_port(port, 30)
+    services.wait_ready(port, 60)
     return proc, port
 
 

@@ -128,7 +128,7 @@ def _every_panel_returns_data(tmp_path, redis_server, pg, bouncer):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     api = f"http://127.0.0.1:{prom}/api/v1"
     try:
-        services.wait_port(prom, 30)
+        services.wait_ready(prom, 60)
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             r = httpx.get(f"{api}/query", params={"query": "up"}).json()

@@ -190,7 +190,7 @@ def test_real_prometheus_scraping_through_worker_churn(tmp_path):
     server = subprocess.Popen([binary, f"--config.file={tmp_path}/p.yml", f"--storage.tsdb.path={tmp_path}/tsdb",
                                f"--web.listen-address=127.0.0.1:{prom}", "--log.level=warn"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    services.wait_port(prom, 30)
+    services.wait_ready(prom, 60)
     api = f"http://127.0.0.1:{prom}/api/v1"
     host = subprocess.Popen([sys.executable, "-m", "tests.apps.churn", str(directory), str(target), "60"], cwd=root,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
