@@ -178,7 +178,16 @@ class _LoopMonitor:
                      call_site=site, call_site_samples=seen, samples=total)  # fmt: skip
         except Exception as exc:
             hook_error("loop.beat", exc)
+        self.restart(now)
+        loop = self.loop_ref()
+        if loop is not None and not loop.is_closed():
+            self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
+
+    def restart(self, now: float) -> None:
+        """A new episode: after a beat, and when the loop runs again (``run_until_complete()``
+        called once per task on one loop: the time it stood stopped is neither lag nor a block)."""
         with _episode_lock:  # a watchdog report in flight belongs to the episode that ends here
+            self.thread_ident = threading.get_ident()  # called on the loop's thread
             self.blocked_since = None
             self.reported = False
             self.samples = {}
@@ -186,9 +195,6 @@ class _LoopMonitor:
             self.where = {}
             self.last_beat = now
             self.expected = now + CONFIG.beat_interval
-        loop = self.loop_ref()
-        if loop is not None and not loop.is_closed():
-            self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
 
     def summary(self) -> tuple[str | None, int, int]:
         """The frame seen most in this episode's samples, how often, and of how many."""
@@ -301,7 +307,11 @@ def install_loop_hook() -> None:
 
     def run_forever(self: Any) -> None:
         try:
-            watch_event_loop(self)
+            monitor = _monitored.get(id(self))
+            if monitor is not None and monitor.loop_ref() is self:
+                monitor.restart(_perf())  # it runs again after standing stopped
+            else:
+                watch_event_loop(self)
         except Exception as exc:
             hook_error("loop.watch", exc)
         original(self)

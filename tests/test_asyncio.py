@@ -83,6 +83,31 @@ async def test_a_block_that_ends_between_two_watchdog_ticks_is_reported_by_the_l
     assert sample("event_loop_blocked_total") == 1
 
 
+def test_a_loop_standing_stopped_between_two_runs_is_neither_lagging_nor_blocked():
+    """One loop, run_until_complete() once per job with sync work between (older Celery code):
+    the time it stands stopped is no lag and no block; a block inside a run still is one."""
+    telemetry.instrument(service="worker", loop_blocked_seconds=0.2)
+    loop = asyncio.new_event_loop()
+    try:
+        with capture_logs() as logs:
+            loop.run_until_complete(asyncio.sleep(0.15))
+            time.sleep(0.6)  # the loop stands stopped; its beat is overdue when it runs again
+            loop.run_until_complete(asyncio.sleep(0.15))
+            assert [e for e in logs if e["event"] == "event_loop_blocked"] == []
+            assert sample("event_loop_lag_seconds_bucket", le="0.25") == sample("event_loop_lag_seconds_count") >= 2
+
+            async def blocks() -> None:
+                await asyncio.sleep(0)
+                time.sleep(0.6)  # a real block, in the third run
+                await asyncio.sleep(0.15)
+
+            loop.run_until_complete(blocks())
+        assert [e["status"] for e in logs if e["event"] == "event_loop_blocked"] == ["blocked", "resumed"]
+        assert sample("event_loop_blocked_total") == 1
+    finally:
+        loop.close()
+
+
 async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
     """With tracing on, the event carries the trace id of the request whose handler blocks the
     loop, also after the handler served a request of its own in the same task (an in-process
