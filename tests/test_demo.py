@@ -109,6 +109,9 @@ def test_demo_on_the_real_stack(tmp_path):
     locks = [f for f in by["row-lock"]["beyond_the_pools"] if f.startswith("Locks:")]
     assert locks and "content-worker 'generate_content' holds a lock" in locks[0], by["row-lock"]["beyond_the_pools"]
     assert by["row-lock"]["diagnosis"].startswith("Row locks: content-worker 'generate_content'")
+    # the verdict says so when the API is among the victims
+    api_blocked = "api '" in locks[0].split(" blocks ", 1)[1].split(";")[0]
+    assert by["row-lock"]["verdict"]["checks"]["api_never_blocked_on_a_lock"] is not api_blocked, locks[0]
     # its victims: the workflow task and the task's page update the row (a victim that waited less
     # than a flush interval may read 'unknown': its process had not yet published its owner)
     assert "'advance_workflow'" in locks[0] or "'POST /tasks/{task_id}/seen'" in locks[0], locks[0]

@@ -146,6 +146,9 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
         "event_loop_blocked": total(samples, "event_loop_blocked_total"),
         "blocking_call_site": _blocking_site(events or []),
         "pooler_clients_waiting_peak": total(peaked, "pgbouncer_clients", state="waiting"),
+        # API connections seen waiting for a row lock (server view; None without one)
+        "api_lock_waits_peak": (total(peaked, "db_server_lock_blocking", blocked_service="api")
+                                if any(n == "db_server_lock_wait_longest_seconds" for n, _lb, _v in samples) else None),  # fmt: skip
         "semaphore": {"waits": sem_count, "mean_wait_seconds": (sem_sum / sem_count) if sem_count else None},
         "tasks_succeeded": tasks,
         "seconds_per_task": mean_runtime,
@@ -183,7 +186,7 @@ SUSTAINED_SECONDS = 2.0
 def verdict(r: dict[str, Any]) -> dict[str, Any]:
     """Whether the API is healthy: no pool timeouts, no failed pages, the API's pool never above
     the warning threshold for ``SUSTAINED_SECONDS`` in a row, nobody queued at the pooler, the
-    loop never blocked by a recurring call."""
+    loop never blocked by a recurring call, no API connection seen waiting for a row lock."""
     above = r["pool_above_warning_longest_seconds"].get("api", 0.0)
     checks = {
         "api_pool_timeouts": r["api"]["pool_timeouts"] == 0,
@@ -192,6 +195,7 @@ def verdict(r: dict[str, Any]) -> dict[str, Any]:
         "api_pool_below_warning": above < SUSTAINED_SECONDS,
         "nobody_waiting_at_the_pooler": not r["pooler_clients_waiting_peak"],
         "no_blocking_call": not r["blocking_call_site"],
+        "api_never_blocked_on_a_lock": not r.get("api_lock_waits_peak"),
     }
     return {"healthy": all(checks.values()), "checks": checks}
 
