@@ -156,7 +156,7 @@ class _LoopMonitor:
         self.blocked_since: float | None = None
         self.samples: dict[str, int] = {}  # innermost user frame -> times seen this episode
         self.frames: list[str] = []  # the latest sampled stack of this episode
-        self.where: dict[str, Any] = {}  # the task (and its trace) seen blocking, latest sample
+        self.where: dict[str, Any] = {"task": None}  # the task (and its trace) seen blocking, latest sample
         self.reported = False
         self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
 
@@ -192,7 +192,7 @@ class _LoopMonitor:
             self.reported = False
             self.samples = {}
             self.frames = []
-            self.where = {}
+            self.where = {"task": None}
             self.last_beat = now
             self.expected = now + CONFIG.beat_interval
 
@@ -211,14 +211,13 @@ class _LoopMonitor:
             if self.reported or self.expected != expected:
                 return
             self.reported = True
-            if self.blocked_since is None:
-                self.blocked_since = expected
+            self.blocked_since = expected
         STATS.inc("event_loop_blocked_total", (("service", INTERNAL.service),))
         best, seen, total = self.summary()
         emit(
             "warning", "event_loop_blocked", status="blocked",
             blocked_seconds=round(overdue, 3), threshold_seconds=CONFIG.blocked_threshold,
-            call_site=best, call_site_samples=seen, samples=total, frames=frames, **{"task": None, **where},
+            call_site=best, call_site_samples=seen, samples=total, frames=frames, **where,
         )  # fmt: skip
 
     def check(self, now: float) -> None:
@@ -232,8 +231,6 @@ class _LoopMonitor:
         overdue = now - expected
         if overdue < CONFIG.blocked_threshold / 2:
             return
-        if self.blocked_since is None:
-            self.blocked_since = expected
         frames = _stacks.holder_stack(self.thread_ident, None)
         site = _stacks.call_site(frames) or "unknown"
         self.samples[site] = self.samples.get(site, 0) + 1

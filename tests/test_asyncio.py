@@ -116,8 +116,6 @@ async def test_blocked_loop_names_the_trace_of_the_request_that_blocks_it():
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from telemetry import _asyncio
-
     telemetry.instrument(service="api", loop_blocked_seconds=0.2, tracing=True)
     exporter = InMemorySpanExporter()
     trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
