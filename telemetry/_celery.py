@@ -23,6 +23,7 @@ Names and attributes follow OpenTelemetry's Celery instrumentation, at a third o
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -48,6 +49,23 @@ _spans = [False]
 _exception_kinds: set[str] = set()
 _connected: list[tuple[Any, Any]] = []
 _installed: CeleryIntegration | None = None
+#: the Celery app publishing in this thread right now (``Celery.send_task`` wrapped): the
+#: publish signals do not say which app sent, and the current app can be another one
+_sender = threading.local()
+_patched: list[tuple[type, str, Any]] = []
+
+
+def _wrap_send_task(orig: Any) -> Any:
+    def send_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        previous = getattr(_sender, "app", None)
+        _sender.app = self
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            _sender.app = previous
+
+    send_task.__wrapped__ = orig  # type: ignore[attr-defined]
+    return send_task
 
 
 def _queue(request: Any) -> str:
@@ -270,9 +288,12 @@ def _on_published_queue(routing_key: Any = None, **_: Any) -> None:
     try:
         integration = _installed
         if integration is not None and routing_key:
-            from celery._state import get_current_app
+            app = getattr(_sender, "app", None)
+            if app is None:  # published without Celery.send_task (a custom producer)
+                from celery._state import get_current_app
 
-            integration.backlog.watch(get_current_app(), str(routing_key))
+                app = get_current_app()
+            integration.backlog.watch(app, str(routing_key))
     except Exception as exc:
         hook_error("celery.backlog_watch", exc)
 
@@ -343,12 +364,21 @@ def install(*, spans: bool = True) -> None:
     for signal, fn in pairs:
         signal.connect(fn, weak=False)
         _connected.append((signal, fn))
+    from celery.app.base import Celery
+
+    orig = Celery.__dict__.get("send_task")
+    if orig is not None and not _patched:
+        _patched.append((Celery, "send_task", orig))
+        Celery.send_task = _wrap_send_task(orig)
 
 
 def uninstall() -> None:
     for signal, fn in _connected:
         signal.disconnect(fn)
     _connected.clear()
+    for cls, method, orig in reversed(_patched):
+        setattr(cls, method, orig)
+    _patched.clear()
     _running.clear()
     _publishing.clear()
     _exception_kinds.clear()

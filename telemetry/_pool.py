@@ -537,37 +537,48 @@ def _on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, A
         hook_error("pool.application_name", exc)
 
 
-def _local_port(fd: int) -> int | None:
+def _local_peer(fd: int) -> tuple[str, int | None]:
     dup = socket.socket(fileno=os.dup(fd))
     try:
         name = dup.getsockname()
     finally:
         dup.close()
-    return int(name[1]) if isinstance(name, tuple) and len(name) >= 2 else None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return "", None
 
 
-def peer_of(dbapi_connection: Any) -> tuple[int | None, int | None] | None:
-    """``(server backend pid, local TCP port)`` of a new connection, from the driver without a
-    round trip (psycopg 3, psycopg2, asyncpg); None for other drivers. Through pgbouncer the pid
-    is the pooler's, and the local port is what joins the connection to ``SHOW CLIENTS``."""
+def _peer(pid: int | None, local: Any) -> tuple[int | None, int | None, str]:
+    if isinstance(local, tuple) and len(local) >= 2:
+        return pid, int(local[1]), str(local[0])
+    return pid, None, ""
+
+
+def peer_of(dbapi_connection: Any) -> tuple[int | None, int | None, str] | None:
+    """``(server backend pid, local TCP port, local address)`` of a new connection, from the
+    driver without a round trip (psycopg 3, psycopg2, asyncpg); None for other drivers. Through
+    pgbouncer the pid is the pooler's, and the local address and port are what join the
+    connection to ``SHOW CLIENTS`` (both: a port alone is not unique across hosts)."""
     conn = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
     info = getattr(conn, "info", None)
     if info is not None and hasattr(info, "backend_pid") and hasattr(conn, "pgconn"):  # psycopg 3
-        return info.backend_pid, _local_port(conn.pgconn.socket)
+        addr, port = _local_peer(conn.pgconn.socket)
+        return info.backend_pid, port, addr
     if hasattr(conn, "get_backend_pid") and hasattr(conn, "fileno"):  # psycopg2
-        return conn.get_backend_pid(), _local_port(conn.fileno())
+        addr, port = _local_peer(conn.fileno())
+        return conn.get_backend_pid(), port, addr
     if hasattr(conn, "get_server_pid"):  # asyncpg
         transport = getattr(conn, "_transport", None)
         sockname = transport.get_extra_info("sockname") if transport is not None else None
-        port = int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) >= 2 else None
-        return conn.get_server_pid(), port
+        return _peer(conn.get_server_pid(), sockname)
     return None
 
 
 def owner_table() -> list[list[Any]]:
     """The connections held right now whose server identity is known:
-    ``[backend_pid, local_port, service, owner, since (epoch s), trace_id]``; the shared view
-    joins server and pooler rows to owners through it (written to the process file)."""
+    ``[backend_pid, local_port, service, owner, since (epoch s), trace_id, local_address]``
+    (``_shared.Owners`` reads it); the shared view joins server and pooler rows to owners through
+    it (written to the process file)."""
     out: list[list[Any]] = []
     now_wall, now = time.time(), _perf()
     for rec, h in list(_held.items()):
@@ -578,7 +589,7 @@ def owner_table() -> list[list[Any]]:
         if h.context is not None:
             trace_id = trace_ids(h.context).get("trace_id", "")
         out.append([peer[0], peer[1], CONFIG.service, h.owner, round(now_wall - (now - h.since), 3),
-                    trace_id])  # fmt: skip
+                    trace_id, peer[2] if len(peer) > 2 else ""])  # fmt: skip
     return out
 
 

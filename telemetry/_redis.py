@@ -8,8 +8,9 @@ those kombu (Celery's Redis broker) and Celery's Redis result backend create. A 
 subscription takes its connection at the first ``subscribe`` and gives it back at ``close``: a
 status stream that keeps one open shows up as a long hold by its route.
 
-A pool is named ``host:port/db`` (``unix:path/db``), never with its password; pools to the same
-address share a series. ``BlockingConnectionPool`` raises ``ConnectionError("No connection
+A pool is named ``host:port/db`` (``unix:path/db``), never with its password; a pool of
+another class or limit on the same address is ``host:port/db#2`` (and so on), each with its own
+limit; pools alike on one address share a series. ``BlockingConnectionPool`` raises ``ConnectionError("No connection
 available.")`` after its timeout (counted as ``result="timeout"``); ``ConnectionPool`` raises
 "Too many connections" past ``max_connections`` (``result="too_many"``).
 """
@@ -89,6 +90,11 @@ class RedisPoolState:
 
 _lock = threading.RLock()
 _states: dict[str, RedisPoolState] = {}
+#: (address, pool class, limit) -> series name (``_state``)
+_kinds: dict[tuple[str, str, int | None], str] = {}
+#: distinct pool names per process; further pools share OTHER (docs/reliability.md)
+MAX_POOLS = 50
+OTHER = "other"
 #: connection -> (checkout time, owner, state, holding thread ident or asyncio task)
 _held: dict[Any, tuple[float, str, RedisPoolState, Any]] = {}
 #: connections reported held too long -> the checkout time reported
@@ -105,17 +111,32 @@ def pool_name(pool: Any) -> str:
 
 
 def _state(pool: Any) -> RedisPoolState:
+    """The series of ``pool``. Pools on one address with the same class and limit share a
+    series (a pool per request, or kombu's pools, add nothing); one with another class or limit
+    gets its own: the first such pool on an address is named ``host:port/db``, the next
+    ``host:port/db#2`` and so on (an exhausted small pool is not hidden behind a large idle one).
+    Past ``MAX_POOLS`` names, further pools share ``other`` (its limit unknown)."""
     st = pool.__dict__.get(_ATTR)
     if st is not None:
         return st
     with _lock:
-        name = pool_name(pool)
+        address = pool_name(pool)
+        limit = getattr(pool, "max_connections", None)
+        limit = limit if isinstance(limit, int) and limit < UNBOUNDED else None
+        kind = (address, type(pool).__name__, limit)
+        name = _kinds.get(kind)
+        if name is None:
+            n = 1 + sum(1 for k in _kinds if k[0] == address)
+            name = address if n == 1 else f"{address}#{n}"
+            if len(_states) >= MAX_POOLS:
+                name, limit = OTHER, None
+            else:
+                _kinds[kind] = name
         st = _states.get(name)
         if st is None:
             st = _states[name] = RedisPoolState(name)
             REGISTRY.add(st)
-        limit = getattr(pool, "max_connections", None)
-        st.max_connections = limit if isinstance(limit, int) and limit < UNBOUNDED else None
+        st.max_connections = limit
         pool.__dict__[_ATTR] = st
         return st
 
@@ -314,6 +335,7 @@ def uninstall() -> None:
         _held.clear()
         _flagged.clear()
         _states.clear()
+        _kinds.clear()
         REGISTRY.discard(lambda source: isinstance(source, RedisPoolState))
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -137,14 +138,22 @@ def _dsn(raw: Any) -> str | None:
     return "postgresql://" + rest
 
 
+#: ``password=...`` (and ``sslpassword=``) in a URL's query or a libpq key/value string, quoted
+#: or not: libpq accepts a password in either place
+_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:\w*password|passwd)\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s;]*)")
+
+
 def mask_url(text: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host``: never log a password."""
-    scheme, sep, rest = str(text).partition("://")
-    if not sep or "@" not in rest:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``, and ``?password=secret`` or
+    ``password=secret`` (key/value form) -> ``password=***``: never log a password."""
+    text = _PASSWORD_PARAM.sub(r"\1***", str(text))
+    scheme, sep, rest = text.partition("://")
+    if not sep or "@" not in rest.split("?", 1)[0].split("/", 1)[0]:
         return text
-    auth, _, host = rest.rpartition("@")
+    netloc, slash, path = rest.partition("/")
+    auth, _, host = netloc.rpartition("@")
     user, colon, _password = auth.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}{slash}{path}"
 
 
 def _default_service() -> str:

@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,10 +53,12 @@ def parse_application(name: str) -> tuple[str, str, str]:
     return m["service"], m["pid"], m["host"]
 
 
+#: a literal's closing quote may be missing: PostgreSQL cuts ``query`` at
+#: ``track_activity_query_size`` bytes, and what is left of the literal must not show
 _LITERAL = re.compile(
-    r"\$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$"  # dollar-quoted
-    r"|[eE]'(?:[^'\\]|\\.|'')*'"  # escape strings: E'it\'s'
-    r"|[bBxXnN]?'(?:[^']|'')*'"  # string literals
+    r"\$(?P<tag>[A-Za-z_]*)\$.*?(?:\$(?P=tag)\$|\Z)"  # dollar-quoted
+    r"|[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)"  # escape strings: E'it\'s'
+    r"|[bBxXnN]?'(?:[^']|'')*(?:'|\Z)"  # string literals
     r"|(?<![\w$.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w$])",  # numbers
     re.S,
 )
@@ -115,6 +118,35 @@ class Leader:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
+
+
+#: owner rows (``_pool.owner_table``): [backend pid, local port, service, owner, since,
+#: trace id, local address]
+PID, PORT, SERVICE, OWNER, SINCE, TRACE, ADDR = range(7)
+
+
+class Owners:
+    """The host's held connections, joined by the keys a server or pooler row carries: the
+    backend pid (a direct connection) or the client's address *and* port (the pooler's
+    ``SHOW CLIENTS addr/port``, the server's ``client_addr/client_port``). Never by port alone:
+    another host, or a psql session on another address, can use the same port number."""
+
+    def __init__(self, rows: list[list[Any]]) -> None:
+        self.by_pid: dict[Any, list[Any]] = {}
+        self.by_peer: dict[tuple[str, int], list[Any]] = {}
+        for row in rows:
+            if row[PID]:
+                self.by_pid[row[PID]] = row
+            if row[PORT] and len(row) > ADDR and row[ADDR]:
+                self.by_peer[(str(row[ADDR]), int(row[PORT]))] = row
+
+    def peer(self, addr: Any, port: Any) -> list[Any] | None:
+        if not addr or not port:
+            return None
+        try:
+            return self.by_peer.get((str(addr), int(port)))
+        except (TypeError, ValueError):
+            return None
 
 
 def _host_owners(directory: str | None) -> list[list[Any]]:
@@ -199,7 +231,7 @@ PUBLISHED = _Published()
 REGISTRY.add(PUBLISHED)
 
 
-REASONS = ("timeout", "refused", "auth", "permission", "not_found", "error")
+REASONS = ("timeout", "refused", "auth", "permission", "not_found", "missing_column", "error")
 EVENTS = ("db_lock_wait", "db_idle_in_transaction", "db_pooler_waiting")
 
 
@@ -254,6 +286,8 @@ def _rows(conn: Any, sql: str) -> list[dict[str, Any]]:
 _ACTIVITY_SQL = """
 select a.pid, coalesce(a.application_name, '') as app, coalesce(a.state, '') as state,
        coalesce(a.wait_event_type, '') as wait_type, a.client_port,
+       coalesce(host(a.client_addr), '') as client_addr,
+       extract(epoch from a.xact_start)::float8 as xact_start,
        extract(epoch from now() - a.xact_start)::float8 as xact_age,
        extract(epoch from now() - a.state_change)::float8 as state_age,
        a.query, a.backend_type
@@ -279,6 +313,70 @@ select current_setting('max_connections')::int
 """
 
 
+class _Deadline:
+    """Bounds one query set on ``conn``: past ``seconds`` a timer shuts the connection's socket
+    down, so a read blocked on a stopped pooler or server returns at once (pgbouncer's admin
+    console has no ``statement_timeout``, and a process stopped by SIGSTOP still accepts TCP).
+    The round then fails with reason ``timeout`` and the next one reconnects. Connecting is
+    bounded by the driver's ``connect_timeout``, which libpq never sets below 2 s."""
+
+    def __init__(self, conn: Any, seconds: float) -> None:
+        self.conn, self.seconds, self.fired = conn, seconds, False
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self.timer.start()
+        return self
+
+    def _fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(Exception):
+            pgconn = getattr(self.conn, "pgconn", None)  # psycopg 3, else psycopg2
+            fd = pgconn.socket if pgconn is not None else self.conn.fileno()
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.timer.cancel()
+        self.timer.join()
+        if self.fired:  # the connection is shut: whatever came back, this round timed out
+            raise TimeoutError(f"no answer within {self.seconds:g} s (query timeout)") from exc
+
+
+class _Columns:
+    """Reads SHOW rows by column name. pgbouncer versions differ in their columns (1.18 has
+    ``sv_tested`` and ``total_xact_count``; others add or drop some): a missing column is noted
+    and its figures left out, never fatal to the rest of the view."""
+
+    def __init__(self) -> None:
+        self.missing: set[str] = set()
+
+    def get(self, command: str, row: dict[str, Any], name: str) -> Any:
+        if name in row:
+            return row[name]
+        self.missing.add(f"{command}.{name}")
+        return None
+
+    def num(self, command: str, row: dict[str, Any], name: str) -> float | None:
+        value = self.get(command, row, name)
+        try:
+            return float(value) if value is not None else None
+        except (TypeError, ValueError):
+            self.missing.add(f"{command}.{name}")
+            return None
+
+
+def _wait_seconds(cols: _Columns, command: str, row: dict[str, Any], seconds: str, micros: str) -> float | None:
+    whole = cols.num(command, row, seconds)
+    if whole is None:
+        return None
+    return whole + (float(row.get(micros) or 0) / 1e6)
+
+
 class _Poller:
     """The leader's work, one round per interval (in the shared-view thread)."""
 
@@ -290,6 +388,7 @@ class _Poller:
         self.idle_reported: dict[tuple[int, float], float] = {}
         self.pooler_episodes: dict[str, float] = {}  # database -> last report
         self.logged_failure: set[str] = set()
+        self.logged_missing: set[str] = set()
 
     def close(self) -> None:
         for conn in (self.server_conn, self.pooler_conn):
@@ -301,16 +400,22 @@ class _Poller:
     # ---------------------------------------------------------------- one round
 
     def poll(self) -> None:
+        """One round. Each side fails on its own: a hung or odd pooler never stops the server
+        view, and the reverse."""
         s = self.settings
-        owners = _host_owners(s.multiproc_dir)
-        by_pid = {row[0]: row for row in owners if row[0]}
-        by_port = {row[1]: row for row in owners if row[1]}
+        owners = Owners(_host_owners(s.multiproc_dir))
         pooler = None
         if s.pgbouncer_url:
-            pooler = self._pooler()
+            try:
+                pooler = self._pooler(owners)
+            except Exception as exc:
+                self._fail("pgbouncer", exc, s.pgbouncer_url)
             PUBLISHED.polls["pgbouncer"] = PUBLISHED.polls.get("pgbouncer", 0) + 1
         if s.server_view_url:
-            self._server(by_pid, by_port, pooler)
+            try:
+                self._server(owners, pooler)
+            except Exception as exc:
+                self._fail("db_server", exc, s.server_view_url)
             PUBLISHED.polls["db_server"] = PUBLISHED.polls.get("db_server", 0) + 1
 
     def _fail(self, target: str, exc: BaseException, url: str) -> None:
@@ -327,71 +432,101 @@ class _Poller:
                 conn.close()
         if target not in self.logged_failure:  # once per outage
             self.logged_failure.add(target)
+            error = mask_url(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
             emit("warning", "telemetry_shared_view_failed", target=target, reason=reason,
-                 url=mask_url(url), error=str(exc).splitlines()[0][:200] if str(exc) else "",
+                 url=mask_url(url), error=error,
                  message="the figures keep their last good values and are marked stale "
                  f"({target}_view_up 0, {target}_view_age_seconds grows)")  # fmt: skip
 
+    def _query(self, target: str, url: str, sqls: list[str], *, admin: bool) -> list[list[dict[str, Any]]]:
+        """Run ``sqls`` on the target's own connection (opened when needed), bounded in time."""
+        timeout = self.settings.shared_view_timeout_seconds
+        attr = "server_conn" if target == "db_server" else "pooler_conn"
+        conn = getattr(self, attr)
+        if conn is None:
+            conn = _connect(url, timeout, admin=admin)
+            setattr(self, attr, conn)
+        with _Deadline(conn, timeout):
+            return [_rows(conn, sql) for sql in sqls]
+
     # ---------------------------------------------------------------- pgbouncer
 
-    def _pooler(self) -> dict[str, Any] | None:
+    def _pooler(self, owners: Owners) -> dict[str, Any]:
         s = self.settings
         t0 = time.perf_counter()
-        try:
-            if self.pooler_conn is None:
-                self.pooler_conn = _connect(s.pgbouncer_url, s.shared_view_timeout_seconds, admin=True)
-            conn = self.pooler_conn
-            pools = _rows(conn, "SHOW POOLS")
-            stats = _rows(conn, "SHOW STATS")
-            clients = _rows(conn, "SHOW CLIENTS")
-            servers = _rows(conn, "SHOW SERVERS")
-            databases = _rows(conn, "SHOW DATABASES")
-            config = {str(r["key"]): r["value"] for r in _rows(conn, "SHOW CONFIG")}
-        except Exception as exc:
-            self._fail("pgbouncer", exc, s.pgbouncer_url)
-            return None
+        pools, stats, clients, servers, databases, config_rows = self._query(
+            "pgbouncer", s.pgbouncer_url,
+            ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW DATABASES", "SHOW CONFIG"],
+            admin=True,
+        )  # fmt: skip
         PUBLISHED.pooler_seconds = round(time.perf_counter() - t0, 6)
         self.logged_failure.discard("pgbouncer")
-        return self._publish_pooler(pools, stats, clients, servers, databases, config)
+        config = {str(r.get("key")): r.get("value") for r in config_rows}
+        cols = _Columns()
+        view = self._publish_pooler(cols, pools, stats, clients, servers, databases, config)
+        if cols.missing:
+            PUBLISHED.count_error("pgbouncer", "missing_column")
+            missing = ",".join(sorted(cols.missing))
+            if missing not in self.logged_missing:
+                self.logged_missing.add(missing)
+                emit("warning", "telemetry_pgbouncer_columns_missing", columns=sorted(cols.missing),
+                     message="this pgbouncer version lacks these columns: their figures are left out, "
+                     "the rest of the view is published (pgbouncer_view_errors_total{reason=\"missing_column\"})")  # fmt: skip
+        view["owners"] = owners
+        view["cols"] = cols
+        return view
 
-    def _publish_pooler(self, pools: list[dict[str, Any]], stats: list[dict[str, Any]],
+    def _publish_pooler(self, cols: _Columns, pools: list[dict[str, Any]], stats: list[dict[str, Any]],
                         clients: list[dict[str, Any]], servers: list[dict[str, Any]],
                         databases: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         out: list[Sample] = []
         with contextlib.suppress(KeyError, TypeError, ValueError):
             out.append(("pgbouncer_max_client_connections", (), int(config["max_client_conn"])))
-        for p in pools:
-            if p["database"] == "pgbouncer":
+        for p in pools:  # every row is read, the console's own too: a missing column shows at once
+            database = cols.get("POOLS", p, "database")
+            lb = (("database", str(database)), ("user", str(cols.get("POOLS", p, "user"))))
+            clients_n = {state: cols.num("POOLS", p, f"cl_{state}") for state in ("active", "waiting")}
+            servers_n = {state: cols.num("POOLS", p, f"sv_{state}") for state in ("active", "idle", "used", "tested", "login")}
+            maxwait = _wait_seconds(cols, "POOLS", p, "maxwait", "maxwait_us")
+            if database is None or database == "pgbouncer":
                 continue
-            lb = (("database", str(p["database"])), ("user", str(p["user"])))
-            out.append(("pgbouncer_clients", lb + (("state", "active"),), int(p["cl_active"])))
-            out.append(("pgbouncer_clients", lb + (("state", "waiting"),), int(p["cl_waiting"])))
-            for state in ("active", "idle", "used", "tested", "login"):
-                out.append(("pgbouncer_servers", lb + (("state", state),), int(p[f"sv_{state}"])))
-            maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
-            out.append(("pgbouncer_client_maxwait_seconds", lb, maxwait))
+            for state, n in clients_n.items():
+                if n is not None:
+                    out.append(("pgbouncer_clients", lb + (("state", state),), int(n)))
+            for state, n in servers_n.items():
+                if n is not None:
+                    out.append(("pgbouncer_servers", lb + (("state", state),), int(n)))
+            if maxwait is not None:
+                out.append(("pgbouncer_client_maxwait_seconds", lb, maxwait))
         default_size = config.get("default_pool_size")
         for d in databases:
             size = d.get("pool_size") if d.get("pool_size") is not None else default_size
-            if d["name"] != "pgbouncer" and size is not None:
-                out.append(("pgbouncer_pool_size", (("database", str(d["name"])),), int(size)))
+            name = cols.get("DATABASES", d, "name")
+            if name is not None and name != "pgbouncer" and size is not None:
+                with contextlib.suppress(TypeError, ValueError):
+                    out.append(("pgbouncer_pool_size", (("database", str(name)),), int(size)))
         for st in stats:
-            if st["database"] == "pgbouncer":
+            database = cols.get("STATS", st, "database")
+            wait = cols.num("STATS", st, "total_wait_time")
+            xacts = cols.num("STATS", st, "total_xact_count")
+            if database is None or database == "pgbouncer":
                 continue
-            db = (("database", str(st["database"])),)
-            out.append(("pgbouncer_client_wait_seconds_total", db, float(st["total_wait_time"]) / 1e6))
-            out.append(("pgbouncer_transactions_total", db, float(st["total_xact_count"])))
-        by_ptr = {c["ptr"]: c for c in clients}
+            db = (("database", str(database)),)
+            if wait is not None:
+                out.append(("pgbouncer_client_wait_seconds_total", db, wait / 1e6))
+            if xacts is not None:
+                out.append(("pgbouncer_transactions_total", db, xacts))
+        by_ptr = {c["ptr"]: c for c in clients if c.get("ptr")}
         per_app: dict[tuple[str, str], int] = {}
         longest: dict[str, float] = {}
         for c in clients:
-            if c["database"] == "pgbouncer":
+            if c.get("database") == "pgbouncer":
                 continue
             app = parse_application(c.get("application_name") or "")[0]
-            state = "waiting" if c["state"] == "waiting" else ("active" if c["link"] else "idle")
+            state = "waiting" if c.get("state") == "waiting" else ("active" if c.get("link") else "idle")
             per_app[(app, state)] = per_app.get((app, state), 0) + 1
             if state == "waiting":
-                waited = int(c.get("wait") or 0) + int(c.get("wait_us") or 0) / 1e6
+                waited = _wait_seconds(cols, "CLIENTS", c, "wait", "wait_us") or 0.0
                 longest[app] = max(longest.get(app, 0.0), waited)
         for (app, state), n in per_app.items():
             out.append(("pgbouncer_clients_by_application", (("application", app), ("state", state)), n))
@@ -400,13 +535,14 @@ class _Poller:
         holders: dict[tuple[str, str], int] = {}
         server_client: dict[int, dict[str, Any]] = {}  # server backend pid -> linked client row
         for sv in servers:
-            client = by_ptr.get(sv["link"]) if sv["link"] else None
+            link = cols.get("SERVERS", sv, "link")
+            client = by_ptr.get(link) if link else None
             if client is None:
                 continue
             if sv.get("remote_pid"):
                 server_client[int(sv["remote_pid"])] = client
             app = parse_application(client.get("application_name") or "")[0]
-            key = (str(sv["database"]), app)
+            key = (str(sv.get("database")), app)
             holders[key] = holders.get(key, 0) + 1
         for (database, app), n in holders.items():
             out.append(("pgbouncer_servers_by_application",
@@ -420,20 +556,12 @@ class _Poller:
 
     # ---------------------------------------------------------------- the server
 
-    def _server(self, by_pid: dict[Any, list[Any]], by_port: dict[Any, list[Any]],
-                pooler: dict[str, Any] | None) -> None:  # fmt: skip
+    def _server(self, owners: Owners, pooler: dict[str, Any] | None) -> None:
         s = self.settings
         t0 = time.perf_counter()
-        try:
-            if self.server_conn is None:
-                self.server_conn = _connect(s.server_view_url, s.shared_view_timeout_seconds, admin=False)
-            conn = self.server_conn
-            activity = _rows(conn, _ACTIVITY_SQL)
-            locks = _rows(conn, _LOCKS_SQL)
-            usable = _rows(conn, _LIMIT_SQL)[0]["usable"]
-        except Exception as exc:
-            self._fail("db_server", exc, s.server_view_url)
-            return
+        activity, locks, limit = self._query("db_server", s.server_view_url,
+                                             [_ACTIVITY_SQL, _LOCKS_SQL, _LIMIT_SQL], admin=False)  # fmt: skip
+        usable = limit[0]["usable"]
         PUBLISHED.server_seconds = round(time.perf_counter() - t0, 6)
         self.logged_failure.discard("db_server")
         server_client = pooler["server_client"] if pooler else {}
@@ -441,14 +569,15 @@ class _Poller:
         def owner_of(row: dict[str, Any]) -> tuple[str, str, str, str]:
             """(service, owner, host, trace_id) of the client holding this backend."""
             service, _pid, host = parse_application(row["app"])
-            known = by_pid.get(row["pid"])
+            known = owners.by_pid.get(row["pid"])
             if known is None and row["pid"] in server_client:  # through the pooler
-                known = by_port.get(server_client[row["pid"]].get("port"))
-            if known is None and row.get("client_port"):
-                known = by_port.get(row["client_port"])
+                client = server_client[row["pid"]]
+                known = owners.peer(client.get("addr"), client.get("port"))
+            if known is None:
+                known = owners.peer(row.get("client_addr"), row.get("client_port"))
             if known is None:
                 return service, "", host, ""
-            return str(known[2]), str(known[3]), host, str(known[5] or "")
+            return str(known[SERVICE]), str(known[OWNER]), host, str(known[TRACE] or "")
 
         out: list[Sample] = [("db_server_connections_max", (), int(usable))]
         count: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -498,7 +627,7 @@ class _Poller:
         self._lock_events(locks, by_pid_row, owner_of)
         self._idle_events(activity, owner_of)
         if pooler is not None:
-            self._pooler_events(pooler, by_port)
+            self._pooler_events(pooler, owners)
 
     # ---------------------------------------------------------------- events
 
@@ -556,7 +685,9 @@ class _Poller:
         for row in activity:
             if not row["state"].startswith("idle in transaction") or row["xact_age"] is None:
                 continue
-            key = (row["pid"], round(time.time() - row["xact_age"], 1))
+            # the server's own xact_start: one key per transaction, whatever this process's
+            # clock or load (a key from our clock minus xact_age drifted and re-reported)
+            key = (row["pid"], round(row.get("xact_start") or 0.0, 6))
             seen.add(key)
             if key in self.idle_reported or (row["state_age"] or 0.0) < threshold:
                 continue
@@ -576,16 +707,17 @@ class _Poller:
         for key in [k for k in self.idle_reported if k not in seen]:
             del self.idle_reported[key]
 
-    def _pooler_events(self, pooler: dict[str, Any], by_port: dict[Any, list[Any]]) -> None:
+    def _pooler_events(self, pooler: dict[str, Any], owners: Owners) -> None:
         now = time.monotonic()
+        cols: _Columns = pooler["cols"]
         for p in pooler["pools"]:
-            database = str(p["database"])
+            database = str(p.get("database"))
             if database == "pgbouncer":
                 continue
-            if int(p["cl_waiting"]) <= 0:
+            if (cols.num("POOLS", p, "cl_waiting") or 0) <= 0:
                 self.pooler_episodes.pop(database, None)
                 continue
-            maxwait = int(p["maxwait"]) + int(p.get("maxwait_us") or 0) / 1e6
+            maxwait = _wait_seconds(cols, "POOLS", p, "maxwait", "maxwait_us") or 0.0
             if maxwait < self.settings.pooler_wait_event_seconds:
                 continue
             last = self.pooler_episodes.get(database)
@@ -594,23 +726,24 @@ class _Poller:
             self.pooler_episodes[database] = now
             holders: dict[tuple[str, str], int] = {}
             for sv in pooler["servers"]:
-                client = pooler["by_ptr"].get(sv["link"]) if sv["link"] else None
-                if client is None or str(sv["database"]) != database:
+                client = pooler["by_ptr"].get(sv.get("link")) if sv.get("link") else None
+                if client is None or str(sv.get("database")) != database:
                     continue
                 service = parse_application(client.get("application_name") or "")[0]
-                known = by_port.get(client.get("port"))
-                owner = str(known[3]) if known else ""
+                known = owners.peer(client.get("addr"), client.get("port"))
+                owner = str(known[OWNER]) if known else ""
                 holders[(service, owner)] = holders.get((service, owner), 0) + 1
             waiting: dict[str, int] = {}
             for c in pooler["clients"]:
-                if str(c["database"]) == database and c["state"] == "waiting":
+                if str(c.get("database")) == database and c.get("state") == "waiting":
                     app = parse_application(c.get("application_name") or "")[0]
                     waiting[app] = waiting.get(app, 0) + 1
             self._count_event("db_pooler_waiting")
             emit(
-                "warning", "db_pooler_waiting", database=database, user=str(p["user"]),
-                clients_waiting=int(p["cl_waiting"]), longest_wait_seconds=round(maxwait, 3),
-                server_connections_active=int(p["sv_active"]),
+                "warning", "db_pooler_waiting", database=database, user=str(p.get("user")),
+                clients_waiting=int(cols.num("POOLS", p, "cl_waiting") or 0),
+                longest_wait_seconds=round(maxwait, 3),
+                server_connections_active=int(cols.num("POOLS", p, "sv_active") or 0),
                 holders=[{"service": sv, "owner": ow or "unknown", "server_connections": n}
                          for (sv, ow), n in sorted(holders.items(), key=lambda kv: -kv[1])],
                 waiting_applications=waiting,

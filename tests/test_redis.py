@@ -136,3 +136,49 @@ def test_password_never_in_the_pool_name(redis_server):
     from telemetry import _redis
 
     assert _redis.pool_name(pool) == f"127.0.0.1:{redis_server.port}/2"
+
+
+def test_two_pools_on_one_address_each_have_their_own_series(redis_server):
+    """An exhausted BlockingConnectionPool(2) beside an idle ConnectionPool(50) on the same
+    host:port/db: each pool is its own series, so the small one reads 100% and its timeout is
+    its own (they shared one series, the limit of the last pool: 2 of 50)."""
+    telemetry.instrument(service="api")
+    small = redis.BlockingConnectionPool.from_url(redis_server.url, max_connections=2, timeout=0.2)
+    large = redis.ConnectionPool.from_url(redis_server.url, max_connections=50)
+    address = f"127.0.0.1:{redis_server.port}/0"
+    assert redis.Redis(connection_pool=large).ping()
+    def checkout():  # type: ignore[no-untyped-def]
+        try:
+            return small.get_connection()
+        except TypeError:  # redis-py before 5.3 wants the command name
+            return small.get_connection("PING")
+
+    held = [checkout() for _ in range(2)]
+    with pytest.raises(redis.exceptions.ConnectionError, match="No connection available"):
+        checkout()
+    assert sample("redis_pool_connections_in_use", pool=f"{address}#2") == 2
+    assert sample("redis_pool_connections_max", pool=f"{address}#2") == 2
+    assert sample("redis_pool_checkouts_total", pool=f"{address}#2", result="timeout") == 1
+    assert sample("redis_pool_connections_in_use", pool=address) == 0
+    assert sample("redis_pool_connections_max", pool=address) == 50
+    assert sample("redis_pool_checkouts_total", pool=address, result="timeout") == 0
+    for connection in held:
+        small.release(connection)
+    small.disconnect()
+    large.disconnect()
+
+
+def test_pool_names_are_bounded(redis_server):
+    """A pool per request (same class and limit) shares one series; 10,000 distinct addresses
+    give at most MAX_POOLS names, the rest folded into "other"."""
+    from telemetry import _redis
+
+    telemetry.instrument(service="api")
+    for _ in range(10_000):  # created and dropped one after another: one name
+        _redis._state(redis.ConnectionPool(host="127.0.0.1", port=redis_server.port))
+    assert set(_redis.states()) == {f"127.0.0.1:{redis_server.port}/0"}
+    for i in range(10_000):
+        _redis._state(redis.ConnectionPool(host=f"10.0.{i // 250}.{i % 250}", port=6379))
+    names = set(_redis.states())
+    assert len(names) == _redis.MAX_POOLS + 1 and _redis.OTHER in names
+    assert _redis.states()[_redis.OTHER].max_connections is None  # shared: no one pool's limit

@@ -243,7 +243,7 @@ def test_lock_chain_names_the_blocking_route_and_each_blocked_route(
         assert "1" not in e["blocked_statement"].replace("$1", "")  # no parameter values
     assert telemetry.testing.sample("db_server_events_total", event="db_lock_wait") == 2
     out = capsys.readouterr().out
-    assert diagnosis == [0]
+    assert diagnosis == [1]  # findings: exit 1
     locks = [line for line in out.splitlines() if line.startswith("- Locks:")]
     assert len(locks) == 1, out
     assert "api 'POST /items/{item_id}/reserve' holds a lock that blocks" in locks[0]

@@ -10,7 +10,8 @@
                                                TELEMETRY_SERVER_VIEW_URL / _PGBOUNCER_URL are set)
     telemetry diagnose --metrics-url URL [--metrics-url URL2 ...] | --prometheus-url URL [--window 15m]
                                                where the time goes (pools, pooler, locks,
-                                               server) and which service/owner causes it
+                                               server) and which service/owner causes it;
+                                               exit 0 nothing found, 1 findings, 2 unreadable
     telemetry budget FILE.yml | --limit N --service NAME=PxSIZE+OVERFLOW ...
                                                worst-case connections against the limit;
                                                exit 1 when it does not fit, 2 on bad input
@@ -122,14 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "budget":
             return _budget(args)
         elif args.command == "diagnose":
+            from .diagnose import EXIT_FINDINGS, EXIT_HEALTHY, EXIT_UNREADABLE
             from .diagnose import run as diagnose
 
             try:
-                text, _found = diagnose(args.urls, args.prometheus_url, args.window)
+                text, found = diagnose(args.urls, args.prometheus_url, args.window)
             except (OSError, ValueError) as exc:
                 print(f"telemetry diagnose: {exc}", file=sys.stderr)
-                return 2
+                return EXIT_UNREADABLE
             print(text)
+            return EXIT_FINDINGS if found else EXIT_HEALTHY
         elif args.command == "serve-metrics":
             from .._instrument import start_metrics_server
 

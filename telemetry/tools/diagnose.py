@@ -18,6 +18,7 @@ import urllib.request
 from typing import Any
 
 from .. import thresholds as T
+from .._metrics import CATALOGUE
 from .report import Samples, parse, quantile, usage_by_service
 
 #: what the findings read, by kind: gauges at their peak over the window (``*_view_up`` at
@@ -64,11 +65,32 @@ def from_prometheus(url: str, window: str, timeout: float = 10.0) -> Samples:
     return out
 
 
+#: exit codes of ``telemetry diagnose`` (docs/runbooks/README.md): nothing found, findings, and
+#: the source could not be read or holds no telemetry metrics
+EXIT_HEALTHY, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
+#: the label that says which host a sample came from (``--metrics-url``: one URL per host)
+HOST_LABEL = "__telemetry_host"
+
+
 def fetch(url: str, timeout: float = 10.0) -> Samples:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--metrics-url {url!r}: expected an http:// or https:// URL")
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked
-        return parse(response.read().decode())
+        samples = parse(response.read().decode())
+    return [(name, {**labels, HOST_LABEL: url}, value) for name, labels, value in samples]
+
+
+def ours(samples: Samples) -> bool:
+    """Whether any sample is one of the package's metrics (a 200 answer can be empty, or another
+    exporter's page)."""
+    names = {spec.name for spec in CATALOGUE.values()}
+    for name, _lb, _v in samples:
+        base = name
+        for suffix in ("_bucket", "_sum", "_count", "_created"):
+            base = base.removesuffix(suffix)
+        if name in names or base in names:
+            return True
+    return False
 
 
 def _rows(samples: Samples, name: str) -> list[tuple[dict[str, str], float]]:
@@ -81,6 +103,28 @@ def _merged(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[st
     for lb, v in _rows(samples, name):
         key = tuple(lb.get(k, "") for k in keys)
         out[key] = max(out.get(key, v), v)
+    return out
+
+
+def _host(labels: dict[str, str]) -> str:
+    """Which host a sample describes: its ``--metrics-url``, or Prometheus' ``instance`` without
+    the port (one host may serve several scraped endpoints of the same aggregate)."""
+    if HOST_LABEL in labels:
+        return labels[HOST_LABEL]
+    instance = labels.get("instance", "")
+    return instance.rsplit(":", 1)[0] if instance.count(":") == 1 else instance
+
+
+def _across_hosts(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """A host-wide gauge that each host knows only for itself (owners: a host's poller names
+    only its own processes' connections): max within a host, summed across hosts."""
+    per_host: dict[tuple[str, tuple[str, ...]], float] = {}
+    for lb, v in _rows(samples, name):
+        where = (_host(lb), tuple(lb.get(k, "") for k in keys))
+        per_host[where] = max(per_host.get(where, v), v)
+    out: dict[tuple[str, ...], float] = {}
+    for (_h, labels), v in per_host.items():
+        out[labels] = out.get(labels, 0.0) + v
     return out
 
 
@@ -184,7 +228,7 @@ def beyond_the_pools(samples: Samples) -> list[str]:
 
 
 def _owners(samples: Samples, state: str | None = None) -> dict[tuple[str, str], float]:
-    by_owner = _merged(samples, "db_server_connections_by_owner", ("service", "owner", "state"))
+    by_owner = _across_hosts(samples, "db_server_connections_by_owner", ("service", "owner", "state"))
     out: dict[tuple[str, str], float] = {}
     for (service, owner, st), n in by_owner.items():
         if state is None or st == state:
@@ -297,13 +341,28 @@ def render(urls: list[str], per_url: list[Samples]) -> str:
     return "\n".join(lines)
 
 
+class Unreadable(ValueError):
+    """The source answered, but not with what the findings need."""
+
+
 def run(urls: list[str], prometheus: str | None = None, window: str = "15m") -> tuple[str, list[str]]:
-    """From hosts' ``/metrics`` (now) or a Prometheus (over the last ``window``)."""
+    """From hosts' ``/metrics`` (now) or a Prometheus (over the last ``window``). Raises
+    ``Unreadable`` (a sentence) when no telemetry metric is there or a sample lacks a label."""
     if prometheus:
         per_url: list[Any] = [from_prometheus(prometheus, window)]
         sources = [f"{prometheus} (last {window})"]
     else:
         per_url = [fetch(url) for url in urls]
         sources = urls
+    for source, samples in zip(sources, per_url, strict=True):
+        if not ours(samples) and not prometheus:
+            raise Unreadable(f"no telemetry metrics found at {source}: is it the /metrics of a process "
+                             "that called telemetry.instrument() (or telemetry serve-metrics)?")
     merged = [s for samples in per_url for s in samples]
-    return render(sources, per_url), findings(merged)
+    if prometheus and not ours(merged):
+        raise Unreadable(f"no telemetry metrics found in {sources[0]}: does it scrape the hosts' /metrics?")
+    try:
+        return render(sources, per_url), findings(merged)
+    except KeyError as exc:
+        raise Unreadable(f"a sample lacks the label {exc.args[0]!r} that the package's metrics carry: "
+                         f"is {', '.join(sources)} a telemetry /metrics of this version?") from None

@@ -66,6 +66,14 @@ class Postgres:
         return out.stdout.strip()
 
 
+def _postgres_user() -> tuple[int | None, int | None, dict[str, str] | None]:
+    """(uid, gid, environment) that run a child itself as the postgres user when we are root."""
+    if os.geteuid() != 0:
+        return None, None, None
+    pw = pwd.getpwnam("postgres")
+    return pw.pw_uid, pw.pw_gid, dict(os.environ, HOME=pw.pw_dir, USER="postgres", LOGNAME="postgres")
+
+
 def as_postgres(cmd: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return cmd
@@ -86,6 +94,8 @@ def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
         as_postgres([initdb, "-D", datadir, "-A", "trust", "-U", "postgres", "--no-sync"]),
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
+    with open(f"{datadir}/pg_hba.conf", "a") as fh:  # clients from all of 127.0.0.0/8 ("other hosts")
+        fh.write("host all all 127.0.0.0/8 trust\n")
     opts = (
         f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
         f"-c max_connections={max_connections} -c fsync=off -c shared_buffers=16MB"
@@ -144,10 +154,12 @@ def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
         pw = pwd.getpwnam("postgres")
         for name in ("", "/userlist.txt", "/pgbouncer.ini"):
             os.chown(workdir + name, pw.pw_uid, pw.pw_gid)
-    proc = subprocess.Popen(
-        as_postgres([path, f"{workdir}/pgbouncer.ini"]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    # pgbouncer itself is our child (not a runuser wrapper that would leave it orphaned when
+    # stopped): its pid is the one to signal and wait for
+    uid, gid, env = _postgres_user()
+    proc = subprocess.Popen([path, f"{workdir}/pgbouncer.ini"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, user=uid, group=gid,
+                            extra_groups=[] if uid is not None else None, env=env)  # fmt: skip
     try:
         wait_port(port)
         yield Pgbouncer(port=port, pool_size=pool_size, process=proc)

@@ -1,0 +1,90 @@
+"""``telemetry diagnose`` on what hosts' ``/metrics`` really serve (over HTTP on loopback): owners
+known only on their own host are summed across hosts, an empty or foreign page and a sample
+without the labels it needs are said in a sentence with exit 2, and findings have their own
+exit code (0 nothing found, 1 findings)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from telemetry.tools import cli, diagnose
+
+
+@pytest.fixture
+def serve() -> Iterator[list[str]]:
+    """A loopback HTTP server: ``_url(serve, body)`` gives a /metrics URL answering ``body``."""
+    bodies: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = bodies[int(self.path.strip("/").split("/")[0])].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    bodies.append(f"http://127.0.0.1:{server.server_address[1]}")  # bodies[0] is the base URL
+    yield bodies
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _url(bodies: list[str], body: str) -> str:
+    bodies.append(body)
+    return f"{bodies[0]}/{len(bodies) - 1}/metrics"
+
+
+def _host(n: int) -> str:
+    return (
+        'db_server_oldest_idle_in_transaction_seconds{application="api"} 12.5\n'
+        f'db_server_connections_by_owner{{service="api",owner="/export",state="idle in transaction"}} {n}\n'
+        'db_server_connections_max 97\n'
+    )
+
+
+def test_owners_known_on_each_host_are_summed_across_hosts(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    urls = [_url(serve, _host(2)), _url(serve, _host(3))]
+    rc = cli.main(["diagnose", *(a for u in urls for a in ("--metrics-url", u))])
+    out = capsys.readouterr().out
+    idle = [line for line in out.splitlines() if line.startswith("- Idle in transaction")]
+    assert len(idle) == 1 and "api '/export' (5)" in idle[0], out
+    assert rc == diagnose.EXIT_FINDINGS == 1
+
+
+def test_the_same_host_read_twice_is_not_counted_twice() -> None:
+    samples = diagnose.parse(_host(2))
+    twice = [(n, {**lb, "instance": f"10.0.0.5:{port}"}, v) for port in (9464, 9465) for n, lb, v in samples]
+    assert diagnose._owners(twice, "idle in transaction") == {("api", "/export"): 2}
+
+
+def test_an_empty_or_foreign_page_is_no_telemetry(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    for body in ("", "# HELP go_goroutines Goroutines.\n# TYPE go_goroutines gauge\ngo_goroutines 8\n"):
+        assert cli.main(["diagnose", "--metrics-url", _url(serve, body)]) == diagnose.EXIT_UNREADABLE == 2
+        err = capsys.readouterr().err
+        assert "no telemetry metrics found at http://127.0.0.1:" in err and "Traceback" not in err
+
+
+def test_a_sample_without_its_labels_is_a_sentence_not_a_traceback(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(serve, "db_pool_connections_in_use 3\ndb_pool_connections_max 4\n")
+    assert cli.main(["diagnose", "--metrics-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "lacks the label 'service'" in err and "Traceback" not in err
+
+
+def test_nothing_found_exits_zero(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(serve, 'db_pool_connections_in_use{service="api",pool="p",pid="1"} 1\n'
+                      'db_pool_connections_max{service="api",pool="p",pid="1"} 10\n')  # fmt: skip
+    assert cli.main(["diagnose", "--metrics-url", url]) == diagnose.EXIT_HEALTHY == 0
+    assert "nothing saturated" in capsys.readouterr().out
