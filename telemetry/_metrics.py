@@ -355,7 +355,8 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "db_server_view_errors_total", COUNTER, ("reason",), "errors",
-        "Server-view polls that failed: timeout, refused, auth, permission, not_found, error.",
+        "Server-view polls that failed: timeout (no answer within shared_view_timeout_seconds), "
+        "refused, auth, permission, not_found, error.",
     ),
     MetricSpec(
         "db_server_view_polls_total", COUNTER, (), "polls",
@@ -430,7 +431,9 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "pgbouncer_view_errors_total", COUNTER, ("reason",), "errors",
-        "pgbouncer polls that failed: timeout, refused, auth, permission, not_found, error.",
+        "pgbouncer polls that failed: timeout, refused, auth, permission, not_found, error; "
+        "missing_column: a poll whose SHOW rows lacked columns this version does not have (the rest "
+        "was published).",
     ),
     # ---------------------------------------------------------------- tracing
     MetricSpec(

@@ -161,3 +161,66 @@ def test_a_stopped_pgbouncer_leaves_no_process_behind(pg: services.Postgres) -> 
     assert not os.path.exists(f"/proc/{pid}")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+_LEADER = """
+import sys, time
+import telemetry
+telemetry.instrument(service="worker", multiproc_dir=sys.argv[1], server_view_url=sys.argv[2],
+                     shared_view_interval_seconds=0.2, flush_interval_seconds=0.1)
+from telemetry import _shared
+while not _shared.PUBLISHED.polls.get("db_server"):
+    time.sleep(0.05)
+print("polling", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_poller_is_replaced_by_another_process_of_the_host(pg: services.Postgres, tmp_path: Any) -> None:
+    """Two processes of one host (one multiprocess directory): only the leader polls; killed
+    with SIGKILL, the other takes over (its record lock is released by the kernel)."""
+    import subprocess
+    import sys
+
+    directory = str(tmp_path)
+    leader = subprocess.Popen([sys.executable, "-c", _LEADER, directory, pg.url()], stdout=subprocess.PIPE, text=True)
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "polling"
+        telemetry.instrument(service="api", multiproc_dir=directory, server_view_url=pg.url(),
+                             shared_view_interval_seconds=0.2)  # fmt: skip
+        assert _wait_for(lambda: (_value(_host(directory), "db_server_view_polls_total") or 0) >= 5)
+        assert not _shared.PUBLISHED.polls.get("db_server")  # not the leader: no query of ours
+        leader.kill()
+        leader.wait(timeout=30)
+        assert _wait_for(lambda: (_shared.PUBLISHED.polls.get("db_server") or 0) >= 2, timeout=30)
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait(timeout=30)
+        assert leader.stdout is not None
+        leader.stdout.close()
+
+
+def test_an_advisory_lock_held_by_psql_is_named_as_not_ours_and_cleared(pg: services.Postgres) -> None:
+    telemetry.instrument(service="api", server_view_url=pg.url(), shared_view_interval_seconds=0.2)
+    engine = create_engine(pg.url(), pool_size=2, max_overflow=0)
+    with psycopg.connect(pg.url().replace("+psycopg", ""), application_name="psql") as psql:
+        psql.execute("select pg_advisory_lock(4242)")
+
+        def waiter() -> None:
+            with telemetry.db_owner("resume-step"), engine.connect() as conn:
+                conn.execute(text("select pg_advisory_lock(4242)"))
+                conn.execute(text("select pg_advisory_unlock(4242)"))
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        try:
+            assert _wait_for(lambda: _labels("db_server_lock_blocking"), timeout=30)
+            pairs = _labels("db_server_lock_blocking")
+        finally:
+            psql.execute("select pg_advisory_unlock(4242)")
+            thread.join(timeout=30)
+    assert pairs == [{"blocker_service": "psql", "blocker_owner": "unknown",
+                      "blocked_service": "api", "blocked_owner": "resume-step"}]  # fmt: skip
+    assert _wait_for(lambda: not _labels("db_server_lock_blocking"), timeout=30)  # cleared
+    engine.dispose()
