@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import Any
 
-from . import _tracing
+from . import _bounds, _tracing
 from ._asyncio import forget_request_span, remember_request_span, watch_event_loop
 from ._integration import Integration
 from ._log import INTERNAL, hook_error
@@ -154,9 +154,13 @@ class _RouteLabels:
 
     def duration(self, status: int) -> Histogram:
         hist = self.durations.get(status)
+        if hist is None and not 100 <= status <= 599:
+            status = 0  # every status outside 100-599 shares one series: status="other"
+            hist = self.durations.get(status)
         if hist is None:
             labels = LabeledStats.labels(
-                "http_server_request_duration_seconds", self.service, self.method, self.route, str(status)
+                "http_server_request_duration_seconds", self.service, self.method, self.route,
+                _bounds.http_status(status),
             )
             hist = self.durations[status] = STATS.histogram("http_server_request_duration_seconds", labels)
         return hist
@@ -170,7 +174,11 @@ def _route_labels(service: str, method: str, route: str) -> _RouteLabels:
     key = (service, method, route)
     labels = _LABELS.get(key)
     if labels is None or labels.generation != STATS.generation:  # counts reset (fork, uninstall)
-        labels = _LABELS[key] = _RouteLabels(service, method, route)
+        folded = _bounds.ROUTES(route)  # templates are the app's own; capped all the same
+        labels = _LABELS.get((service, method, folded))
+        if labels is None or labels.generation != STATS.generation:
+            labels = _LABELS[(service, method, folded)] = _RouteLabels(service, method, folded)
+        _LABELS[key] = labels
     return labels
 
 
@@ -191,7 +199,7 @@ class TelemetryMiddleware:
         span = context_token = remembered = None
         try:
             scope[_ACTIVE_KEY] = True
-            method = scope.get("method", "GET") if kind == "http" else "WEBSOCKET"
+            method = _bounds.http_method(scope.get("method", "GET")) if kind == "http" else "WEBSOCKET"
             labels = _route_labels(INTERNAL.service, method, route_template(scope, self.starlette_app))
             labels.flight[0] += 1
             owner_token = OWNER.set(labels.owner)

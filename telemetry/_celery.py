@@ -28,7 +28,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from . import _tracing
+from . import _bounds, _tracing
 from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._owner import OWNER
@@ -74,7 +74,7 @@ def _queue(request: Any) -> str:
 
 
 def _labels(name: str, task_name: str, queue: str, *extra: str) -> Any:
-    return LabeledStats.labels(name, INTERNAL.service, task_name, queue, *extra)
+    return LabeledStats.labels(name, INTERNAL.service, _bounds.TASKS(task_name), _bounds.QUEUES(queue), *extra)
 
 
 def _on_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
@@ -142,13 +142,20 @@ class _TaskLabels:
 
 
 _TASK_LABELS: dict[tuple[str, str, str], _TaskLabels] = {}  # bounded: task names x queues
+_MAX_TASK_KEYS = 10_000
 
 
 def _task_labels(name: str, queue: str) -> _TaskLabels:
     key = (INTERNAL.service, name, queue)
     labels = _TASK_LABELS.get(key)
     if labels is None or labels.generation != STATS.generation:  # counts reset (fork, uninstall)
-        labels = _TASK_LABELS[key] = _TaskLabels(name, queue)
+        # names come from messages: capped (a value past the cap reads "other")
+        folded = (INTERNAL.service, _bounds.TASKS(name), _bounds.QUEUES(queue))
+        labels = _TASK_LABELS.get(folded)
+        if labels is None or labels.generation != STATS.generation:
+            labels = _TASK_LABELS[folded] = _TaskLabels(folded[1], folded[2])
+        if len(_TASK_LABELS) < _MAX_TASK_KEYS:
+            _TASK_LABELS[key] = labels
     return labels
 
 

@@ -7,17 +7,21 @@ staleness). Multiprocess mode: it reads the host directory (see ``_multiprocess`
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import os
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, make_asgi_app, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from . import _multiprocess, _snapshot
@@ -114,15 +118,32 @@ def host_registry(directory: str | None, own: _multiprocess.ProcessFile | None =
     return registry
 
 
+def render(registry: CollectorRegistry, accept: str, accept_encoding: str,
+           names: list[str] | None = None) -> tuple[list[tuple[str, str]], bytes]:
+    """The exposition in the format the scraper accepts (OpenMetrics or text), gzipped when it
+    accepts that; ``names`` restricts it (``?name[]=...``, as prometheus-client serves)."""
+    if names:
+        registry = registry.restricted_registry(names)  # type: ignore[assignment]
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(registry)
+    headers = [("Content-Type", content_type)]
+    if "gzip" in accept_encoding:
+        body = gzip.compress(body, compresslevel=1)
+        headers.append(("Content-Encoding", "gzip"))
+    return headers, body
+
+
 class MetricsApp:
     """``/metrics`` as an ASGI application: route it (``app.add_route("/metrics", ...)``: a plain
     GET answers 200, no redirect) or mount it. It is a class, not a function, so Starlette treats
-    it as an ASGI app rather than a request handler; it answers lifespan messages itself
-    (prometheus-client's app asserts on them)."""
+    it as an ASGI app rather than a request handler; it answers lifespan messages itself.
+
+    The exposition is built in a worker thread, never on the application's event loop: a large
+    one (or a host aggregate read from many process files) would otherwise stall every request
+    the loop serves for the whole scrape (docs/benchmarks.md, "Scrape off the event loop")."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._app = make_asgi_app(registry)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") == "lifespan":
@@ -135,7 +156,15 @@ class MetricsApp:
                     return
         if scope.get("type") != "http":
             return
-        await self._app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        out_headers, body = await asyncio.to_thread(
+            render, self.registry, headers.get("accept", ""), headers.get("accept-encoding", ""),
+            query.get("name[]"),
+        )  # fmt: skip
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in out_headers]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
 
 
 def asgi_app(registry: CollectorRegistry) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import prometheus_client
 
-from . import _exposition, _log, _runtime, _stats, _versions
+from . import _bounds, _exposition, _log, _runtime, _stats, _versions
 from ._runtime import Runtime
 from ._settings import ConfigError, Settings
 
@@ -131,6 +131,7 @@ def uninstrument() -> None:
         if runtime is not None:
             runtime.stop()
         _stats.REGISTRY.reset_all()
+        _bounds.reset()
 
 
 def is_instrumented() -> bool:

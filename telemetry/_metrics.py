@@ -150,6 +150,11 @@ _SPECS: list[MetricSpec] = [
         "Checkouts whose owner was folded into owner=\"other\" because the per-pool cap was hit.",
     ),
     MetricSpec(
+        "telemetry_label_values_folded_total", COUNTER, ("service", "label"), "values",
+        "Label values from outside the process (route, task, queue, application) folded into "
+        "\"other\" because the label's cap was reached (docs/reliability.md lists the caps).",
+    ),
+    MetricSpec(
         "telemetry_hook_errors_total", COUNTER, ("service", "hook"), "errors",
         "Exceptions raised inside the package's hooks, caught so the host never sees them.",
     ),

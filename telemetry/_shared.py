@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _bounds
 from ._integration import Integration
 from ._log import emit, hook_error
 from ._settings import ConfigError, mask_url
@@ -51,6 +52,14 @@ def parse_application(name: str) -> tuple[str, str, str]:
     if m is None:
         return (name or "unnamed")[:60], "", ""
     return m["service"], m["pid"], m["host"]
+
+
+def app_label(name: str) -> str:
+    """The ``application`` label of a client: the service of our ``service/pid@host`` names,
+    else the foreign name itself, each kind capped (``_bounds``): a client that rotates its
+    ``application_name`` does not churn series."""
+    service, pid, _host = parse_application(name)
+    return _bounds.SERVICES(service) if pid else _bounds.FOREIGN(service)
 
 
 #: a literal's closing quote may be missing: PostgreSQL cuts ``query`` at
@@ -248,7 +257,8 @@ def _reason(exc: BaseException) -> str:
 
 def _connect(url: str, timeout: float, *, admin: bool) -> Any:
     """One autocommit connection outside every pool (psycopg 3, else psycopg2)."""
-    app = f"telemetry-shared-view/{os.getpid()}"
+    # named as ours (service/pid@host): other hosts' pollers then share one application label
+    app = f"telemetry-shared-view/{os.getpid()}@{socket.gethostname()}"[:63]
     options: dict[str, Any] = {} if admin else {"options": f"-c statement_timeout={int(timeout * 1000)}"}
     try:
         import psycopg
@@ -522,7 +532,7 @@ class _Poller:
         for c in clients:
             if c.get("database") == "pgbouncer":
                 continue
-            app = parse_application(c.get("application_name") or "")[0]
+            app = app_label(c.get("application_name") or "")
             state = "waiting" if c.get("state") == "waiting" else ("active" if c.get("link") else "idle")
             per_app[(app, state)] = per_app.get((app, state), 0) + 1
             if state == "waiting":
@@ -541,7 +551,7 @@ class _Poller:
                 continue
             if sv.get("remote_pid"):
                 server_client[int(sv["remote_pid"])] = client
-            app = parse_application(client.get("application_name") or "")[0]
+            app = app_label(client.get("application_name") or "")
             key = (str(sv.get("database")), app)
             holders[key] = holders.get(key, 0) + 1
         for (database, app), n in holders.items():
@@ -568,7 +578,8 @@ class _Poller:
 
         def owner_of(row: dict[str, Any]) -> tuple[str, str, str, str]:
             """(service, owner, host, trace_id) of the client holding this backend."""
-            service, _pid, host = parse_application(row["app"])
+            _name, _pid, host = parse_application(row["app"])
+            service = app_label(row["app"])
             known = owners.by_pid.get(row["pid"])
             if known is None and row["pid"] in server_client:  # through the pooler
                 client = server_client[row["pid"]]
@@ -590,7 +601,7 @@ class _Poller:
         by_pid_row = {}
         for row in activity:
             by_pid_row[row["pid"]] = row
-            app = parse_application(row["app"])[0]
+            app = app_label(row["app"])
             state = row["state"] or "unknown"
             add("db_server_connections", (("application", app), ("state", state)))
             if row["wait_type"] and state == "active":
@@ -608,7 +619,7 @@ class _Poller:
         chain = {lk["pid"]: list(lk["blockers"] or []) for lk in locks}
         for lk in locks:
             waiting = by_pid_row.get(lk["pid"])
-            app = parse_application(waiting["app"])[0] if waiting else "unknown"
+            app = app_label(waiting["app"]) if waiting else "unknown"
             add("db_server_lock_waiting", (("application", app),))
             longest = max(longest, lk["waited"] or 0.0)
             blockers = list(lk["blockers"] or [])
@@ -729,14 +740,14 @@ class _Poller:
                 client = pooler["by_ptr"].get(sv.get("link")) if sv.get("link") else None
                 if client is None or str(sv.get("database")) != database:
                     continue
-                service = parse_application(client.get("application_name") or "")[0]
+                service = app_label(client.get("application_name") or "")
                 known = owners.peer(client.get("addr"), client.get("port"))
                 owner = str(known[OWNER]) if known else ""
                 holders[(service, owner)] = holders.get((service, owner), 0) + 1
             waiting: dict[str, int] = {}
             for c in pooler["clients"]:
                 if str(c.get("database")) == database and c.get("state") == "waiting":
-                    app = parse_application(c.get("application_name") or "")[0]
+                    app = app_label(c.get("application_name") or "")
                     waiting[app] = waiting.get(app, 0) + 1
             self._count_event("db_pooler_waiting")
             emit(

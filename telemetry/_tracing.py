@@ -239,11 +239,15 @@ def start_server_span(scope: dict[str, Any], method: str, route: str) -> tuple[A
         "url.scheme": scope.get("scheme", "http"),
         "url.path": scope.get("path", ""),
     }
+    name = f"{method} {route}"
+    if method == "_OTHER":  # a method outside the known set: HTTP semantic conventions
+        attributes["http.request.method_original"] = str(scope.get("method", ""))[:64]
+        name = f"HTTP {route}"
     if server[0] is not None:
         attributes["server.address"] = server[0]
         if server[1] is not None:
             attributes["server.port"] = server[1]
-    span = api.tracer.start_span(f"{method} {route}", context=parent, kind=api.SpanKind.SERVER,
+    span = api.tracer.start_span(name, context=parent, kind=api.SpanKind.SERVER,
                                  attributes=attributes)  # fmt: skip
     token = api.context.attach(api.trace.set_span_in_context(span, parent))
     return span, token
