@@ -88,7 +88,7 @@ def main() -> None:
             inline = min(asyncio.run(_serve(make_asgi_app(prometheus_client.REGISTRY))) for _ in range(args.repeat))
             threaded = min(asyncio.run(_serve(telemetry.metrics_app())) for _ in range(args.repeat))
         finally:
-            _stats.REGISTRY.discard(lambda s: s is source)
+            _stats.REGISTRY.discard(lambda s, source=source: s is source)
         print(f"{n:>8} {render * 1000:>10.1f} {render / n * 1e6:>10.2f} {inline * 1000:>17.1f} {threaded * 1000:>17.1f}")
     telemetry.uninstrument()
 

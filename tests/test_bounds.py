@@ -18,8 +18,6 @@ from telemetry import _asgi, _bounds, _celery, _exposition, _shared
 from telemetry.testing import metrics, sample
 
 
-
-
 def _label_values(name: str, label: str) -> set[str]:
     return {dict(lb)[label] for (n, lb), _v in metrics().items() if n == name and label in dict(lb)}
 
