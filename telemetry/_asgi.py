@@ -64,6 +64,8 @@ def route_template(scope: dict[str, Any], app: Any = None) -> str:
         if found is None and scope.get("type") == "http" and path not in ("", "/"):
             toggled = path[:-1] if path.endswith("/") else path + "/"
             found = _resolve(routes, dict(scope, path=toggled), "", 0)
+        if found is None:
+            found = _frontend(app, scope)
         template = found or UNMATCHED
     except Exception as exc:
         hook_error("asgi.route", exc)
@@ -74,6 +76,19 @@ def route_template(scope: dict[str, Any], app: Any = None) -> str:
 
 
 _MAX_DEPTH = 10
+
+
+def _frontend(app: Any, scope: dict[str, Any]) -> str | None:
+    """FastAPI's ``app.frontend(path, directory=...)`` (0.141+): static files and the navigation
+    fallback, tried after every route; labelled like a mount, ``{path}/{path}``."""
+    from starlette.routing import Match
+
+    group = getattr(getattr(app, "router", app), "_frontend_routes", None)
+    for route in getattr(group, "routes", None) or ():
+        match, _child = route.matches(scope)
+        if match == Match.FULL:
+            return f"{str(route.path).rstrip('/')}/{{path}}"
+    return None
 
 
 def _resolve(routes: Any, scope: dict[str, Any], prefix: str, depth: int) -> str | None:

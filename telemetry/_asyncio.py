@@ -253,9 +253,17 @@ def is_watched(loop: asyncio.AbstractEventLoop) -> bool:
     return monitor is not None and monitor.loop_ref() is loop
 
 
+#: whether the asyncio integration is installed: only then is a loop watched (its watchdog, the
+#: housekeeper, is what lets go of finished loops; without it every loop would be kept)
+_ACTIVE = [False]
+
+
 def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Measure lag and report blocking of ``loop`` (default: the running loop). Idempotent.
-    Must be called from the loop's own thread."""
+    """Measure lag and report blocking of ``loop`` (default: the running loop) while the
+    process is instrumented (``instrument()``); a no-op otherwise. Idempotent. Must be called
+    from the loop's own thread."""
+    if not _ACTIVE[0]:
+        return
     loop = loop or asyncio.get_running_loop()
     if is_watched(loop) or loop.is_closed():
         return
@@ -384,8 +392,10 @@ class AsyncioIntegration(Integration):
         CONFIG.blocked_threshold = runtime.settings.loop_blocked_seconds
         relabel_semaphores(runtime.settings.service)
         install_loop_hook()
+        _ACTIVE[0] = True
 
     def uninstall(self) -> None:
+        _ACTIVE[0] = False
         reset()
 
     def after_fork(self) -> None:

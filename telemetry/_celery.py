@@ -23,6 +23,7 @@ Names and attributes follow OpenTelemetry's Celery instrumentation, at a third o
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import datetime
@@ -362,12 +363,13 @@ def install(*, spans: bool = True) -> None:
 
     if logging_configured():
         pairs.append((signals.setup_logging, _on_setup_logging))
-    try:  # celery's own test worker (start_worker, pytest's celery_worker) sends no worker_ready
-        from celery.contrib.testing.worker import test_worker_started
-
-        pairs.append((test_worker_started, _on_test_worker_started))
-    except Exception:  # pragma: no cover - layout of another Celery version
-        pass
+    # Celery's own test worker (start_worker, pytest's celery_worker) sends no worker_ready. Its
+    # module loads the whole worker machinery (+7.5 MB): hooked only when a test harness already
+    # imported it, never in an API process
+    harness = sys.modules.get("celery.contrib.testing.worker")
+    started = getattr(harness, "test_worker_started", None)
+    if started is not None:
+        pairs.append((started, _on_test_worker_started))
     for signal, fn in pairs:
         signal.connect(fn, weak=False)
         _connected.append((signal, fn))

@@ -44,6 +44,7 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
     with _runtime.LOCK:
         current = _runtime.current()
         if current is not None and current.complete:
+            _check_same(current.settings, service=service, **settings)
             return current.settings
         loaded = Settings.load(service=service, **settings)
         runtime = current or Runtime.start(loaded)
@@ -80,6 +81,20 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             runtime.add(SharedViewIntegration())
         runtime.complete = True
         return loaded
+
+
+def _check_same(current: Settings, **given: Any) -> None:
+    """A second ``instrument()`` is a no-op, unless it asks for something else than what is in
+    force (another service name, another setting): that is refused, naming both, instead of
+    being silently ignored."""
+    asked = Settings.load(**{k: v for k, v in given.items() if v is not None})
+    differ = [k for k, v in given.items() if v is not None and getattr(asked, k) != getattr(current, k)]
+    if differ:
+        pairs = ", ".join(f"{k}={getattr(asked, k)!r} (in force: {getattr(current, k)!r})" for k in differ)
+        raise ConfigError(
+            f"instrument() was already called in this process; this call asks for {pairs}. "
+            "Call instrument() once per process, or uninstrument() before changing settings"
+        )
 
 
 def _add_sqlalchemy(runtime: Runtime, *, auto: bool) -> Any:

@@ -14,11 +14,11 @@ import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
-import structlog
-
 from ._stats import REGISTRY, Sample
 
-_logger = structlog.get_logger("telemetry")
+#: structlog is imported when used (``configure_logging``, or an application that configured it
+#: itself): importing it pulls rich and pygments in when they are installed, megabytes that an
+#: app using neither should not pay for (docs/benchmarks.md, "Footprint")
 
 try:  # tracing is an optional extra
     from opentelemetry import trace as _otel_trace
@@ -93,10 +93,18 @@ def logging_configured() -> bool:
 
 
 def configure_logging(
-    service: str, *, level: str | int = "INFO", stream: TextIO | None = None
+    service: str | None = None, *, level: str | int = "INFO", stream: TextIO | None = None
 ) -> None:
     """Send structlog events and standard-library records (Celery, uvicorn, SQLAlchemy) through
-    one JSON renderer with service, pid, level, timestamp and trace context."""
+    one JSON renderer with service, pid, level, timestamp and trace context. Without
+    ``service``, the process is named as :func:`telemetry.instrument` names it
+    (``TELEMETRY_SERVICE_NAME``, ``OTEL_SERVICE_NAME``, else the program's name)."""
+    if service is None:
+        from ._settings import service_name
+
+        service = service_name()
+    import structlog
+
     if isinstance(level, str):
         numeric = logging.getLevelName(level.upper())
         if not isinstance(numeric, int):
@@ -190,13 +198,8 @@ def hook_error(hook: str, exc: BaseException) -> None:
             first = hook not in INTERNAL._logged
             INTERNAL._logged.add(hook)
         if first:
-            _logger.error(
-                "telemetry_hook_error",
-                hook=hook,
-                service=INTERNAL.service,
-                error=f"{type(exc).__name__}: {exc}",
-                note="counted in telemetry_hook_errors_total; logged once per hook",
-            )
+            emit("error", "telemetry_hook_error", hook=hook, error=f"{type(exc).__name__}: {exc}",
+                 note="counted in telemetry_hook_errors_total; logged once per hook")  # fmt: skip
     except Exception:  # pragma: no cover - logging itself broken; stay silent
         pass
 
@@ -205,7 +208,25 @@ def suppressed(event: str) -> None:
     INTERNAL.suppressed[event] = INTERNAL.suppressed.get(event, 0) + 1
 
 
+_stdlib = logging.getLogger("telemetry")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+           "critical": logging.CRITICAL}  # fmt: skip
+
+
 def emit(level: str, event: str, **fields: Any) -> None:
-    """Emit one structured event of the package (rare path: never called per checkout)."""
+    """Emit one structured event of the package (rare path: never called per checkout).
+
+    Through structlog when the application configured it (``configure_logging`` or its own
+    chain). Left at structlog's defaults, structlog would print its own console line to stdout,
+    which a Celery worker then logs again under its own prefix: the event goes instead, as one
+    record, to the standard library's ``telemetry`` logger, in whatever format the host set up
+    (Celery's, uvicorn's, ``logging.basicConfig``'s), the fields as ``key=value``."""
     fields.setdefault("service", INTERNAL.service)
-    getattr(_logger, level)(event, **fields)
+    structlog = sys.modules.get("structlog")  # never imported: the app cannot have configured it
+    if structlog is not None and structlog.is_configured():
+        getattr(structlog.get_logger("telemetry"), level)(event, **fields)
+        return
+    numeric = _LEVELS.get(level, logging.INFO)
+    if _stdlib.isEnabledFor(numeric):
+        pairs = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields.items())
+        _stdlib.log(numeric, "%s %s", event, pairs, extra={"event": event, "event_fields": fields})

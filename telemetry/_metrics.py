@@ -111,7 +111,8 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "db_pool_checkout_wait_seconds", HISTOGRAM, POOL, "seconds",
-        "Time from asking the pool for a connection to getting it, or to the timeout.",
+        "Time from asking the pool for a connection to getting it, or to the timeout, without "
+        "the time spent opening a new connection (that is db_pool_connect_seconds).",
         "db.client.connection.wait_time", WAIT_BUCKETS,
     ),
     MetricSpec(
@@ -134,7 +135,8 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "db_pool_connect_seconds", HISTOGRAM, POOL, "seconds",
-        "Time to open a new DBAPI connection.",
+        "Time to open a new connection during a checkout: the driver's connect and the "
+        "dialect's set-up queries, including any wait in a transaction pooler's queue on the way.",
         "db.client.connection.create_time", CONNECT_BUCKETS,
     ),
     MetricSpec(

@@ -341,6 +341,9 @@ def _wrap_connect(orig: Any) -> Any:
         st.pending -= 1
         try:
             waited = t1 - t0
+            rec = fairy._connection_record
+            if rec.__dict__.pop(_FRESH, False):  # connected during this checkout (rare path)
+                waited = _connected(st, rec, waited)
             wait = st.wait
             wait.counts[bisect_left(WAIT_BUCKETS, waited)] += 1
             wait.total += waited
@@ -349,7 +352,6 @@ def _wrap_connect(orig: Any) -> Any:
             if account is not None:
                 account.wait += waited
             if fairy._counter == 1:  # not a re-entrant checkout of the same fairy
-                rec = fairy._connection_record
                 try:
                     h = rec._telemetry_held
                 except AttributeError:
@@ -487,10 +489,23 @@ def _on_connect(dbapi_connection: Any, rec: Any) -> None:
         st = _state_of_record(rec)
         if st is not None:
             st.connects += 1
-            started = getattr(rec, "starttime", 0) or time.time()
-            st.connect_time.observe(max(0.0, time.time() - started))
+            rec.__dict__[_FRESH] = True  # the checkout that asked for it measures how long it took
     except Exception as exc:
         hook_error("pool.connect", exc)
+
+
+#: set on a connection record by the ``connect`` event, taken by the checkout that connected it
+_FRESH = "_telemetry_fresh"
+
+
+def _connected(st: PoolState, rec: Any, waited: float) -> float:
+    """A checkout that opened a new connection: the connect (from the record's start to now: the
+    driver's connect, the dialect's set-up queries, and any wait in a pooler's queue on the way)
+    is connect time, not time waiting for the pool. Returns the wait without it."""
+    connect = max(0.0, time.time() - (getattr(rec, "starttime", 0) or time.time()))
+    connect = min(connect, waited)
+    st.connect_time.observe(connect)
+    return waited - connect
 
 
 def _state_of_record(rec: Any) -> PoolState | None:
@@ -755,10 +770,18 @@ def install(*, auto: bool) -> None:
 
 
 def _discover() -> None:
-    """Register the engines that exist already, so their gauges show before first use."""
-    for obj in gc.get_objects():
-        if isinstance(obj, Engine):
-            _state_for(obj.pool, obj)
+    """Register the engines that exist already, so their gauges show before first use.
+    ``type()``, not ``isinstance()``: the latter asks a proxy for its ``__class__``, and a Celery
+    app's proxies would then finalize the app (load its tasks) inside ``instrument()``."""
+    kinds = {Engine}
+    pending = [Engine]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            if sub not in kinds:
+                kinds.add(sub)
+                pending.append(sub)
+    for engine in [obj for obj in gc.get_objects() if type(obj) in kinds]:
+        _state_for(engine.pool, engine)
 
 
 def register_engine(engine: Any, name: str | None) -> PoolState:

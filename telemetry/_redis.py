@@ -18,10 +18,12 @@ available.")`` after its timeout (counted as ``result="timeout"``); ``Connection
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterable
+from types import FrameType
 from typing import Any
 
 from . import _stacks
@@ -52,11 +54,15 @@ CONFIG = _Config()
 class RedisPoolState:
     """Everything measured for one named Redis pool in this process."""
 
-    __slots__ = ("name", "labels", "in_use", "pending", "ok", "timeouts", "too_many", "errors",
+    __slots__ = ("name", "role", "labels", "in_use", "pending", "ok", "timeouts", "too_many", "errors",
                  "wait", "hold", "max_connections", "owner_overflow")  # fmt: skip
 
     def __init__(self, name: str) -> None:
         self.name = name
+        #: "" for the app's pools; a role (``celery-broker``, ``celery-result-backend``) for the
+        #: pools Celery keeps connections of by design: their connections are owned by the role
+        #: and never reported as held too long
+        self.role = ""
         self.labels = (("service", CONFIG.service), ("pool", name))
         self.max_connections: int | None = None
         self.reset()
@@ -90,8 +96,26 @@ class RedisPoolState:
 
 _lock = threading.RLock()
 _states: dict[str, RedisPoolState] = {}
-#: (address, pool class, limit) -> series name (``_state``)
-_kinds: dict[tuple[str, str, int | None], str] = {}
+#: (address, pool class, limit, role) -> series name (``_state``)
+_kinds: dict[tuple[str, str, int | None, str], str] = {}
+#: where the first checkout of a pool comes from -> the role of its connections: kombu's broker
+#: channels keep theirs for the channel's life (the consumer's BRPOP, the producer's channel), the
+#: result backend's pub/sub for the worker's life. Long by design, not a leak.
+_ROLES = (("kombu/transport/redis", "celery-broker"), ("celery/backends/redis", "celery-result-backend"))
+
+
+def _role() -> str:
+    """The role of a pool from the code taking its first connection (rare path: once a pool)."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            break
+        filename = frame.f_code.co_filename.replace("\\", "/")
+        for needle, role in _ROLES:
+            if needle in filename:
+                return role
+        frame = frame.f_back
+    return ""
 #: distinct pool names per process; further pools share OTHER (docs/reliability.md)
 MAX_POOLS = 50
 OTHER = "other"
@@ -123,7 +147,8 @@ def _state(pool: Any) -> RedisPoolState:
         address = pool_name(pool)
         limit = getattr(pool, "max_connections", None)
         limit = limit if isinstance(limit, int) and limit < UNBOUNDED else None
-        kind = (address, type(pool).__name__, limit)
+        role = _role()
+        kind = (address, type(pool).__name__, limit, role)
         name = _kinds.get(kind)
         if name is None:
             n = 1 + sum(1 for k in _kinds if k[0] == address)
@@ -137,6 +162,7 @@ def _state(pool: Any) -> RedisPoolState:
             st = _states[name] = RedisPoolState(name)
             REGISTRY.add(st)
         st.max_connections = limit
+        st.role = role if name != OTHER else ""
         pool.__dict__[_ATTR] = st
         return st
 
@@ -192,7 +218,7 @@ def _wrap_get(orig: Any) -> Any:
             st.ok += 1
             if connection not in _held:
                 st.in_use += 1
-            _held[connection] = (t1, _owner_get(), st, _get_ident())
+            _held[connection] = (t1, st.role or _owner_get(), st, _get_ident())
         except Exception as exc:
             hook_error("redis.checkout", exc)
         return connection
@@ -223,7 +249,7 @@ def _wrap_get_async(orig: Any) -> Any:
             st.ok += 1
             if connection not in _held:
                 st.in_use += 1
-            _held[connection] = (t1, _owner_get(), st, _current_task())
+            _held[connection] = (t1, st.role or _owner_get(), st, _current_task())
         except Exception as exc:
             hook_error("redis.checkout", exc)
         return connection
@@ -264,7 +290,7 @@ def scan_long_holds(now: float | None = None) -> int:
     reported = 0
     for connection, entry in list(_held.items()):
         since, owner, st, holder = entry
-        if now - since < CONFIG.hold_threshold or connection in _flagged:
+        if now - since < CONFIG.hold_threshold or connection in _flagged or st.role:
             continue
         with _flag_lock:
             _flagged[connection] = since

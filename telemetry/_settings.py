@@ -158,7 +158,8 @@ def mask_url(text: str) -> str:
 
 def _default_service() -> str:
     base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return base.removesuffix(".py") or "python"
+    base = base.removesuffix(".py")
+    return base if base and base not in ("-c", "-m", "-") else "python"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,3 +306,17 @@ class Settings:
     def watchdog_interval_seconds(self) -> float:
         """How often held connections are scanned: fine enough to catch the threshold promptly."""
         return max(0.01, min(0.5, self.hold_threshold_seconds / 4, self.loop_blocked_seconds / 4))
+
+
+def service_name(environ: Mapping[str, str] | None = None) -> str:
+    """The service name ``instrument()`` would use without an argument: ``TELEMETRY_SERVICE_NAME``,
+    ``OTEL_SERVICE_NAME``, else the program's name (``configure_logging`` names the process alike)."""
+    env = os.environ if environ is None else environ
+    field = _FIELDS["service"]
+    for var in field.env:
+        if env.get(var, "").strip():
+            try:
+                return str(field.parse(env[var]))
+            except ValueError as exc:
+                raise ConfigError(f"invalid environment variable {var}={env[var]!r}: expected {exc}") from None
+    return str(field.default())

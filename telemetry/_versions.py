@@ -10,6 +10,7 @@ and the event says what to report if something is off.
 from __future__ import annotations
 
 import re
+import sys
 from importlib import metadata
 
 from ._log import emit
@@ -41,6 +42,12 @@ def parse(version: str) -> tuple[int, ...]:
 
 
 def installed(distribution: str) -> str | None:
+    """The version of ``distribution``: its module's ``__version__`` when it is imported already
+    (a dictionary lookup), else the installed metadata (reading it costs about 2 ms a package)."""
+    module = sys.modules.get(distribution.replace("-", "_"))
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str) and version:
+        return version
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -201,3 +201,27 @@ async def test_one_server_span_per_request_with_semantic_conventions(make_app):
     assert second.status.status_code == StatusCode.ERROR
     assert second.attributes["http.response.status_code"] == 500
     assert second.attributes["error.type"] == "RuntimeError"
+
+
+async def test_a_fastapi_frontend_is_labelled_like_a_mount(tmp_path):
+    """``app.frontend("/", directory=...)`` (FastAPI 0.141+) serves / and /index.html after
+    every route: labelled ``/{path}``, not ``unmatched``; the app's own routes keep theirs."""
+    if not hasattr(FastAPI, "frontend"):
+        pytest.skip("FastAPI before 0.141 has no app.frontend()")
+    (tmp_path / "index.html").write_text("<html>app</html>")
+    telemetry.instrument(service="api")
+    app = FastAPI()
+
+    @app.get("/api/items/{item_id}")
+    async def item(item_id: int) -> dict:
+        return {"id": item_id}
+
+    app.frontend("/", directory=str(tmp_path))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/")).status_code == 200
+        assert (await client.get("/index.html")).status_code == 200
+        assert (await client.get("/api/items/3")).status_code == 200
+    assert sample("http_server_request_duration_seconds_count", route="/{path}") == 2
+    assert sample("http_server_request_duration_seconds_count", route="/api/items/{item_id}") == 1
+    with pytest.raises(KeyError):
+        sample("http_server_request_duration_seconds_count", route="unmatched")

@@ -204,16 +204,21 @@ async def test_capacity_follows_live_semaphores_and_survives_a_reset():
         sample("asyncio_semaphore_capacity", semaphore="S")
 
 
-def test_thousands_of_asyncio_run_leave_no_loop_behind(tmp_path):
+@pytest.mark.parametrize("state", ["instrumented", "never-instrumented", "uninstrumented"])
+def test_thousands_of_asyncio_run_leave_no_loop_behind(tmp_path, state):
     """The report's content-task pattern, asyncio.run() per task, with an async engine and a
     telemetry.Semaphore: after 2,000 runs no closed loop is still referenced, the watchdog
-    tracks none, and traced memory stays bounded."""
+    tracks none, and traced memory stays bounded; also when the semaphore is used without
+    instrument() (a script, a unit test) or after uninstrument() (it kept every loop)."""
     import gc
     import tracemalloc
 
     from sqlalchemy.pool import NullPool
 
-    telemetry.instrument(service="worker")
+    if state != "never-instrumented":
+        telemetry.instrument(service="worker")
+    if state == "uninstrumented":
+        telemetry.uninstrument()
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite", poolclass=NullPool)
     sem = telemetry.Semaphore(3, name="MAX_DB_CONCURRENT")
 
@@ -242,7 +247,8 @@ def test_thousands_of_asyncio_run_leave_no_loop_behind(tmp_path):
 
     assert _asyncio.watched_loops() <= 1
     assert grown < 1_000_000, f"{grown} bytes kept after 2,000 asyncio.run()"
-    assert sample("asyncio_semaphore_in_use", semaphore="MAX_DB_CONCURRENT") == 0
+    if state == "instrumented":
+        assert sample("asyncio_semaphore_in_use", semaphore="MAX_DB_CONCURRENT") == 0
 
 
 MODULE_SEMAPHORE = telemetry.Semaphore(2, name="IMPORT_TIME")  # before any instrument()

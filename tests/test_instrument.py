@@ -9,6 +9,7 @@ import asyncio
 import threading
 
 import prometheus_client
+import pytest
 import redis.asyncio.connection
 import redis.connection
 from celery import signals
@@ -65,11 +66,19 @@ def test_uninstrument_after_everything_leaves_nothing():
     assert _runtime.current() is None
 
 
-def test_second_instrument_is_a_no_op():
+def test_second_instrument_is_a_no_op_and_refuses_other_settings():
+    """The same call again (or with no argument) returns the settings in force; one asking for
+    another service or setting is refused, naming both, instead of being silently ignored."""
     first = telemetry.instrument(service="api")
     runtime = _runtime.current()
-    assert telemetry.instrument(service="other") is first
-    assert _runtime.current() is runtime
+    assert telemetry.instrument(service="api") is first
+    assert telemetry.instrument() is first
+    with pytest.raises(telemetry.ConfigError) as info:
+        telemetry.instrument(service="worker")
+    assert "service='worker' (in force: 'api')" in str(info.value)
+    with pytest.raises(telemetry.ConfigError, match="hold_threshold_seconds=2.0 \\(in force: 5.0\\)"):
+        telemetry.instrument(service="api", hold_threshold_seconds=2)
+    assert _runtime.current() is runtime and telemetry.instrument(service="api") is first
 
 
 def test_instrument_after_instrument_sqlalchemy_completes_the_set(tmp_path):

@@ -5,6 +5,9 @@ still holds); "too many connections"; a server that is down; sync and asyncio po
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 
 import httpx
 import pytest
@@ -16,7 +19,7 @@ from fastapi.responses import StreamingResponse
 import telemetry
 from telemetry.testing import capture_events
 
-from . import services
+from . import hostview, services
 from .conftest import sample
 
 pytestmark = pytest.mark.integration
@@ -182,3 +185,60 @@ def test_pool_names_are_bounded(redis_server):
     names = set(_redis.states())
     assert len(names) == _redis.MAX_POOLS + 1 and _redis.OTHER in names
     assert _redis.states()[_redis.OTHER].max_connections is None  # shared: no one pool's limit
+
+
+def test_celerys_own_long_lived_connections_are_named_and_never_flagged(redis_server):
+    """kombu's broker channel and the result backend's pub/sub keep their connections by design:
+    after send_task() they are held with owners "celery-broker" / "celery-result-backend" (not
+    the enqueuing route), counted in use, and never reported as held too long; the app's own
+    long hold beside them is."""
+    from celery import Celery
+
+    from telemetry import _redis
+
+    base = redis_server.url.rsplit("/", 1)[0]
+    telemetry.instrument(service="api", hold_threshold_seconds=0.3)
+    app = Celery("t24", broker=f"{base}/0", backend=f"{base}/1")
+    own = redis.ConnectionPool.from_url(f"{base}/2")
+    import kombu
+
+    consumer = kombu.Connection(f"{base}/0")
+    queue = consumer.SimpleQueue("q24-consume")
+
+    def consume() -> None:  # what a worker's consumer does: BRPOP on its channel's connection
+        with contextlib.suppress(queue.Empty):
+            queue.get(block=True, timeout=5)
+
+    thread = threading.Thread(target=consume)
+    with capture_events("redis_connection_held_too_long") as events:
+        with telemetry.db_owner("POST /generate"):
+            app.send_task("tests.never_run", queue="q24")  # the result backend subscribes
+            kept = own.get_connection() if not _needs_command_name() else own.get_connection("PING")
+        thread.start()
+
+        def owners() -> set[str]:
+            return {entry[1] for entry in list(_redis._held.values())}
+
+        assert hostview.wait_for(lambda: {"celery-broker", "celery-result-backend", "POST /generate"} <= owners()), owners()
+        _redis.scan_long_holds(now=time.perf_counter() + 60)  # a scan a minute later
+    with kombu.Connection(f"{base}/0") as producer:  # let the consumer go
+        producer.SimpleQueue("q24-consume").put({"done": True})
+    thread.join(timeout=30)
+    queue.close()
+    consumer.release()
+    assert [(e["pool"], e["owner"]) for e in events] == [(f"127.0.0.1:{redis_server.port}/2", "POST /generate")]
+    for db in ("0", "1"):
+        assert sample("redis_pool_connections_in_use", pool=f"127.0.0.1:{redis_server.port}/{db}") >= 1
+        assert sample("redis_pool_connections_held_too_long", pool=f"127.0.0.1:{redis_server.port}/{db}") == 0
+    own.release(kept)
+    own.disconnect()
+    app.close()
+    redis.Redis.from_url(f"{base}/0").delete("q24")
+
+
+def _needs_command_name() -> bool:
+    import inspect
+
+    parameters = inspect.signature(redis.ConnectionPool.get_connection).parameters
+    command = parameters.get("command_name")
+    return command is not None and command.default is inspect.Parameter.empty

@@ -224,3 +224,44 @@ def test_an_advisory_lock_held_by_psql_is_named_as_not_ours_and_cleared(pg: serv
                       "blocked_service": "api", "blocked_owner": "resume-step"}]  # fmt: skip
     assert _wait_for(lambda: not _labels("db_server_lock_blocking"), timeout=30)  # cleared
     engine.dispose()
+
+
+def test_connect_time_through_a_queueing_pooler_is_not_pool_wait(
+    pg: services.Postgres, own_bouncer: services.Pgbouncer
+) -> None:
+    """Behind pgbouncer with its 2 server connections held by others, a checkout that opens a new
+    connection waits in the pooler's queue while the dialect's set-up queries run: that time is
+    connect time (db_pool_connect_seconds), not time waiting for the pool
+    (db_pool_checkout_wait_seconds), which stays near zero: the pool had room."""
+    import time
+
+    telemetry.instrument(service="api")
+    blockers = [psycopg.connect(own_bouncer.url().replace("+psycopg", "")) for _ in range(2)]
+    for conn in blockers:
+        conn.execute("select 1")  # inside a transaction: the server connection stays linked
+    admin = psycopg.connect(own_bouncer.admin_url, autocommit=True, prepare_threshold=None)
+    engine = create_engine(own_bouncer.url(), pool_size=2, max_overflow=0)
+    start = time.time()
+    thread = threading.Thread(target=lambda: engine.connect().close())
+    thread.start()
+    try:
+        def waiting() -> bool:
+            rows = admin.execute("SHOW POOLS").fetchall()
+            names = [d.name for d in admin.execute("SHOW POOLS").description or []]
+            return any(dict(zip(names, r, strict=True))["cl_waiting"] > 0 for r in rows)
+
+        assert _wait_for(waiting, timeout=30)
+    finally:
+        released = time.time()
+        for conn in blockers:
+            conn.rollback()
+            conn.close()
+        thread.join(timeout=30)
+    admin.close()
+    engine.dispose()
+    queued = released - start
+    connect = telemetry.testing.sample("db_pool_connect_seconds_sum")
+    wait = telemetry.testing.sample("db_pool_checkout_wait_seconds_sum")
+    assert telemetry.testing.sample("db_pool_connect_seconds_count") == 1
+    assert connect >= 0.5 * queued, (connect, queued)
+    assert wait < 0.5 * connect, (wait, connect)

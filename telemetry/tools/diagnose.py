@@ -258,7 +258,9 @@ def _pooler(samples: Samples) -> list[str]:
         owners = _owners(samples)
         if owners:
             sentence += f" Holding owners: {_fmt_owners(owners)}."
-        sentence += " Time spent there is not pool wait: shorten those transactions (PgbouncerClientsWaiting)."
+        sentence += (" Time spent there is not pool wait: it shows as connect time (db_pool_connect_seconds) "
+                     "for new connections and as statement time, never as db_pool_checkout_wait_seconds; "
+                     "shorten those transactions (PgbouncerClientsWaiting).")
         out.append(sentence)
     return out
 
