@@ -23,6 +23,9 @@ Names and attributes follow OpenTelemetry's Celery instrumentation, at a third o
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import sys
 import threading
 import time
@@ -363,16 +366,13 @@ def install(*, spans: bool = True) -> None:
 
     if logging_configured():
         pairs.append((signals.setup_logging, _on_setup_logging))
-    # Celery's own test worker (start_worker, pytest's celery_worker) sends no worker_ready. Its
-    # module loads the whole worker machinery (+7.5 MB): hooked only when a test harness already
-    # imported it, never in an API process
-    harness = sys.modules.get("celery.contrib.testing.worker")
-    started = getattr(harness, "test_worker_started", None)
-    if started is not None:
-        pairs.append((started, _on_test_worker_started))
     for signal, fn in pairs:
         signal.connect(fn, weak=False)
         _connected.append((signal, fn))
+    # Celery's own test worker (start_worker, pytest's celery_worker) sends no worker_ready. Its
+    # module loads the whole worker machinery (+7.5 MB): never imported by us, hooked when the
+    # test harness imports it (now, or later through a finder that watches for that one module)
+    _HARNESS.watch()
     from celery.app.base import Celery
 
     orig = Celery.__dict__.get("send_task")
@@ -381,7 +381,59 @@ def install(*, spans: bool = True) -> None:
         Celery.send_task = _wrap_send_task(orig)
 
 
+class _Harness(importlib.abc.MetaPathFinder):
+    """Connects to ``celery.contrib.testing.worker.test_worker_started`` once that module is
+    loaded, without ever loading it: a meta-path finder that only watches for its name."""
+
+    NAME = "celery.contrib.testing.worker"
+
+    def watch(self) -> None:
+        if self.NAME in sys.modules:
+            self.connect(sys.modules[self.NAME])
+        elif self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+
+    def unwatch(self) -> None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+
+    def connect(self, module: Any) -> None:
+        started = getattr(module, "test_worker_started", None)
+        if started is not None and (started, _on_test_worker_started) not in _connected:
+            started.connect(_on_test_worker_started, weak=False)
+            _connected.append((started, _on_test_worker_started))
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.NAME:
+            return None
+        self.unwatch()  # find the real spec with every other finder, then wrap its loader
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        if spec is None or loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        harness, exec_module, create_module = self, loader.exec_module, loader.create_module
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec: Any) -> Any:
+                return create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                exec_module(module)
+                try:
+                    if _connected:  # still instrumented
+                        harness.connect(module)
+                except Exception as exc:
+                    hook_error("celery.test_worker_hook", exc)
+
+        spec.loader = _Loader()
+        return spec
+
+
+_HARNESS = _Harness()
+
+
 def uninstall() -> None:
+    _HARNESS.unwatch()
     for signal, fn in _connected:
         signal.disconnect(fn)
     _connected.clear()

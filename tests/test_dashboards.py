@@ -29,7 +29,7 @@ BUILTINS = {"ALERTS", "up"}
 
 
 def _load(path: str) -> dict:
-    with open(_dashboards.json_path(path)) as fh:
+    with open(_dashboards.json_path(path, ROOT)) as fh:
         return json.load(fh)
 
 

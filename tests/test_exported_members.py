@@ -74,6 +74,7 @@ def test_testing_helpers_read_metrics_and_events():
     with capture_events("db_pool_critical_usage") as events:
         with engine.connect():
             assert sample("db_pool_connections_in_use", pool="helpers") == 1
+    engine.dispose()
     assert [e["checked_out"] for e in events] == [1]
     assert ("db_pool_checkouts_total", frozenset({("service", "api"), ("pool", "helpers"), ("result", "ok")})) in metrics()
     try:

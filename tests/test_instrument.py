@@ -100,3 +100,28 @@ def test_instrument_after_instrument_sqlalchemy_completes_the_set(tmp_path):
     with other.connect():
         pass
     assert sample("db_pool_checkouts_total", pool="other", result="ok", service="api") == 1
+
+
+def test_instrument_loads_no_worker_machinery_in_an_api_process():
+    """An API process with FastAPI, SQLAlchemy, Celery and redis-py: instrument() imports
+    none of Celery's worker machinery nor its test worker (7.5 MB), nor structlog (rich,
+    pygments) unless the app did; a test harness imported afterwards is still hooked."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, fastapi, sqlalchemy, redis, celery\n"
+        "from celery import Celery\n"
+        "app = Celery('x', broker='redis://127.0.0.1:1/0')\n"
+        "before = set(sys.modules)\n"
+        "import telemetry\n"
+        "telemetry.instrument(service='api', tracing=False)\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith(('celery.worker', "
+        "'celery.contrib', 'structlog', 'rich', 'pygments'))))\n"
+        "import celery.contrib.testing.worker as w\n"
+        "from telemetry import _celery\n"
+        "print(any(s is w.test_worker_started for s, _f in _celery._connected))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout

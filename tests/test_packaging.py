@@ -84,3 +84,82 @@ def test_instrument_sqlalchemy_alone_exports(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr
     assert 'db_pool_checkouts_total{pool="only",result="ok"' in out.stdout
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sdist and the wheel, built from this checkout as a release would be."""
+    out = tmp_path_factory.mktemp("dist")
+    build = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return out
+
+
+def test_the_built_distributions_pass_twine_and_carry_what_the_commands_read(dist: Path) -> None:
+    import zipfile
+
+    check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dist.iterdir())],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("PASSED") == 2
+    wheel = next(dist.glob("poolsight-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("telemetry/tools/grafana/pools.dashboard.py", "telemetry/tools/templates/telemetry.tmpl",
+                   "telemetry/tools/pipeline/api.py", "telemetry/tools/pipeline/worker.py"):  # fmt: skip
+        assert needed in names, needed
+    assert not [n for n in names if n.startswith(("tests/", "examples/", "docs/"))]
+
+
+def test_from_the_wheel_a_user_writes_rules_routes_dashboards_and_runs_the_demo(dist: Path, tmp_path: Path) -> None:
+    """A fresh virtualenv, the wheel with its demo extra, a working directory that is not a
+    checkout: the three deployment commands write files that promtool and amtool accept, with
+    the deployment's selector, thresholds and links; the embedded demo runs and reports."""
+    from . import services
+
+    promtool = services.binary("promtool", "prometheus")
+    amtool = services.binary("amtool", "prometheus-alertmanager")
+    python = _venv(tmp_path / "venv")
+    wheel = next(dist.glob("poolsight-*.whl"))
+    _pip(python, f"{wheel}[demo]")
+    telemetry = str(python.parent / "telemetry")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "OTEL_", "PYTHONPATH"))}
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([telemetry, *args], capture_output=True, text=True, cwd=work, env=env, timeout=timeout)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+    # nothing comes from the checkout: the package is the installed one
+    where = subprocess.run([str(python), "-c", "import telemetry; print(telemetry.__file__)"], capture_output=True,
+                           text=True, cwd=work, env=env, check=True).stdout  # fmt: skip
+    assert str(ROOT) not in where and "site-packages" in where
+    run("rules", "--selector", 'job="api", namespace="prod"', "--usage-warning", "0.7",
+        "--runbook-url", "https://runbooks.example.org/telemetry", "--out", "rules.yml")  # fmt: skip
+    rules = (work / "rules.yml").read_text()
+    assert 'db_pool_connections_in_use{job="api", namespace="prod"}' in rules
+    assert "service_pool:db_pool_usage:max > 0.7" in rules
+    assert "https://runbooks.example.org/telemetry/DbPoolUsageCritical.md" in rules
+    check = subprocess.run([promtool, "check", "rules", str(work / "rules.yml")], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    run("alertmanager", "--out", "am", "--slack-channel", "#ops-db", "--pagerduty-key-file", "/run/secrets/pd")
+    config = (work / "am" / "alertmanager.yml").read_text()
+    assert "channel: '#ops-db'" in config and "routing_key_file: /run/secrets/pd" in config
+    assert (work / "am" / "templates" / "telemetry.tmpl").read_text().count("define") >= 3
+    check = subprocess.run([amtool, "check-config", str(work / "am" / "alertmanager.yml")], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    run("dashboards", "--out", "grafana", "--selector", 'job="api"')
+    boards = sorted(p.name for p in (work / "grafana").iterdir())
+    assert boards == ["api.json", "celery.json", "overview.json", "pools.json", "server.json"]
+    pools = json.loads((work / "grafana" / "pools.json").read_text())
+    exprs = [t["expr"] for panel in pools["panels"] for t in panel.get("targets", [])]
+    assert exprs and all('job="api"' in e for e in exprs)
+    demo = run("demo", "--scenario", "seed", "--duration", "4", "--generations", "4", "--concepts", "4", "--rate", "8",
+               "--llm-seconds", "0.1", "--save-seconds", "0.1", "--pool-timeout", "2", "--out", "demo-out",
+               timeout=900)  # fmt: skip
+    report = json.loads((work / "demo-out" / "report.json").read_text())
+    assert [r["scenario"] for r in report["results"]] == ["seed"]
+    assert report["results"][0]["tasks_succeeded"] == 4, demo.stdout[-2000:]

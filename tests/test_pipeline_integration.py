@@ -67,7 +67,7 @@ def stack(pg, redis_server, tmp_path) -> Iterator[dict]:
         TELEMETRY_LOOP_BLOCKED_SECONDS="0.3", PYTHONUNBUFFERED="1", TELEMETRY_TRACE_SQL="true",
     )  # fmt: skip
     sys.path.insert(0, ROOT)
-    from examples.content_pipeline import db
+    from telemetry.tools.pipeline import db
 
     async def schema() -> None:
         engine = db.create_async_engine(pg.url("asyncpg"))
@@ -78,13 +78,13 @@ def stack(pg, redis_server, tmp_path) -> Iterator[dict]:
     worker_log, api_log = tmp_path / "worker.log", tmp_path / "api.log"
     worker_out, api_out = open(worker_log, "w"), open(api_log, "w")  # noqa: SIM115
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "examples.content_pipeline.worker", "worker",
+        [sys.executable, "-m", "celery", "-A", "telemetry.tools.pipeline.worker", "worker",
          "--pool", "prefork", "-Q", "content", "--concurrency", "2", "--max-tasks-per-child", "1", "-l", "info"],
         cwd=ROOT, env=env, stdout=worker_out, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.content_pipeline.api:app", "--workers", "2",
+        [sys.executable, "-m", "uvicorn", "telemetry.tools.pipeline.api:app", "--workers", "2",
          "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=api_out, stderr=subprocess.STDOUT,
         start_new_session=True,

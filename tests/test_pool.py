@@ -319,7 +319,7 @@ def test_uninstrument_removes_everything(tmp_path):
     instrument() call is a no-op."""
     original = Pool.__dict__["connect"]
     first = telemetry.instrument(service="a")
-    assert telemetry.instrument(service="b") is first
+    assert telemetry.instrument(service="a") is first
     assert Pool.__dict__["connect"] is not original
     assert event.contains(Pool, "checkin", _pool._release)
     telemetry.uninstrument()

@@ -2,7 +2,14 @@
 
     telemetry demo [--stack embedded|real] [--scenario NAME|all] [--duration S] ...
                                                reproduce the incident and diagnose it
-    telemetry generate [--root DIR]            regenerate committed generated files
+    telemetry rules [--selector 'job="api"'] [--usage-warning 0.8] [--usage-critical 0.95]
+                    [--hold-seconds 5] [--runbook-url URL] [--grafana-url URL] [--out FILE]
+                                               the Prometheus rules for a deployment
+    telemetry alertmanager --out DIR [--pagerduty-key-file F] [--slack-webhook-file F]
+                           [--slack-channel C]  Alertmanager's routes, receivers, templates
+    telemetry dashboards --out DIR [--selector 'job="api"']
+                                               the Grafana dashboards (JSON)
+    telemetry generate [--root DIR]            regenerate the repository's committed files
     telemetry prepare-multiproc-dir DIR        empty the multiprocess directory (deploy start)
     telemetry serve-metrics --dir DIR [--port P] [--addr A]
                                                serve the host aggregate of DIR on /metrics
@@ -98,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--database-url", help="e.g. postgresql+asyncpg://user@127.0.0.1:5432/db (default: SQLite)")
     demo.add_argument("--broker", help="e.g. redis://127.0.0.1:6379/0 (default: kombu's SQLAlchemy transport on SQLite)")
     demo.add_argument("--out", default="demo-out", help="where report.json and report.html go")
+    from . import deploy
+
+    deploy.add_commands(sub)
     args = parser.parse_args(argv)
 
     from .._settings import ConfigError
 
     try:
+        if args.command in ("rules", "alertmanager", "dashboards"):
+            return deploy.run(args)
         if args.command == "demo":
             from .demo import DemoError, run
 

@@ -26,6 +26,7 @@ from grafanalib.core import (
 )
 
 from .. import thresholds as T
+from .promql import with_selector
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
@@ -120,9 +121,13 @@ def dashboard(title: str, uid: str, description: str, panels: list[Any], pool: b
 # --------------------------------------------------------------------------- generation
 
 
-def dashboard_files(root: str) -> list[str]:
-    folder = os.path.join(root, "dashboards")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".dashboard.py"))
+#: the dashboards' definitions ship in the package (``telemetry dashboards`` renders them from an
+#: installed wheel); the repository commits their JSON in ``dashboards/``
+DEFINITIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grafana")
+
+
+def dashboard_files(root: str | None = None) -> list[str]:
+    return sorted(os.path.join(DEFINITIONS, f) for f in os.listdir(DEFINITIONS) if f.endswith(".dashboard.py"))
 
 
 def load(path: str) -> Any:
@@ -134,12 +139,29 @@ def load(path: str) -> Any:
     return module.dashboard
 
 
-def render(path: str) -> str:
+def render(path: str, selector: str = "") -> str:
+    """The dashboard's JSON; ``selector`` (``job="api"``) is added to every metric of every query."""
     from grafanalib._gen import DashboardEncoder
 
-    data = load(path).to_json_data()
-    return json.dumps(data, sort_keys=True, indent=2, cls=DashboardEncoder) + "\n"
+    data = json.loads(json.dumps(load(path).to_json_data(), cls=DashboardEncoder))
+    if selector:
+        data = _select(data, selector)
+    return json.dumps(data, sort_keys=True, indent=2) + "\n"
 
 
-def json_path(path: str) -> str:
-    return path.replace(".dashboard.py", ".json")
+def _select(node: Any, selector: str) -> Any:
+    if isinstance(node, dict):
+        return {k: (with_selector(v, selector) if k in ("expr", "query") and isinstance(v, str) else _select(v, selector))
+                for k, v in node.items()}  # fmt: skip
+    if isinstance(node, list):
+        return [_select(v, selector) for v in node]
+    return node
+
+
+def json_name(path: str) -> str:
+    """``.../grafana/pools.dashboard.py`` -> ``pools.json``."""
+    return os.path.basename(path).replace(".dashboard.py", ".json")
+
+
+def json_path(path: str, root: str = "") -> str:
+    return os.path.join(root, "dashboards", json_name(path))

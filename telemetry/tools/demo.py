@@ -1,7 +1,7 @@
 """``telemetry demo``: run the incident report's backend with real processes, its plans and
 planted suspects, and diagnose each from the package's own metrics and events.
 
-For each scenario it starts the reference pipeline (``examples/content_pipeline``): uvicorn with
+For each scenario it starts the reference pipeline (``telemetry/tools/pipeline``): uvicorn with
 ``UVICORN_WORKERS`` workers and the report's three prefork Celery worker groups (logs, content,
 workflow). Stacks: the embedded default (SQLite, kombu's SQLAlchemy transport: nothing to install,
 and it says what it cannot show), ``--stack real`` (throwaway PostgreSQL behind pgbouncer in
@@ -102,6 +102,18 @@ class DemoError(Exception):
 
 def _root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+#: what the reference pipeline runs on (the ``demo`` extra installs them)
+DEMO_MODULES = ("fastapi", "uvicorn", "celery", "sqlalchemy", "aiosqlite", "httpx", "greenlet")
+
+
+def _require_demo_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in DEMO_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DemoError(f"the demo's reference pipeline needs {', '.join(missing)}: pip install 'poolsight[demo]'")
 
 
 def _free_port() -> int:
@@ -226,11 +238,8 @@ class Run:
 
     def start(self) -> None:
         env = self.env()
-        root = _root()
-        if not os.path.isdir(os.path.join(root, "examples", "content_pipeline")):
-            raise DemoError(f"the reference pipeline is not at {root}/examples/content_pipeline: run from a checkout")
-        if root not in sys.path:
-            sys.path.insert(0, root)
+        root = self.dir  # the pipeline ships in the package: any working directory will do
+        _require_demo_extra()
         self._schema(env["DATABASE_URL"])
         first = None
         for queue, knob in GROUPS:
@@ -238,7 +247,7 @@ class Run:
             out = open(log, "w")  # noqa: SIM115 - closed in stop()
             self.files.append(out)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "examples.content_pipeline.worker", "worker",
+                [sys.executable, "-m", "celery", "-A", "telemetry.tools.pipeline.worker", "worker",
                  "--pool", "prefork", "-Q", queue, "-n", f"{queue}@%h", "--concurrency", env[knob],
                  "-l", "warning"],
                 cwd=root, env={**env, "WORKER_SERVICE": f"{queue}-worker"}, stdout=out,
@@ -252,7 +261,7 @@ class Run:
         aout = open(alog, "w")  # noqa: SIM115 - closed in stop()
         self.files.append(aout)
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "examples.content_pipeline.api:app", "--workers",
+            [sys.executable, "-m", "uvicorn", "telemetry.tools.pipeline.api:app", "--workers",
              env["UVICORN_WORKERS"], "--host", "127.0.0.1", "--port", str(self.api_port),
              "--log-level", "warning"],
             cwd=root, env=env, stdout=aout, stderr=subprocess.STDOUT, start_new_session=True,
@@ -264,7 +273,7 @@ class Run:
         from sqlalchemy.ext.asyncio import create_async_engine
         from sqlalchemy.pool import NullPool
 
-        from examples.content_pipeline.db import connect_args, metadata
+        from telemetry.tools.pipeline.db import connect_args, metadata
 
         async def go() -> None:
             engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args(url))

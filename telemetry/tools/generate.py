@@ -44,18 +44,21 @@ def _splice(path: str, body: str) -> str:
 def targets(root: str) -> dict[str, Callable[[], str]]:
     """Relative path -> function rendering its full expected content."""
     metrics_doc = os.path.join(root, "docs", "metrics.md")
+    from . import alertmanager as _alertmanager
     from . import rules as _rules
 
     out: dict[str, Callable[[], str]] = {
-        "docs/metrics.md": lambda: _splice(metrics_doc, metric_table()),
         "alerts/telemetry.rules.yml": _rules.render_rules,
+        "alerts/alertmanager.yml": _alertmanager.render,
+        "alerts/templates/telemetry.tmpl": _alertmanager.template,
     }
+    if os.path.exists(metrics_doc):  # the repository's docs (not in an installed package)
+        out["docs/metrics.md"] = lambda: _splice(metrics_doc, metric_table())
     if importlib.util.find_spec("grafanalib") is not None and os.path.isdir(os.path.join(root, "dashboards")):
         from . import dashboards as _dashboards
 
-        for path in _dashboards.dashboard_files(root):
-            rel = os.path.relpath(_dashboards.json_path(path), root)
-            out[rel] = functools.partial(_dashboards.render, path)
+        for path in _dashboards.dashboard_files():
+            out[f"dashboards/{_dashboards.json_name(path)}"] = functools.partial(_dashboards.render, path)
     for event in _rules.LOG_QUERIES:
         out[f"alerts/logql/{event}.logql"] = functools.partial(_rules.render_log_query, event)
     return out

@@ -1,5 +1,5 @@
 """Celery entry point, one per worker group (the report's logs 4, content 6, workflow 4):
-``celery -A examples.content_pipeline.worker worker --pool prefork -Q content -c 6``.
+``celery -A telemetry.tools.pipeline.worker worker --pool prefork -Q content -c 6``.
 
 The one line of telemetry a worker needs is ``telemetry.instrument(...)``, in the prefork parent
 before the pool forks; children start clean on their own. ``WORKER_SERVICE`` names the group.

@@ -98,8 +98,8 @@ async def stream(task_id: str) -> StreamingResponse:
             # the report's streams: Redis only, no database connection (heartbeats on the
             # embedded stack, which has no Redis)
             while time.monotonic() < deadline:
-                n = await redis.get(f"progress:{task_id}") if redis is not None else b"-"
-                yield f"data: {n}\n\n"
+                progress = await redis.get(f"progress:{task_id}") if redis is not None else b"-"
+                yield f"data: {progress!r}\n\n"
                 await asyncio.sleep(0.5)
 
     return StreamingResponse(events(), media_type="text/event-stream")
