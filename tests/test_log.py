@@ -81,3 +81,38 @@ def test_an_app_that_called_basicconfig_logs_each_record_once_without_colour_cod
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(e["event"], e["logger"]) for e in lines] == [("hello", "app"), ("Started server process", "uvicorn.error")]
     assert "color_message" not in lines[1] and "\x1b" not in out.stdout
+
+
+def test_without_structlog_configured_an_event_is_one_line_in_the_hosts_format():
+    """A Celery worker's logging (a prefix format on the root logger), structlog never
+    configured: the package's event is one record of the standard library's ``telemetry``
+    logger, formatted by the host once (it came out double-prefixed through stdout)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout,\n"
+        "                    format='[%(asctime)s: %(levelname)s/MainProcess] %(message)s')\n"
+        "from telemetry import _log\n"
+        "_log.INTERNAL.service = 'worker'\n"
+        "_log.emit('warning', 'redis_connection_held_too_long', owner='save-concept', held_seconds=6.5)\n"
+        "print('structlog' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[1] == "False", out.stdout  # structlog not even imported
+    assert re.fullmatch(r"\[.*: WARNING/MainProcess\] redis_connection_held_too_long owner='save-concept' "
+                        r"held_seconds=6.5 service='worker'", lines[0]), lines[0]
+
+
+def test_configure_logging_names_the_process_as_instrument_does(stream, monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "content-worker")
+    telemetry.configure_logging(stream=stream)
+    structlog.get_logger("app").info("hello")
+    assert _lines(stream)[0]["service"] == "content-worker"
+    monkeypatch.setenv("TELEMETRY_SERVICE_NAME", "api")  # first in order, as in instrument()
+    telemetry.configure_logging(stream=stream)
+    structlog.get_logger("app").info("again")
+    assert _lines(stream)[1]["service"] == "api"

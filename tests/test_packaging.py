@@ -90,8 +90,9 @@ def test_instrument_sqlalchemy_alone_exports(tmp_path):
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sdist and the wheel, built from this checkout as a release would be."""
     out = tmp_path_factory.mktemp("dist")
+    # not from the checkout's directory: a leftover build/ there would shadow the build package
     build = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
-                           capture_output=True, text=True, timeout=900)  # fmt: skip
+                           capture_output=True, text=True, timeout=900, cwd=str(out))  # fmt: skip
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     return out
 
@@ -100,7 +101,7 @@ def test_the_built_distributions_pass_twine_and_carry_what_the_commands_read(dis
     import zipfile
 
     check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dist.iterdir())],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+                           capture_output=True, text=True, timeout=300, cwd=str(dist))  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.count("PASSED") == 2
     wheel = next(dist.glob("poolsight-*.whl"))
