@@ -87,8 +87,10 @@ def test_metrics_server_loopback_and_auth():
     from sqlalchemy import create_engine
 
     telemetry.instrument(service="api")
-    with create_engine("sqlite://").connect():  # so the package's own series are on /metrics
+    engine = create_engine("sqlite://")
+    with engine.connect():  # so the package's own series are on /metrics
         pass
+    engine.dispose()  # closed, not left to the garbage collector (Python 3.13 warns)
     port = services.free_port()
     server, _ = telemetry.start_metrics_server(port, bearer_token="t0ken")
     try:
