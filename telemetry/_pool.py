@@ -45,7 +45,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import Pool, QueuePool, SingletonThreadPool, StaticPool
 from sqlalchemy.pool.base import _ConnectionFairy
 
-from . import _stacks
+from . import _sqltag, _stacks
 from ._integration import Integration
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
@@ -127,11 +127,16 @@ class _Config:
     max_owners = 100
     connection_limit: int | None = None
     application_name = True
+    statement_tag = True
     auto = True
 
     def load(self, settings: Any) -> None:
         self.service = settings.service
         self.application_name = settings.application_name
+        self.statement_tag = settings.statement_tag
+        _sqltag.CONFIG.application = application_name()
+        _sqltag.CONFIG.trace = settings.statement_tag_trace
+        _sqltag.reset()
         self.hold_threshold = settings.hold_threshold_seconds
         self.critical_ratio = settings.critical_usage_ratio
         self.critical_interval = settings.critical_log_interval_seconds
@@ -301,6 +306,8 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
             state.attach(pool)
             setattr(pool, _ATTR, state)
             _seen_pools.add(pool)
+            if CONFIG.statement_tag and key is not None:
+                _sqltag.tag_dialect(key)  # the engine's dialect: every statement names its owner
             return state
     except Exception as exc:
         hook_error("pool.register", exc)
@@ -832,6 +839,7 @@ def uninstall() -> None:
             else:
                 setattr(cls, "connect", orig)  # noqa: B010 - restoring a patched method
         _patched.clear()
+        _sqltag.untag_all()
         for pool in list(_seen_pools):
             pool.__dict__.pop(_ATTR, None)
         _seen_pools.clear()
@@ -856,6 +864,8 @@ def after_fork_in_child() -> None:
     _flag_lock = threading.Lock()
     _held.clear()
     _flagged.clear()
+    _sqltag.CONFIG.application = application_name()  # the child's own pid in its tags
+    _sqltag.reset()
 
 
 def states() -> dict[str, PoolState]:

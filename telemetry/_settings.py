@@ -212,6 +212,8 @@ _FIELDS: dict[str, _Field] = {
         ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
     ),
     "application_name": _Field(("TELEMETRY_APPLICATION_NAME",), _bool, lambda: True),
+    "statement_tag": _Field(("TELEMETRY_STATEMENT_TAG",), _bool, lambda: True),
+    "statement_tag_trace": _Field(("TELEMETRY_STATEMENT_TAG_TRACE",), _bool, lambda: False),
     "server_view_url": _Field(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True),
     "pgbouncer_url": _Field(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True),
     "shared_view_interval_seconds": _Field(
@@ -264,6 +266,8 @@ class Settings:
     metrics_addr: str
     connection_limit: int | None
     application_name: bool
+    statement_tag: bool
+    statement_tag_trace: bool
     server_view_url: str | None
     pgbouncer_url: str | None
     shared_view_interval_seconds: float

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _bounds
+from . import _bounds, _sqltag
 from ._integration import Integration
 from ._log import emit, hook_error
 from ._settings import ConfigError, mask_url
@@ -73,11 +73,16 @@ _LITERAL = re.compile(
 )
 
 
+_LEADING_COMMENTS = re.compile(r"^\s*(?:/\*.*?\*/\s*)+", re.S)
+
+
 def statement(text: str | None, limit: int = 300) -> str:
     """The statement without its parameters: literals (interpolated by client-side binding
-    drivers such as psycopg2) become ``?``; ``$1`` placeholders stay."""
+    drivers such as psycopg2) become ``?``; ``$1`` placeholders stay; leading comments (our
+    statement tag among them: its fields are reported on their own) go."""
     if not text:
         return ""
+    text = _LEADING_COMMENTS.sub("", text)
     return " ".join(_LITERAL.sub("?", text).split())[:limit]
 
 
@@ -577,7 +582,16 @@ class _Poller:
         server_client = pooler["server_client"] if pooler else {}
 
         def owner_of(row: dict[str, Any]) -> tuple[str, str, str, str]:
-            """(service, owner, host, trace_id) of the client holding this backend."""
+            """(service, owner, host, trace_id) of the client holding this backend: from the
+            statement tag of its current transaction (it travels through any pooler, and wins),
+            else the backend pid / client address and port join, else nobody of ours."""
+            if row["state"] != "idle":  # an idle backend's last statement names a past client
+                tag = _sqltag.parse(row.get("query"))
+                if tag:
+                    t_service, _tpid, t_host = parse_application(tag["application"])
+                    trace = tag.get("traceparent", "").split("-")
+                    return (_bounds.SERVICES(t_service), tag.get("owner", ""), t_host,
+                            trace[1] if len(trace) == 4 else "")  # fmt: skip
             _name, _pid, host = parse_application(row["app"])
             service = app_label(row["app"])
             known = owners.by_pid.get(row["pid"])

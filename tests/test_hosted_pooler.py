@@ -1,0 +1,181 @@
+"""Behind a transaction pooler that renames every client and has no console (Supabase's
+Supavisor, played here by a proxy that rewrites ``application_name`` in front of a real
+pgbouncer in transaction mode), the server view names who holds the server connections and who
+holds a lock, from the statement tags alone; a session without a tag is not ours."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import telemetry
+from telemetry.testing import capture_events
+
+from . import hostview, services
+from .renaming_proxy import RenamingProxy
+
+pytestmark = pytest.mark.integration
+_host, _value, _wait_for = hostview.host, hostview.value, hostview.wait_for
+
+_NEIGHBOUR = textwrap.dedent(
+    """
+    import sys, threading
+    from sqlalchemy import create_engine, text
+    import telemetry
+    url, holders, sql = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    telemetry.instrument(service="worker", tracing=False)
+    engine = create_engine(url, pool_size=holders, max_overflow=0)
+    ready, release = threading.Barrier(holders + 1), threading.Event()
+
+    def hold():
+        with telemetry.db_owner("save-concept"), engine.begin() as conn:
+            conn.execute(text(sql))
+            ready.wait()
+            release.wait(60)
+
+    threads = [threading.Thread(target=hold) for _ in range(holders)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    print("holding", flush=True)
+    sys.stdin.readline()  # held until the test says so
+    release.set()
+    for t in threads:
+        t.join()
+    engine.dispose()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def supavisor(pg: services.Postgres) -> Iterator[RenamingProxy]:
+    """pgbouncer (transaction mode, 4 server connections) behind the renaming proxy."""
+    with services.start_pgbouncer(pg, pool_size=4) as bouncer, RenamingProxy(bouncer.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def item(pg: services.Postgres) -> str:
+    pg.psql("create table if not exists hosted_item (id int primary key, n int); "
+            "insert into hosted_item values (1, 0) on conflict do nothing")  # fmt: skip
+    return "hosted_item"
+
+
+def _neighbour(url: str, holders: int, sql: str = "select 1") -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR, url, str(holders), sql], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "holding":
+        proc.kill()
+        raise AssertionError(proc.communicate()[1][-3000:])
+    return proc
+
+
+def _done(proc: subprocess.Popen[str]) -> None:
+    proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0
+
+
+def _direct(pg: services.Postgres) -> str:
+    return pg.url().replace("+psycopg", "")
+
+
+def test_the_neighbour_holding_every_server_connection_is_named(pg: services.Postgres, supavisor: RenamingProxy) -> None:
+    """A worker keeps the pooler's 4 server connections in transactions: on the server they all
+    read application "Supavisor", and the view names the worker and its owner anyway."""
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    neighbour = _neighbour(supavisor.url(), 4)
+    try:
+        assert _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="worker",
+                                        owner="save-concept") == 4, timeout=30)  # fmt: skip
+        host = _host(None)
+    finally:
+        _done(neighbour)
+    assert (_value(host, "db_server_connections", application="Supavisor") or 0) >= 4
+    assert _value(host, "db_server_connections", application="worker") is None  # the name never got through
+
+
+def test_a_three_deep_lock_chain_behind_the_pooler_names_each_service_and_owner(
+    pg: services.Postgres, supavisor: RenamingProxy, item: str
+) -> None:
+    """The worker holds a row lock; the API's first request waits for it, its second waits for
+    the first (a row's second waiter waits on the first): both events name the worker's owner
+    as the blocker, each victim by its own route, through asyncpg behind the pooler."""
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2,
+                         lock_wait_event_seconds=0.3)  # fmt: skip
+    neighbour = _neighbour(supavisor.url(), 1, f"select n from {item} where id = 1 for update")
+    engine = create_async_engine(supavisor.url("asyncpg"), pool_size=2, max_overflow=0,
+                                 connect_args={"statement_cache_size": 0}, pool_pre_ping=False)  # fmt: skip
+    done = threading.Event()
+
+    async def waiters() -> None:
+        async def update(owner: str) -> None:
+            with telemetry.db_owner(owner):
+                async with engine.begin() as conn:
+                    await conn.execute(text(f"update {item} set n = n + 1 where id = 1"))
+
+        first = asyncio.create_task(update("PUT /items/{id}/count"))
+        await asyncio.sleep(0)  # the first is queued on the row before the second
+        second = asyncio.create_task(update("PUT /items/{id}/title"))
+        await asyncio.to_thread(done.wait, 60)
+        await asyncio.gather(first, second)
+        await engine.dispose()
+
+    with capture_events("db_lock_wait") as events:
+        runner = threading.Thread(target=lambda: asyncio.run(waiters()))
+        runner.start()
+        try:
+            assert _wait_for(lambda: (_value(_host(None), "db_server_events_total", event="db_lock_wait") or 0) >= 2,
+                             timeout=30)  # fmt: skip
+            pairs = [dict(lb) for (n, lb), _v in _host(None).items() if n == "db_server_lock_blocking"]
+        finally:
+            _done(neighbour)
+            done.set()
+            runner.join(timeout=60)
+    assert {e["blocked_owner"] for e in events} == {"PUT /items/{id}/count", "PUT /items/{id}/title"}, events
+    for e in events:
+        assert (e["blocker_service"], e["blocker_owner"]) == ("worker", "save-concept"), e
+        assert e["blocked_service"] == "api" and e["blocker_host"] and e["blocked_host"]
+        assert "/*" not in e["blocker_statement"] and "for update" in e["blocker_statement"]
+    assert {(p["blocker_service"], p["blocker_owner"]) for p in pairs} == {("worker", "save-concept")}
+
+
+def test_a_session_without_a_tag_behind_the_pooler_is_not_ours(
+    pg: services.Postgres, supavisor: RenamingProxy, item: str
+) -> None:
+    import psycopg
+
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    with psycopg.connect(supavisor.url().replace("+psycopg", "")) as foreign:
+        foreign.execute(f"select n from {item} where id = 1 for update")
+
+        def waiter() -> None:
+            engine = create_async_engine(supavisor.url("asyncpg"), connect_args={"statement_cache_size": 0})
+
+            async def go() -> None:
+                with telemetry.db_owner("resume-step"):
+                    async with engine.begin() as conn:
+                        await conn.execute(text(f"update {item} set n = n where id = 1"))
+                await engine.dispose()
+
+            asyncio.run(go())
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        try:
+            assert _wait_for(lambda: [lb for (n, lb), _v in _host(None).items() if n == "db_server_lock_blocking"],
+                             timeout=30)  # fmt: skip
+            pairs = [dict(lb) for (n, lb), _v in _host(None).items() if n == "db_server_lock_blocking"]
+        finally:
+            foreign.rollback()
+            thread.join(timeout=30)
+    assert pairs == [{"blocker_service": "Supavisor", "blocker_owner": "unknown",
+                      "blocked_service": "api", "blocked_owner": "resume-step"}]  # fmt: skip
