@@ -213,6 +213,7 @@ _FIELDS: dict[str, _Field] = {
     ),
     "application_name": _Field(("TELEMETRY_APPLICATION_NAME",), _bool, lambda: True),
     "statement_tag": _Field(("TELEMETRY_STATEMENT_TAG",), _bool, lambda: True),
+    "shared_view_cluster": _Field(("TELEMETRY_SHARED_VIEW_CLUSTER",), _bool, lambda: True),
     "statement_tag_trace": _Field(("TELEMETRY_STATEMENT_TAG_TRACE",), _bool, lambda: False),
     "server_view_url": _Field(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True),
     "pgbouncer_url": _Field(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True),
@@ -267,6 +268,7 @@ class Settings:
     connection_limit: int | None
     application_name: bool
     statement_tag: bool
+    shared_view_cluster: bool
     statement_tag_trace: bool
     server_view_url: str | None
     pgbouncer_url: str | None

@@ -236,6 +236,13 @@ class _Published:
         for target, n in list(self.polls.items()):
             yield f"{target}_view_polls_total", (), n
 
+    def stand_down(self) -> None:
+        """Another host polls the server now: this one's figures go (they would only age)."""
+        with self._lock:
+            self.server, self.pooler = [], []
+        self.server_up = self.pooler_up = None
+        self.server_ok_at = self.pooler_ok_at = None
+
     def count_error(self, target: str, reason: str) -> None:
         with self._lock:
             self.errors[(target, reason)] = self.errors.get((target, reason), 0) + 1
@@ -321,6 +328,9 @@ from pg_stat_activity w
 join pg_locks l on l.pid = w.pid and not l.granted
 where w.wait_event_type = 'Lock'
 """
+#: the deployment's one poller holds this advisory lock (two keys: ``pg_locks.classid/objid``)
+CLUSTER_LOCK = (1952804205, 1)
+_CLUSTER_SQL = f"select pg_try_advisory_lock({CLUSTER_LOCK[0]}, {CLUSTER_LOCK[1]}) as held"
 _LIMIT_SQL = """
 select current_setting('max_connections')::int
      - current_setting('superuser_reserved_connections')::int
@@ -404,6 +414,8 @@ class _Poller:
         self.pooler_episodes: dict[str, float] = {}  # database -> last report
         self.logged_failure: set[str] = set()
         self.logged_missing: set[str] = set()
+        #: the cluster election: "" (not tried on this connection), "held", "waiting", "off"
+        self.cluster = "" if getattr(settings, "shared_view_cluster", True) else "off"
 
     def close(self) -> None:
         for conn in (self.server_conn, self.pooler_conn):
@@ -414,10 +426,43 @@ class _Poller:
 
     # ---------------------------------------------------------------- one round
 
+    def cluster_turn(self) -> str:
+        """Whether this host's poller is the deployment's: it holds PostgreSQL's advisory lock
+        ``CLUSTER_LOCK`` on its monitoring connection (held for the connection's life, released
+        by the server when the process or its connection dies; the other hosts' pollers, which
+        try again every interval, take over). Where the lock cannot be taken (the server
+        unreachable, a role without the right), this host polls for itself, as before.
+
+        Returns "lead" (poll everything), "wait" (another host polls) or "fallback" (the server
+        failed just now, counted: poll the pooler only)."""
+        s = self.settings
+        if not s.server_view_url or self.cluster == "off":
+            return "lead"
+        if self.cluster == "held" and self.server_conn is not None:
+            return "lead"
+        try:
+            (row,) = self._query("db_server", s.server_view_url, [_CLUSTER_SQL], admin=False)[0]
+            held = bool(row["held"])
+        except Exception as exc:
+            self._fail("db_server", exc, s.server_view_url)
+            self.cluster = ""
+            return "fallback"
+        if held:
+            self.cluster = "held"
+            return "lead"
+        if self.cluster == "held" or PUBLISHED.server_up is not None:  # another host polls now
+            PUBLISHED.stand_down()
+        self.cluster = "waiting"
+        self.logged_failure.discard("db_server")
+        return "wait"
+
     def poll(self) -> None:
         """One round. Each side fails on its own: a hung or odd pooler never stops the server
         view, and the reverse."""
         s = self.settings
+        turn = self.cluster_turn()
+        if turn == "wait":
+            return
         owners = Owners(_host_owners(s.multiproc_dir))
         pooler = None
         if s.pgbouncer_url:
@@ -428,7 +473,8 @@ class _Poller:
             PUBLISHED.polls["pgbouncer"] = PUBLISHED.polls.get("pgbouncer", 0) + 1
         if s.server_view_url:
             try:
-                self._server(owners, pooler)
+                if turn == "lead":
+                    self._server(owners, pooler)
             except Exception as exc:
                 self._fail("db_server", exc, s.server_view_url)
             PUBLISHED.polls["db_server"] = PUBLISHED.polls.get("db_server", 0) + 1
@@ -439,6 +485,8 @@ class _Poller:
         if target == "db_server":
             PUBLISHED.server_up = 0
             conn, self.server_conn = self.server_conn, None
+            if self.cluster != "off":
+                self.cluster = ""  # a new connection holds no lock: elect again
         else:
             PUBLISHED.pooler_up = 0
             conn, self.pooler_conn = self.pooler_conn, None

@@ -320,18 +320,16 @@ def _has(module: str) -> bool:
         return False
 
 
-def test_one_poller_per_host_and_two_hosts_each_name_their_side_of_a_lock(
-    pg: services.Postgres, row: str, tmp_path: Any
-) -> None:
-    """Host 1 (a directory): the worker holds the row lock; host 2: this process waits on it.
-    Each host runs one query set per interval whatever its process count; the blocker's host
-    names the blocker's owner, the blocked host the blocked owner, under one ``lock_key``."""
+def test_one_poller_for_two_hosts_names_both_sides_of_a_lock(pg: services.Postgres, row: str, tmp_path: Any) -> None:
+    """Host 1 (a directory, three processes): the worker holds the row lock; host 2: this process
+    waits on it. Each host has one monitoring connection (its leader), and of those exactly one
+    holds the deployment's advisory lock and runs the query set; that one poller names the
+    blocker's owner and the blocked owner alike (the statement tags carry both)."""
     host1, host2 = str(tmp_path / "h1"), str(tmp_path / "h2")
     os.mkdir(host1)
     os.mkdir(host2)
     server = pg.url().replace("+psycopg", "")
     lock_sql = f"select n from {row} where id = 1 for update"
-    # host 1: the lock holder and two more processes, all configured for the server view
     blocker = _start_worker(pg.url(), host1, 1, 8.0, server, lock_sql)
     idle = [_start_worker(pg.url(), host1, 1, 8.0, server) for _ in range(2)]
     theirs: list[dict[str, Any]] = []
@@ -345,29 +343,73 @@ def test_one_poller_per_host_and_two_hosts_each_name_their_side_of_a_lock(
             with telemetry.db_owner("PUT /items/{item_id}/count"), engine.begin() as conn:
                 conn.execute(text(f"update {row} set n = n + 1 where id = 1"))
 
+        def reported() -> float:
+            return sum(_value(_host(h), "db_server_events_total", event="db_lock_wait") or 0 for h in (host1, host2))
+
         with capture_events("db_lock_wait") as events:
             waiter = threading.Thread(target=update)
             waiter.start()
-            time.sleep(1.5)  # blocked by host 1's worker; every process has polled a few times
-            pollers = pg.psql(
-                "select count(*) from pg_stat_activity where application_name like 'telemetry-shared-view/%'"
-            )
+            assert _wait_for(lambda: reported() >= 1, timeout=30)
+            pollers = pg.psql("select count(*) from pg_stat_activity where application_name like 'telemetry-shared-view/%'")
+            holders = pg.psql(f"select count(*) from pg_locks where locktype = 'advisory' and granted "
+                              f"and classid = {_shared.CLUSTER_LOCK[0]} and objid = {_shared.CLUSTER_LOCK[1]}")  # fmt: skip
+            polls = {h: _value(_host(h), "db_server_view_polls_total") or 0 for h in (host1, host2)}
             waiter.join(30)
-            time.sleep(0.5)
         engine.dispose()
     finally:
         for proc in [blocker, *idle]:
             out, _err = proc.communicate(timeout=30)
             theirs.extend(json.loads(out.strip().splitlines()[-1]))
-    # one monitoring connection per host: host 1 (three processes) and host 2 (this one)
-    assert int(pollers) == 2
-    ours = [e for e in events if e["blocked_owner"] == "PUT /items/{item_id}/count"]
-    assert len(ours) == 1, events
-    assert ours[0]["blocker_service"] == "worker" and ours[0]["blocker_owner"] == "unknown"
-    assert ours[0]["blocker_host"]  # named by application_name: that host's view names the owner
-    # host 1's one poller (whichever of its three processes) names the blocker's owner
-    assert [e["blocker_owner"] for e in theirs] == ["content_task"], theirs
-    assert theirs[0]["blocked_service"] == "api" and theirs[0]["lock_key"] == ours[0]["lock_key"]
+    assert int(pollers) == 2  # one monitoring connection per host: host 1's three processes share one
+    assert int(holders) == 1  # one of them polls for the whole deployment
+    assert sorted(v > 0 for v in polls.values()) == [False, True], polls
+    mine = [e for e in events + theirs if e["blocked_owner"] == "PUT /items/{item_id}/count"]
+    assert len(mine) == 1, (events, theirs)
+    assert (mine[0]["blocker_service"], mine[0]["blocker_owner"]) == ("worker", "content_task")
+    assert mine[0]["blocked_service"] == "api" and mine[0]["blocker_host"]
+
+
+_POLLER = textwrap.dedent(
+    """
+    import sys, time
+    import telemetry
+    telemetry.instrument(service=sys.argv[3], multiproc_dir=sys.argv[1], server_view_url=sys.argv[2],
+                         shared_view_interval_seconds=0.2, flush_interval_seconds=0.1, sqlalchemy=False)
+    print("started", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_killed_cluster_poller_is_replaced_by_another_host(pg: services.Postgres, tmp_path: Any) -> None:
+    server = pg.url().replace("+psycopg", "")
+    procs = {}
+    for name in ("h1", "h2"):
+        os.mkdir(tmp_path / name)
+        procs[name] = subprocess.Popen([sys.executable, "-c", _POLLER, str(tmp_path / name), server, f"svc-{name}"],
+                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder_sql = ("select a.application_name from pg_locks l join pg_stat_activity a using (pid) "
+                  f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared.CLUSTER_LOCK[0]} "
+                  f"and l.objid = {_shared.CLUSTER_LOCK[1]}")  # fmt: skip
+    try:
+        first = _wait_for(lambda: pg.psql(holder_sql), timeout=30)
+        pid = int(first.split("/")[1].split("@")[0])
+        killed = next(n for n, p in procs.items() if p.pid == pid)
+        other = "h2" if killed == "h1" else "h1"
+        before = _value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0
+        assert before == 0  # the other host only contends
+        procs[killed].kill()
+        procs[killed].wait(timeout=30)
+        second = _wait_for(lambda: pg.psql(holder_sql) not in ("", first) and pg.psql(holder_sql), timeout=30)
+        assert int(second.split("/")[1].split("@")[0]) == procs[other].pid
+        assert _wait_for(lambda: (_value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0) > 0)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
 
 
 def test_failures_are_counted_and_never_reach_the_app(pg: services.Postgres, bouncer: services.Pgbouncer) -> None:
