@@ -153,8 +153,8 @@ class _RouteLabels:
     in-flight gauge and histograms, built once (building label tuples and looking series up per
     request was most of the middleware's own cost)."""
 
-    __slots__ = ("owner", "flight", "wait", "hold", "durations", "service", "method", "route",
-                 "generation")  # fmt: skip
+    __slots__ = ("owner", "flight", "wait", "hold", "server_wait", "durations", "service", "method",
+                 "route", "generation")  # fmt: skip
 
     def __init__(self, service: str, method: str, route: str) -> None:
         self.service, self.method, self.route = service, method, route
@@ -165,6 +165,7 @@ class _RouteLabels:
         self.flight = STATS.gauge_cell("http_server_requests_in_flight", flight)
         self.wait = STATS.histogram("http_server_pool_wait_seconds", split)
         self.hold = STATS.histogram("http_server_pool_hold_seconds", split)
+        self.server_wait = STATS.histogram("http_server_db_server_wait_seconds", split)
         self.durations: dict[int, Histogram] = {}
 
     def duration(self, status: int) -> Histogram:
@@ -260,6 +261,7 @@ class TelemetryMiddleware:
                 labels.duration(status or 500).observe(elapsed)
                 labels.wait.observe(account.wait)
                 labels.hold.observe(account.hold)
+                labels.server_wait.observe(account.server_wait)
                 labels.flight[0] -= 1
                 OWNER.reset(owner_token)
                 ACCOUNT.reset(account_token)

@@ -140,6 +140,14 @@ _SPECS: list[MetricSpec] = [
         "db.client.connection.create_time", CONNECT_BUCKETS,
     ),
     MetricSpec(
+        "db_server_wait_seconds", HISTOGRAM, ("service", "pool", "owner"), "seconds",
+        "Per transaction: the round trip of its first statement, measured by the client. A "
+        "transaction pooler assigns a server connection then, and a full server queues then: "
+        "the wait for a server connection outside the pool, read without the pooler's console "
+        "(an upper bound: it includes that statement's own run time). PostgreSQL engines.",
+        "", WAIT_BUCKETS,
+    ),
+    MetricSpec(
         "db_pool_connect_errors_total", COUNTER, POOL, "errors",
         "Checkouts that failed with an error other than the pool timeout (connect failures).",
     ),
@@ -242,6 +250,13 @@ _SPECS: list[MetricSpec] = [
     MetricSpec(
         "http_server_pool_hold_seconds", HISTOGRAM, ("service", "method", "route"), "seconds",
         "Per request: total time connections were held (overlaps add up).", "", HTTP_BUCKETS,
+    ),
+    MetricSpec(
+        "http_server_db_server_wait_seconds", HISTOGRAM, ("service", "method", "route"), "seconds",
+        "Per request: total time the first statements of its transactions took (waiting for a "
+        "server connection behind a transaction pooler or a full server; see "
+        "db_server_wait_seconds). A request's time splits into pool wait, this, and the rest.",
+        "", HTTP_BUCKETS,
     ),
     # ---------------------------------------------------------------- asyncio
     MetricSpec(

@@ -134,6 +134,8 @@ class _Config:
         self.service = settings.service
         self.application_name = settings.application_name
         self.statement_tag = settings.statement_tag
+        _sqltag.CONFIG.tag = settings.statement_tag
+        _sqltag.CONFIG.observe_first = _observe_server_wait
         _sqltag.CONFIG.application = application_name()
         _sqltag.CONFIG.trace = settings.statement_tag_trace
         _sqltag.reset()
@@ -154,7 +156,7 @@ class PoolState:
     __slots__ = (
         "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "cancelled",
         "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
-        "hold", "pool_ref", "critical_at", "max_connections", "last_critical",
+        "hold", "server_wait", "pool_ref", "critical_at", "max_connections", "last_critical",
         "last_timeout_log", "__weakref__",
     )  # fmt: skip
 
@@ -173,6 +175,7 @@ class PoolState:
         self.wait = Histogram(WAIT_BUCKETS)
         self.connect_time = Histogram(CONNECT_BUCKETS)
         self.hold: dict[str, Histogram] = {}
+        self.server_wait: dict[str, Histogram] = {}
         self.last_critical = self.last_timeout_log = -math.inf
 
     def attach(self, pool: Pool) -> None:
@@ -228,6 +231,8 @@ class PoolState:
         yield "db_pool_connect_seconds", lb, self.connect_time
         for owner, hist in list(self.hold.items()):
             yield "db_connection_hold_seconds", lb + (("owner", owner),), hist
+        for owner, hist in list(self.server_wait.items()):
+            yield "db_server_wait_seconds", lb + (("owner", owner),), hist
 
 
 # --------------------------------------------------------------------------- naming and states
@@ -306,8 +311,8 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
             state.attach(pool)
             setattr(pool, _ATTR, state)
             _seen_pools.add(pool)
-            if CONFIG.statement_tag and key is not None:
-                _sqltag.tag_dialect(key)  # the engine's dialect: every statement names its owner
+            if key is not None:  # the engine's dialect: statements name their owner, first ones timed
+                _sqltag.tag_dialect(key)
             return state
     except Exception as exc:
         hook_error("pool.register", exc)
@@ -557,6 +562,18 @@ def _on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, A
             cparams["application_name"] = application_name()
     except Exception as exc:
         hook_error("pool.application_name", exc)
+
+
+def _observe_server_wait(rec: Any, seconds: float) -> None:
+    """The first statement of a transaction on a held connection took ``seconds`` (from
+    ``_sqltag``): by owner, and into the request's account."""
+    h = _held.get(rec)
+    if h is None:
+        return
+    hist, _overflow = owner_histogram(h.state.server_wait, h.owner, WAIT_BUCKETS, CONFIG.max_owners)
+    hist.observe(seconds)
+    if h.account is not None:
+        h.account.server_wait += seconds
 
 
 def _local_peer(fd: int) -> tuple[str, int | None]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.parse
 import weakref
 from typing import Any
@@ -43,6 +44,9 @@ MAX_TAGGED_OWNERS = 1000
 class _Config:
     application = ""  # service/pid@host, set by the SQLAlchemy integration (and after fork)
     trace = False
+    tag = True  # statement tags (statement_tag); the first-statement timing is always on
+    #: (connection record, seconds): the first statement of a transaction took that long
+    observe_first: Any = None
 
 
 CONFIG = _Config()
@@ -84,14 +88,47 @@ def _traced(text: str) -> str:
     return text[:-3] + f",traceparent='{parent}'*/ "
 
 
+#: set on a connection record when its transaction begins; the first statement takes it
+_FIRST = "_telemetry_first_statement"
+_perf = time.perf_counter
+
+
+def _first(context: Any) -> Any:
+    """The connection record if this statement is the first of its transaction, else None."""
+    rec = getattr(getattr(context, "_dbapi_connection", None), "_connection_record", None)
+    if rec is not None and rec.__dict__.pop(_FIRST, False):
+        return rec
+    return None
+
+
+def _timed(rec: Any, t0: float) -> None:
+    try:
+        observe = CONFIG.observe_first
+        if observe is not None:
+            observe(rec, _perf() - t0)
+    except Exception as exc:
+        hook_error("sqltag.first_statement", exc)
+
+
 def tag_dialect(dialect: Any) -> None:
-    """Tag every statement this dialect runs from now on (idempotent; PostgreSQL only)."""
+    """Tag every statement this dialect runs from now on, and time the first statement of each
+    transaction: behind a transaction pooler that is when a server connection is assigned
+    (idempotent; PostgreSQL only)."""
     if getattr(dialect, "name", None) != "postgresql" or dialect.__dict__.get(_ATTR):
         return
     percent = getattr(dialect, "paramstyle", "") in ("format", "pyformat")
     do_execute, no_params, many = dialect.do_execute, dialect.do_execute_no_params, dialect.do_executemany
+    do_begin = dialect.do_begin
+
+    def begin(dbapi_connection: Any) -> Any:
+        rec = getattr(dbapi_connection, "_connection_record", None)
+        if rec is not None:
+            rec.__dict__[_FIRST] = True
+        return do_begin(dbapi_connection)
 
     def tagged(statement: str, with_params: bool) -> str:
+        if not CONFIG.tag:
+            return statement
         try:
             owner = _owner_get()
             pair = _tags.get(owner) or _make(owner)
@@ -104,22 +141,44 @@ def tag_dialect(dialect: Any) -> None:
             return statement
 
     def execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> Any:
-        return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
+        rec = _first(context)
+        if rec is None:
+            return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
+        t0 = _perf()
+        try:
+            return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
+        finally:
+            _timed(rec, t0)
 
     def execute_no_params(cursor: Any, statement: str, context: Any = None) -> Any:
-        return no_params(cursor, tagged(statement, False), context)
+        rec = _first(context)
+        if rec is None:
+            return no_params(cursor, tagged(statement, False), context)
+        t0 = _perf()
+        try:
+            return no_params(cursor, tagged(statement, False), context)
+        finally:
+            _timed(rec, t0)
 
     def executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> Any:
-        return many(cursor, tagged(statement, True), parameters, context)
+        rec = _first(context)
+        if rec is None:
+            return many(cursor, tagged(statement, True), parameters, context)
+        t0 = _perf()
+        try:
+            return many(cursor, tagged(statement, True), parameters, context)
+        finally:
+            _timed(rec, t0)
 
     dialect.do_execute, dialect.do_execute_no_params, dialect.do_executemany = execute, execute_no_params, executemany
+    dialect.do_begin = begin
     dialect.__dict__[_ATTR] = True
     _tagged.add(dialect)
 
 
 def untag_dialect(dialect: Any) -> None:
     if dialect.__dict__.pop(_ATTR, None):
-        for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+        for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_begin"):
             dialect.__dict__.pop(name, None)
 
 

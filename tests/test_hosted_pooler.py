@@ -57,8 +57,10 @@ _NEIGHBOUR = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def supavisor(pg: services.Postgres) -> Iterator[RenamingProxy]:
-    """pgbouncer (transaction mode, 4 server connections) behind the renaming proxy."""
+    """pgbouncer (transaction mode, 4 server connections) behind the renaming proxy; the
+    pgbouncer's console is for the test's own eyes only (``proxy.bouncer``)."""
     with services.start_pgbouncer(pg, pool_size=4) as bouncer, RenamingProxy(bouncer.port) as proxy:
+        proxy.bouncer = bouncer  # type: ignore[attr-defined]
         yield proxy
 
 
@@ -179,3 +181,70 @@ def test_a_session_without_a_tag_behind_the_pooler_is_not_ours(
             thread.join(timeout=30)
     assert pairs == [{"blocker_service": "Supavisor", "blocker_owner": "unknown",
                       "blocked_service": "api", "blocked_owner": "resume-step"}]  # fmt: skip
+
+
+def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services.Postgres, supavisor: RenamingProxy) -> None:
+    """The neighbour holds the 4 server connections; a page of the API checks out a connection
+    of its own pool at once and then waits in the pooler's queue until one is free. That wait is
+    the first statement of its transaction: measured per owner and per request without the
+    pooler's console, and not counted as pool wait."""
+    import time
+
+    import httpx
+    import psycopg
+    from fastapi import FastAPI
+
+    telemetry.instrument(service="api", tracing=False)
+    engine = create_async_engine(supavisor.url("asyncpg"), pool_size=2, max_overflow=0,
+                                 connect_args={"statement_cache_size": 0})  # fmt: skip
+    app = FastAPI()
+
+    @app.get("/roadmaps")
+    async def roadmaps() -> dict:
+        async with engine.connect() as conn:
+            return {"n": (await conn.execute(text("select 1"))).scalar()}
+
+    async def warm_then_page() -> int:
+        async with engine.connect() as conn:  # a connection in the pool, so the page does not connect
+            await conn.execute(text("select 1"))
+        warmed.set()
+        await asyncio.to_thread(go.wait, 60)  # the neighbour holds every server connection now
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            started.set()
+            response = await client.get("/roadmaps")
+        await engine.dispose()
+        return response.status_code
+
+    warmed, go, started = threading.Event(), threading.Event(), threading.Event()
+    status: list[int] = []
+    neighbour = None
+    admin = psycopg.connect(supavisor.bouncer.admin_url, autocommit=True, prepare_threshold=None)  # type: ignore[attr-defined]
+
+    def waiting() -> bool:
+        cur = admin.execute("SHOW POOLS")
+        names = [d.name for d in cur.description or []]
+        return any(dict(zip(names, r, strict=True))["cl_waiting"] > 0 for r in cur.fetchall())
+
+    runner = threading.Thread(target=lambda: status.append(asyncio.run(warm_then_page())))
+    runner.start()
+    try:
+        assert warmed.wait(30)
+        neighbour = _neighbour(supavisor.url(), 4)
+        start = time.monotonic()
+        go.set()
+        assert started.wait(30) and _wait_for(waiting, timeout=30)  # the page queues at the pooler
+    finally:
+        released = time.monotonic()
+        go.set()
+        if neighbour is not None:
+            _done(neighbour)
+        runner.join(timeout=60)
+        admin.close()
+    queued = released - start
+    assert status == [200]
+    server_wait = telemetry.testing.sample("db_server_wait_seconds_sum", service="api", owner="GET /roadmaps")
+    request_wait = telemetry.testing.sample("http_server_db_server_wait_seconds_sum", route="/roadmaps")
+    pool_wait = telemetry.testing.sample("http_server_pool_wait_seconds_sum", route="/roadmaps")
+    assert server_wait >= 0.5 * queued, (server_wait, queued)
+    assert request_wait == pytest.approx(server_wait, rel=0.01)
+    assert pool_wait < 0.2 * server_wait  # the pool had room: this was not pool wait
