@@ -17,6 +17,10 @@ POOL_USAGE_LOG = 0.90
 HOLD_SECONDS_WARNING = 5.0
 #: Checkout wait p95 (seconds) that raises the wait alert.
 WAIT_P95_SECONDS_WARNING = 1.0
+#: p95 of the first statement of transactions (the wait for a server connection behind a
+#: transaction pooler or a full server) that raises DbServerWaitHigh.
+SERVER_WAIT_P95_SECONDS_WARNING = 1.0
+FOR_SERVER_WAIT = "5m"
 #: Event-loop lag (seconds) counted as blocked.
 LOOP_BLOCKED_SECONDS = 0.5
 

@@ -33,21 +33,27 @@ _NEIGHBOUR = textwrap.dedent(
     url, holders, sql = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     telemetry.instrument(service="worker", tracing=False)
     engine = create_engine(url, pool_size=holders, max_overflow=0)
-    ready, release = threading.Barrier(holders + 1), threading.Event()
+    ready = threading.Barrier(holders + 1)
+    releases = [threading.Event() for _ in range(holders)]
 
-    def hold():
+    def hold(release):
         with telemetry.db_owner("save-concept"), engine.begin() as conn:
             conn.execute(text(sql))
             ready.wait()
             release.wait(60)
 
-    threads = [threading.Thread(target=hold) for _ in range(holders)]
+    threads = [threading.Thread(target=hold, args=(r,)) for r in releases]
     for t in threads:
         t.start()
     ready.wait()
     print("holding", flush=True)
-    sys.stdin.readline()  # held until the test says so
-    release.set()
+    for line in sys.stdin:  # "one": end one transaction; anything else (or EOF): all of them
+        if line.strip() == "one" and releases:
+            releases.pop().set()
+            continue
+        break
+    for r in releases:
+        r.set()
     for t in threads:
         t.join()
     engine.dispose()
@@ -82,8 +88,14 @@ def _neighbour(url: str, holders: int, sql: str = "select 1") -> subprocess.Pope
 
 
 def _done(proc: subprocess.Popen[str]) -> None:
-    proc.communicate("go\n", timeout=60)
+    proc.communicate("all\n", timeout=60)
     assert proc.returncode == 0
+
+
+def _release_one(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("one\n")
+    proc.stdin.flush()
 
 
 def _direct(pg: services.Postgres) -> str:
@@ -194,7 +206,7 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
     import psycopg
     from fastapi import FastAPI
 
-    telemetry.instrument(service="api", tracing=False)
+    telemetry.instrument(service="api", tracing=False, server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
     engine = create_async_engine(supavisor.url("asyncpg"), pool_size=2, max_overflow=0,
                                  connect_args={"statement_cache_size": 0})  # fmt: skip
     app = FastAPI()
@@ -205,15 +217,29 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
             return {"n": (await conn.execute(text("select 1"))).scalar()}
 
     async def warm_then_page() -> int:
-        async with engine.connect() as conn:  # a connection in the pool, so the page does not connect
-            await conn.execute(text("select 1"))
+        async with engine.connect() as one, engine.connect() as two:  # pooled: the pages do not connect
+            await one.execute(text("select 1"))
+            await two.execute(text("select 1"))
         warmed.set()
         await asyncio.to_thread(go.wait, 60)  # the neighbour holds every server connection now
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             started.set()
-            response = await client.get("/roadmaps")
+            pages = await asyncio.gather(client.get("/roadmaps"), client.get("/roadmaps"))  # the pool: 2 of 2
+            # the server view's next poll sees the neighbour's three remaining transactions
+            assert await asyncio.to_thread(_wait_for, lambda: _value(_host(None), "db_server_connections_by_owner",
+                                                                       service="worker") == 3)  # fmt: skip
+            findings.extend(await asyncio.to_thread(_findings))
         await engine.dispose()
-        return response.status_code
+        return max(p.status_code for p in pages)
+
+    def _findings() -> list[str]:
+        from prometheus_client import generate_latest
+
+        from telemetry.tools import diagnose, report
+
+        return diagnose.findings(report.parse(generate_latest().decode()))
+
+    findings: list[str] = []
 
     warmed, go, started = threading.Event(), threading.Event(), threading.Event()
     status: list[int] = []
@@ -232,9 +258,11 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
         neighbour = _neighbour(supavisor.url(), 4)
         start = time.monotonic()
         go.set()
-        assert started.wait(30) and _wait_for(waiting, timeout=30)  # the page queues at the pooler
-    finally:
+        assert started.wait(30) and _wait_for(waiting, timeout=30)  # the pages queue at the pooler
         released = time.monotonic()
+        _release_one(neighbour)  # one server connection frees up: the pages pass one after the other
+        runner.join(timeout=60)  # (the neighbour still holds the other three while diagnose looks)
+    finally:
         go.set()
         if neighbour is not None:
             _done(neighbour)
@@ -248,3 +276,8 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
     assert server_wait >= 0.5 * queued, (server_wait, queued)
     assert request_wait == pytest.approx(server_wait, rel=0.01)
     assert pool_wait < 0.2 * server_wait  # the pool had room: this was not pool wait
+    # diagnose, from this process's /metrics after the pages: the server side, not the API's pool
+    said = " ".join(findings)
+    assert "Server connections: api's checked-out connections spent" in said, findings
+    assert "worker 'save-concept'" in said and "not api's pool" in said
+    assert not [f for f in findings if f.startswith("Pool: the busiest api")], findings

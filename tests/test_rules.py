@@ -140,6 +140,11 @@ CASES = [
           "Checkouts of api wait for connections on main-db",
           "p95 checkout wait on main-db (api) is 2.425s: requests spend that long before their "
           "first query."),
+    _case("DbServerWaitHigh", _hist("db_server_wait_seconds", {"0.5": 0, "1.0": 0, "2.5": 10, "+Inf": 10}),
+          "5m", "6m", {"service": "api", "pool": "main-db"},
+          "Transactions of api wait for a server connection on main-db",
+          "p95 of the first statement of api's transactions on main-db is 2.425s: the pooler or the "
+          "server is full; the pool is not the cause."),
     # 6 timeouts a minute from t=0; at 2m rate()[5m] over 3 samples extrapolates to 0.04/s
     _case("DbPoolCheckoutTimeouts", [{"series": f"db_pool_timeouts_total{{{POOL}}}", "values": "0+6x30"}],
           "1m", "2m", {"service": "api", "pool": "main-db"},
@@ -312,8 +317,9 @@ CASES = [
              "DbPoolConnectErrors", "DbPoolPendingRequests"]),
     _silent("budget within the limit", BUDGET + _limit(50), "20m", ["DbConnectionBudgetExceeded"]),
     _silent("fast holds and waits", _hist("db_connection_hold_seconds", {"0.1": 10, "5.0": 10, "+Inf": 10})
-            + _hist("db_pool_checkout_wait_seconds", {"0.01": 10, "1.0": 10, "+Inf": 10}), "20m",
-            ["DbConnectionHoldTooLong", "DbPoolCheckoutWaitHigh"]),
+            + _hist("db_pool_checkout_wait_seconds", {"0.01": 10, "1.0": 10, "+Inf": 10})
+            + _hist("db_server_wait_seconds", {"0.01": 10, "1.0": 10, "+Inf": 10}), "20m",
+            ["DbConnectionHoldTooLong", "DbPoolCheckoutWaitHigh", "DbServerWaitHigh"]),
 ]  # fmt: skip
 
 

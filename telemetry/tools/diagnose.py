@@ -35,7 +35,8 @@ USED_GAUGES = (
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
-USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds")
+USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
+                   "db_server_wait_seconds", "db_connection_hold_seconds")
 _WINDOW = re.compile(r"^[1-9][0-9]*[smhd]$")
 
 
@@ -135,6 +136,7 @@ def findings(samples: Samples) -> list[str]:
     out.extend(_locks(samples))
     out.extend(_idle(samples))
     out.extend(_server(samples))
+    out.extend(_server_waits(samples))
     out.extend(_pools(samples))
     out.extend(_semaphores(samples))
     out.extend(_redis(samples))
@@ -222,7 +224,7 @@ def beyond_the_pools(samples: Samples) -> list[str]:
     """The findings a pool-only report lacks: pooler, locks, idle transactions, the server,
     Redis pools and Celery capacity (the demo's report adds them to its own diagnosis)."""
     out: list[str] = []
-    for part in (_pooler, _locks, _idle, _server, _semaphores, _redis, _celery, _views):
+    for part in (_pooler, _locks, _idle, _server, _server_waits, _semaphores, _redis, _celery, _views):
         out.extend(part(samples))
     return out
 
@@ -311,10 +313,47 @@ def _server(samples: Samples) -> list[str]:
             "the next pool growth gets refused (DbServerConnectionsNearMax)."]  # fmt: skip
 
 
+#: a service whose checked-out connections spent at least this share of their hold time waiting
+#: for a server connection is starved from outside its pool, not by its pool
+SERVER_WAIT_SHARE = 0.5
+
+
+def waiting_for_server(samples: Samples) -> dict[str, tuple[float, float | None]]:
+    """Services whose connections waited mostly for the server side: service -> (share of hold
+    time spent in first statements of transactions, p95 of those)."""
+    waits: dict[str, float] = {}
+    holds: dict[str, float] = {}
+    for lb, v in _rows(samples, "db_server_wait_seconds_sum"):
+        waits[lb.get("service", "")] = waits.get(lb.get("service", ""), 0.0) + v
+    for lb, v in _rows(samples, "db_connection_hold_seconds_sum"):
+        holds[lb.get("service", "")] = holds.get(lb.get("service", ""), 0.0) + v
+    out = {}
+    for service, waited in waits.items():
+        held = holds.get(service, 0.0)
+        if held > 0 and waited / held >= SERVER_WAIT_SHARE:
+            out[service] = (min(1.0, waited / held), quantile(0.95, samples, "db_server_wait_seconds", service=service))
+    return out
+
+
+def _server_waits(samples: Samples) -> list[str]:
+    """Connections checked out but queued for a server connection (a transaction pooler that
+    renames its clients and has no console included): name who holds the server side."""
+    out = []
+    for service, (share, p95) in sorted(waiting_for_server(samples).items()):
+        others = {k: n for k, n in _owners(samples).items() if k[0] != service and n > 0}
+        who = f" Server connections are held by {_fmt_owners(others)}." if others else ""
+        out.append(f"Server connections: {service}'s checked-out connections spent {share * 100:.0f}% of their "
+                   f"hold time waiting for a server connection (first statements of transactions, p95 "
+                   f"{p95 or 0:.2f} s): the pooler or the server is full, not {service}'s pool.{who} Shorten "
+                   "those transactions; a bigger pool would only queue more (DbServerWaitHigh).")  # fmt: skip
+    return out
+
+
 def _pools(samples: Samples) -> list[str]:
     out = []
+    starved = waiting_for_server(samples)
     for service, usage in sorted(usage_by_service(samples).items()):
-        if usage >= T.POOL_USAGE_WARNING:
+        if usage >= T.POOL_USAGE_WARNING and service not in starved:
             p95 = quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=service)
             out.append(f"Pool: the busiest {service} process has {usage * 100:.0f}% of its pool checked out "
                        f"(checkout wait p95 {p95 or 0:.2f} s since start).")  # fmt: skip

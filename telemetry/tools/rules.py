@@ -31,6 +31,8 @@ RECORDING: list[tuple[str, str]] = [
      f"histogram_quantile(0.95, sum by (le, {POOL_LABELS}) (rate(db_connection_hold_seconds_bucket[5m])))"),
     ("service_pool:db_pool_checkout_wait_seconds:p95_5m",
      f"histogram_quantile(0.95, sum by (le, {POOL_LABELS}) (rate(db_pool_checkout_wait_seconds_bucket[5m])))"),
+    ("service_pool:db_server_wait_seconds:p95_5m",
+     f"histogram_quantile(0.95, sum by (le, {POOL_LABELS}) (rate(db_server_wait_seconds_bucket[5m])))"),
     ("service_pool:db_pool_timeouts:rate5m",
      f"sum by ({POOL_LABELS}) (rate(db_pool_timeouts_total[5m]))"),
     ("service_pool:db_pool_connect_errors:rate5m",
@@ -177,6 +179,15 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
             "Checkouts of {{ $labels.service }} wait for connections on {{ $labels.pool }}",
             "p95 checkout wait on {{ $labels.pool }} ({{ $labels.service }}) is "
             "{{ $value | humanizeDuration }}: requests spend that long before their first query.",
+        ),
+        Alert(
+            "DbServerWaitHigh",
+            f"service_pool:db_server_wait_seconds:p95_5m > {T.SERVER_WAIT_P95_SECONDS_WARNING:g}",
+            T.FOR_SERVER_WAIT, "warning",
+            "Transactions of {{ $labels.service }} wait for a server connection on {{ $labels.pool }}",
+            "p95 of the first statement of {{ $labels.service }}'s transactions on {{ $labels.pool }} is "
+            "{{ $value | humanizeDuration }}: the pooler or the server is full; the pool is not the cause.",
+            dashboard_uid=T.DASHBOARD_UID_SERVER,
         ),
         Alert(
             "RedisPoolUsageWarning",

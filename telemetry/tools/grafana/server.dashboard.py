@@ -60,6 +60,13 @@ dashboard = dashboard(
              "`db_pooler_waiting`, `db_lock_wait` and `db_idle_in_transaction` events carry the same "
              "join with trace ids. Runbooks: PgbouncerClientsWaiting, DbLockWaitLong, "
              "DbIdleInTransactionLong, DbServerConnectionsNearMax.", (12, 36, 12, 8)),
+        series("Waiting for a server connection (first statement of transactions), p95", [
+            ("histogram_quantile(0.95, sum by (le, service, owner) "
+             "(rate(db_server_wait_seconds_bucket{service=~\"$service\"}[$__rate_interval])))",
+             "{{service}} {{owner}}"),
+        ], SECONDS, (0, 44, 24, 8), "Measured by each client, no pooler console needed: behind a transaction "
+           "pooler a server connection is assigned at a transaction's first statement (DbServerWaitHigh).",
+           lines=(T.SERVER_WAIT_P95_SECONDS_WARNING,)),
     ],
     pool=False,
 )  # fmt: skip
