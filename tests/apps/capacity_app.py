@@ -11,7 +11,8 @@ import time
 
 import telemetry
 
-telemetry.instrument(service=os.environ.get("TELEMETRY_SERVICE_NAME", "capacity-worker"))
+if not telemetry.is_instrumented():  # imported by the API test process too, which instrumented itself
+    telemetry.instrument(service=os.environ.get("TELEMETRY_SERVICE_NAME", "capacity-worker"))
 
 from celery import Celery  # noqa: E402
 
