@@ -196,7 +196,7 @@ def test_pipeline_end_to_end(stack):
     api_events = _json_lines(stack["api_log"])
     blocked = [e for e in api_events if e.get("event") == "event_loop_blocked" and e.get("status") == "blocked"]
     assert blocked, api_events[-20:]
-    assert "content_pipeline/api.py" in blocked[0]["call_site"] and "in blocking" in blocked[0]["call_site"]
+    assert "tools/pipeline/api.py" in blocked[0]["call_site"] and "in blocking" in blocked[0]["call_site"]
     assert blocked[0].get("trace_id") and len(blocked[0]["trace_id"]) == 32
 
 
