@@ -1,0 +1,122 @@
+"""Cost of the statement tag per statement, side by side in one run.
+
+Against a real PostgreSQL (``--database-url``, psycopg 3 and asyncpg): ``select 1`` executed
+``--n`` times on one checked-out connection, in a fresh process per configuration, the
+configurations alternating over ``--rounds``, best round kept:
+
+* bare: no telemetry;
+* telemetry, tag off: ``instrument(statement_tag=False)`` (the dialect's execute methods are
+  still wrapped: the first statement of each transaction is timed);
+* telemetry, tag on: ``instrument()`` (the default: every statement carries the tag).
+
+    python benchmarks/statement_tag.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import asyncio, json, sys, time
+from sqlalchemy import create_engine, text
+config, url, driver, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if config != "bare":
+    import telemetry
+    telemetry.instrument(service="bench", statement_tag=(config == "tag-on"), tracing=False)
+stmt = text("select 1")
+if driver == "asyncpg":
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def go():
+        engine = create_async_engine(url.replace("postgresql://", "postgresql+asyncpg://"))
+        async with engine.connect() as conn:
+            for _ in range(200):
+                await conn.execute(stmt)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await conn.execute(stmt)
+            elapsed = time.perf_counter() - t0
+        await engine.dispose()
+        return elapsed
+
+    elapsed = asyncio.run(go())
+else:
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as conn:
+        for _ in range(200):
+            conn.execute(stmt)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            conn.execute(stmt)
+        elapsed = time.perf_counter() - t0
+    engine.dispose()
+print(json.dumps({"us": elapsed / n * 1e6}))
+"""
+
+CONFIGS = ("bare", "tag-off", "tag-on")
+
+MICRO = r"""
+import json, sys, time
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+config, n = sys.argv[1], int(sys.argv[2])
+
+class Cursor:
+    def execute(self, statement, parameters=None):
+        pass
+
+dialect = PGDialect_psycopg()
+if config != "bare":
+    import telemetry
+    from telemetry import _sqltag
+    telemetry.instrument(service="bench", statement_tag=(config == "tag-on"), tracing=False)
+    _sqltag.tag_dialect(dialect)
+cursor, params = Cursor(), {"x": 1}
+with __import__("telemetry").db_owner("GET /items/{id}") if config != "bare" else __import__("contextlib").nullcontext():
+    for _ in range(10000):
+        dialect.do_execute(cursor, "select %(x)s", params, None)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dialect.do_execute(cursor, "select %(x)s", params, None)
+    elapsed = time.perf_counter() - t0
+print(json.dumps({"us": elapsed / n * 1e6}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--database-url", required=True, help="postgresql://user@127.0.0.1:PORT/db")
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEMETRY_", "OTEL_"))}
+    print("the package's own cost: the dialect's do_execute on a cursor that does nothing, 200,000 calls")
+    print(f"{'configuration':<10} {'us/statement':>13} {'vs bare':>9}")
+    micro = {c: float("inf") for c in CONFIGS}
+    for _ in range(args.rounds):
+        for config in CONFIGS:
+            out = subprocess.run([sys.executable, "-c", MICRO, config, "200000"], capture_output=True, text=True,
+                                 env=env, check=True, timeout=600)  # fmt: skip
+            micro[config] = min(micro[config], json.loads(out.stdout.strip().splitlines()[-1])["us"])
+    for config in CONFIGS:
+        print(f"{config:<10} {micro[config]:>13.3f} {micro[config] - micro['bare']:>+9.3f}")
+    print()
+    print(f"round trips: {args.n} x select 1 per round, {args.rounds} rounds, best round (microseconds per statement)")
+    print(f"{'driver':<9} {'configuration':<10} {'us/statement':>13} {'vs bare':>9}")
+    print("-" * 45)
+    for driver in ("psycopg", "asyncpg"):
+        best = {c: float("inf") for c in CONFIGS}
+        for _ in range(args.rounds):
+            for config in CONFIGS:
+                out = subprocess.run([sys.executable, "-c", CHILD, config, args.database_url, driver, str(args.n)],
+                                     capture_output=True, text=True, env=env, check=True, timeout=600)  # fmt: skip
+                best[config] = min(best[config], json.loads(out.stdout.strip().splitlines()[-1])["us"])
+        for config in CONFIGS:
+            print(f"{driver:<9} {config:<10} {best[config]:>13.2f} {best[config] - best['bare']:>+9.2f}")
+
+
+if __name__ == "__main__":
+    main()
