@@ -75,7 +75,7 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             from ._asgi import ASGIIntegration
 
             runtime.add(ASGIIntegration())
-        if loaded.server_view_url or loaded.pgbouncer_url:
+        if loaded.server_view_url or loaded.pgbouncer_url or loaded.pooler_metrics_url:
             from ._shared import SharedViewIntegration
 
             runtime.add(SharedViewIntegration())

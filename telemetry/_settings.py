@@ -138,6 +138,16 @@ def _dsn(raw: Any) -> str | None:
     return "postgresql://" + rest
 
 
+def _http_url(raw: Any) -> str | None:
+    """An http(s) URL (credentials as ``user:password@`` allowed) or empty for off."""
+    text = str(raw).strip() if raw is not None else ""
+    if not text:
+        return None
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) < 1:
+        raise ValueError("an http:// or https:// URL of a Prometheus-format endpoint (or empty: off)")
+    return text
+
+
 #: ``password=...`` (and ``sslpassword=``) in a URL's query or a libpq key/value string, quoted
 #: or not: libpq accepts a password in either place
 _PASSWORD_PARAM = re.compile(r"(?i)(\b(?:\w*password|passwd)\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s;]*)")
@@ -217,6 +227,7 @@ _FIELDS: dict[str, _Field] = {
     "statement_tag_trace": _Field(("TELEMETRY_STATEMENT_TAG_TRACE",), _bool, lambda: False),
     "server_view_url": _Field(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True),
     "pgbouncer_url": _Field(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True),
+    "pooler_metrics_url": _Field(("TELEMETRY_POOLER_METRICS_URL",), _http_url, lambda: None, secret=True),
     "shared_view_interval_seconds": _Field(
         ("TELEMETRY_SHARED_VIEW_INTERVAL_SECONDS",), _number(0.2, 300.0, low_open=False), lambda: 1.0
     ),
@@ -272,6 +283,7 @@ class Settings:
     statement_tag_trace: bool
     server_view_url: str | None
     pgbouncer_url: str | None
+    pooler_metrics_url: str | None
     shared_view_interval_seconds: float
     shared_view_timeout_seconds: float
     lock_wait_event_seconds: float

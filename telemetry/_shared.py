@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _bounds, _sqltag
+from . import _bounds, _pooler_metrics, _sqltag
 from ._integration import Integration
 from ._log import emit, hook_error
 from ._settings import ConfigError, mask_url
@@ -260,6 +260,7 @@ def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}".lower()
     for needle, reason in (("timeout", "timeout"), ("canceling statement", "timeout"),
                            ("refused", "refused"), ("password", "auth"), ("authentication", "auth"),
+                           ("401", "auth"), ("unauthorized", "auth"),
                            ("permission", "permission"), ("not allowed", "permission"),
                            ("does not exist", "not_found")):  # fmt: skip
         if needle in text:
@@ -465,6 +466,12 @@ class _Poller:
             return
         owners = Owners(_host_owners(s.multiproc_dir))
         pooler = None
+        if s.pooler_metrics_url and not s.pgbouncer_url:  # the pooler's own metrics: no console
+            try:
+                self._pooler_metrics()
+            except Exception as exc:
+                self._fail("pgbouncer", exc, _pooler_metrics.describe(s.pooler_metrics_url)["url"])
+            PUBLISHED.polls["pgbouncer"] = PUBLISHED.polls.get("pgbouncer", 0) + 1
         if s.pgbouncer_url:
             try:
                 pooler = self._pooler(owners)
@@ -511,6 +518,23 @@ class _Poller:
             setattr(self, attr, conn)
         with _Deadline(conn, timeout):
             return [_rows(conn, sql) for sql in sqls]
+
+    # ---------------------------------------------------------------- the pooler's metrics
+
+    def _pooler_metrics(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        text = _pooler_metrics.fetch(s.pooler_metrics_url, s.shared_view_timeout_seconds)
+        out, understood = _pooler_metrics.samples(text)
+        if not understood:
+            raise LookupError(f"no pooler metric family found at {_pooler_metrics.describe(s.pooler_metrics_url)['url']}"
+                              " (does not exist: pgbouncer_exporter, Supavisor, PgCat or Neon families expected)")
+        PUBLISHED.pooler_seconds = round(time.perf_counter() - t0, 6)
+        self.logged_failure.discard("pgbouncer")
+        with PUBLISHED._lock:
+            PUBLISHED.pooler = out
+        PUBLISHED.pooler_up = 1
+        PUBLISHED.pooler_ok_at = time.time()
 
     # ---------------------------------------------------------------- pgbouncer
 
@@ -837,7 +861,7 @@ class SharedViewIntegration(Integration):
 
     def install(self, runtime: Any) -> None:
         s = self.settings = runtime.settings
-        if not driver_available():
+        if (s.server_view_url or s.pgbouncer_url) and not driver_available():
             raise ConfigError(
                 "invalid TELEMETRY_SERVER_VIEW_URL / TELEMETRY_PGBOUNCER_URL: the server and pooler "
                 "view need the psycopg (3) or psycopg2 driver installed (pip install psycopg)"
@@ -848,7 +872,8 @@ class SharedViewIntegration(Integration):
     def _start(self) -> None:
         # every failure reason and event exists at 0 from the start (absent is not zero)
         targets = [t for t, url in (("db_server", self.settings.server_view_url),
-                                    ("pgbouncer", self.settings.pgbouncer_url)) if url]  # fmt: skip
+                                    ("pgbouncer", self.settings.pgbouncer_url or self.settings.pooler_metrics_url))
+                   if url]  # fmt: skip
         with PUBLISHED._lock:
             for target in targets:
                 for reason in REASONS:

@@ -1,0 +1,148 @@
+"""The pooler's own metrics when they are readable (no console): a Prometheus-format endpoint,
+behind basic auth as Supabase's Metrics API is, mapped into the pooler view. The expositions
+are written from each project's documentation (prometheus-community pgbouncer_exporter,
+Supavisor, PgCat, Neon): none of these poolers runs here. The credentials never reach a log."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import telemetry
+from telemetry import _pooler_metrics
+from telemetry.testing import capture_events
+
+from . import hostview
+
+_host, _value, _wait_for = hostview.host, hostview.value, hostview.wait_for
+
+PGBOUNCER_EXPORTER = """\
+# HELP pgbouncer_pools_client_active_connections Client connections linked to server connection
+# TYPE pgbouncer_pools_client_active_connections gauge
+pgbouncer_pools_client_active_connections{database="postgres",user="app"} 4
+# TYPE pgbouncer_pools_client_waiting_connections gauge
+pgbouncer_pools_client_waiting_connections{database="postgres",user="app"} 22
+# TYPE pgbouncer_pools_client_maxwait_seconds gauge
+pgbouncer_pools_client_maxwait_seconds{database="postgres",user="app"} 2.5
+# TYPE pgbouncer_pools_server_active_connections gauge
+pgbouncer_pools_server_active_connections{database="postgres",user="app"} 4
+# TYPE pgbouncer_pools_server_idle_connections gauge
+pgbouncer_pools_server_idle_connections{database="postgres",user="app"} 0
+# TYPE pgbouncer_stats_client_wait_seconds_total counter
+pgbouncer_stats_client_wait_seconds_total{database="postgres"} 96.5
+# TYPE pgbouncer_stats_sql_transactions_pooled_total counter
+pgbouncer_stats_sql_transactions_pooled_total{database="postgres"} 1234
+# TYPE pgbouncer_databases_pool_size gauge
+pgbouncer_databases_pool_size{name="postgres",host="db",port="5432",database="postgres"} 4
+"""
+SUPAVISOR = """\
+# TYPE supavisor_pool_checkout_duration_local histogram
+supavisor_pool_checkout_duration_local_bucket{tenant="dev_tenant",user="postgres",mode="transaction",le="1.0"} 2
+supavisor_pool_checkout_duration_local_bucket{tenant="dev_tenant",user="postgres",mode="transaction",le="+Inf"} 10
+supavisor_pool_checkout_duration_local_sum{tenant="dev_tenant",user="postgres",mode="transaction"} 1500.0
+supavisor_pool_checkout_duration_local_count{tenant="dev_tenant",user="postgres",mode="transaction"} 10
+# TYPE supavisor_connections_active gauge
+supavisor_connections_active{tenant="dev_tenant"} 12
+"""
+PGCAT = """\
+# TYPE pgcat_pools_cl_waiting gauge
+pgcat_pools_cl_waiting{host="db",shard="0",pool="app",user="app"} 3
+# TYPE pgcat_pools_cl_active gauge
+pgcat_pools_cl_active{host="db",shard="0",pool="app",user="app"} 5
+# TYPE pgcat_pools_maxwait gauge
+pgcat_pools_maxwait{host="db",shard="0",pool="app",user="app"} 1
+# TYPE pgcat_pools_maxwait_us gauge
+pgcat_pools_maxwait_us{host="db",shard="0",pool="app",user="app"} 500000
+"""
+NEON = """\
+# TYPE neon_pgbouncer_pools_client_waiting_connections gauge
+neon_pgbouncer_pools_client_waiting_connections{database="neondb",user="owner"} 7
+"""
+
+
+@pytest.fixture
+def endpoint() -> Iterator[dict]:
+    """A loopback endpoint requiring basic auth service_role:s3cret; ``state["body"]`` is served."""
+    state = {"body": ""}
+    expected = "Basic " + base64.b64encode(b"service_role:s3cret").decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.end_headers()
+                return
+            body = state["body"].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state["port"] = server.server_address[1]
+    yield state
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_pgbouncer_exporter_families_feed_the_pooler_view(endpoint: dict) -> None:
+    endpoint["body"] = PGBOUNCER_EXPORTER
+    telemetry.instrument(service="api", shared_view_interval_seconds=0.2,
+                         pooler_metrics_url=f"http://service_role:s3cret@127.0.0.1:{endpoint['port']}/customer/v1/privileged/metrics")  # fmt: skip
+    assert _wait_for(lambda: _value(_host(None), "pgbouncer_view_up") == 1)
+    host = _host(None)
+    assert _value(host, "pgbouncer_clients", database="postgres", state="waiting") == 22
+    assert _value(host, "pgbouncer_clients", database="postgres", state="active") == 4
+    assert _value(host, "pgbouncer_client_maxwait_seconds", database="postgres") == 2.5
+    assert _value(host, "pgbouncer_servers", database="postgres", state="active") == 4
+    assert _value(host, "pgbouncer_client_wait_seconds_total", database="postgres") == 96.5
+    assert _value(host, "pgbouncer_transactions_total", database="postgres") == 1234
+    assert _value(host, "pgbouncer_pool_size", database="postgres") == 4
+
+
+@pytest.mark.parametrize("body, expected", [
+    (SUPAVISOR, [("pgbouncer_client_wait_seconds_total", {"database": "dev_tenant"}, 1.5)]),
+    (PGCAT, [("pgbouncer_clients", {"database": "app", "state": "waiting"}, 3),
+             ("pgbouncer_clients", {"database": "app", "state": "active"}, 5),
+             ("pgbouncer_client_maxwait_seconds", {"database": "app"}, 1.5)]),
+    (NEON, [("pgbouncer_clients", {"database": "neondb", "state": "waiting"}, 7)]),
+])  # fmt: skip
+def test_supavisor_pgcat_and_neon_families(body: str, expected: list) -> None:
+    out, understood = _pooler_metrics.samples(body)
+    got = {(n, frozenset(dict(lb).items())): v for n, lb, v in out}
+    assert understood >= 1
+    for name, labels, value in expected:
+        matches = [v for (n, lb), v in got.items() if n == name and set(labels.items()) <= lb]
+        assert matches == [value], (name, labels, got)
+
+
+def test_wrong_credentials_and_foreign_pages_fail_the_view_without_showing_the_secret(endpoint: dict) -> None:
+    endpoint["body"] = "# TYPE go_goroutines gauge\ngo_goroutines 8\n"
+    with capture_events("telemetry_shared_view_failed") as events:
+        telemetry.instrument(service="api", shared_view_interval_seconds=0.2,
+                             pooler_metrics_url=f"http://service_role:wrong@127.0.0.1:{endpoint['port']}/metrics")  # fmt: skip
+        assert _wait_for(lambda: (_value(_host(None), "pgbouncer_view_errors_total", reason="auth") or 0) >= 2)
+    telemetry.uninstrument()
+    assert "wrong" not in json.dumps(events) and events and events[0]["reason"] == "auth"
+    telemetry.instrument(service="api", shared_view_interval_seconds=0.2,
+                         pooler_metrics_url=f"http://service_role:s3cret@127.0.0.1:{endpoint['port']}/metrics")  # fmt: skip
+    assert _wait_for(lambda: (_value(_host(None), "pgbouncer_view_errors_total", reason="not_found") or 0) >= 2)
+    assert _value(_host(None), "pgbouncer_view_up") == 0
+
+
+def test_a_bad_url_is_refused_at_start_up() -> None:
+    with pytest.raises(telemetry.ConfigError) as info:
+        telemetry.instrument(service="api", pooler_metrics_url="ftp://user:hunter2@host/metrics")
+    assert "pooler_metrics_url" in str(info.value) and "hunter2" not in str(info.value)
