@@ -134,3 +134,20 @@ def test_bad_arguments(args, message, tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.integration
+def test_demo_behind_a_pooler_that_renames_every_client_and_has_no_console(tmp_path):
+    """``--pooler supavisor``: the same pgbouncer behind a proxy that renames every client, its
+    console not read. The planted suspect (content transactions held across the LLM steps) is
+    diagnosed as with the console: the shared limit, held by the content worker's task, and not
+    the API's own pool."""
+    out, report = _demo(tmp_path, "--stack", "real", "--pooler", "supavisor", "--scenario", "worker-transactions")
+    assert report["pooler"].startswith("supavisor") and "renames every client" in out.stdout
+    tx = report["results"][0]
+    assert tx["scenario"] == "worker-transactions"
+    assert tx["diagnosis"].startswith("The shared limit was reached at the pooler or the server"), tx["diagnosis"]
+    assert "content-worker 'generate_content'" in tx["diagnosis"], tx["diagnosis"]
+    assert "API process's own pool" not in tx["diagnosis"]
+    server = [f for f in tx["beyond_the_pools"] if f.startswith("Server connections: api's")]
+    assert server and "not api's pool" in server[0], tx["beyond_the_pools"]

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     demo.add_argument("--scenario", default="all",
                       help=f"all that the stack can run (default) or a comma-separated list of: {', '.join(SCENARIOS)}")
+    demo.add_argument("--pooler", default="pgbouncer", choices=["pgbouncer", "supavisor"],
+                      help="with --stack real: pgbouncer with its console read (default), or supavisor: the same "
+                           "pgbouncer behind a proxy that renames every client and no console, as Supabase's "
+                           "transaction pooler is seen")  # fmt: skip
     demo.add_argument("--stack", default="embedded", choices=["embedded", "real"],
                       help="embedded: SQLite and kombu's SQLAlchemy transport, nothing to install; real: throwaway "
                            "PostgreSQL behind pgbouncer (transaction mode) and Redis, from the installed binaries")  # fmt: skip

@@ -484,9 +484,14 @@ def open_stack(args: Any) -> Iterator[Stack]:
             pg = started.enter_context(_stack.start_postgres(max_connections=100))
             bouncer = started.enter_context(_stack.start_pgbouncer(pg, POOLER_SERVER_CONNECTIONS))
             redis = started.enter_context(_stack.start_redis())
-            yield Stack("real", database_url=bouncer.url("psycopg"), broker=redis.url,
+            database_url: str = bouncer.url("psycopg")
+            console: str | None = bouncer.admin_url
+            if getattr(args, "pooler", "pgbouncer") == "supavisor":  # renamed clients, no console
+                proxy = started.enter_context(_stack.RenamingProxy(bouncer.port))
+                database_url, console = proxy.url("psycopg"), None
+            yield Stack("real", database_url=database_url, broker=redis.url,
                         redis_url=redis.url.rsplit("/", 1)[0] + "/2",
-                        server_view_url=pg.url().replace("+psycopg", ""), pgbouncer_url=bouncer.admin_url)  # fmt: skip
+                        server_view_url=pg.url().replace("+psycopg", ""), pgbouncer_url=console)  # fmt: skip
     except _stack.Missing as exc:
         raise DemoError(f"--stack real: {exc}") from None
 
@@ -503,7 +508,9 @@ def run(args: Any) -> int:
     console = Console()
     with open_stack(args) as stack:
         console.print(f"[bold]stack {stack.name}[/]" + (f": pgbouncer (transaction mode, {POOLER_SERVER_CONNECTIONS} "
-                      "server connections) in front of PostgreSQL, Redis" if stack.name == "real" else ""))  # fmt: skip
+                      "server connections) in front of PostgreSQL, Redis" if stack.name == "real" else "")
+                      + (", behind a proxy that renames every client (as Supavisor does), no pooler console"
+                         if stack.name == "real" and not stack.pgbouncer_url else ""))  # fmt: skip
         for note in stack.cannot_show():
             console.print(f"  this stack cannot show: {note}")
         for n, scenario in enumerate(scenarios, 1):
@@ -533,7 +540,9 @@ def run(args: Any) -> int:
     rows = _report.comparison(results)
     text = _report.render_text(results, rows, stack.cannot_show())
     console.print(text, markup=False, highlight=False)
-    report = {"stack": stack.name, "cannot_show": stack.cannot_show(), "results": results, "comparison": rows,
+    report = {"stack": stack.name, "pooler": "supavisor (renamed clients, no console)" if stack.name == "real"
+              and not stack.pgbouncer_url else "pgbouncer (console read)" if stack.name == "real" else None,
+              "cannot_show": stack.cannot_show(), "results": results, "comparison": rows,
               "disagreements": _report.disagreements(rows), "timelines": timelines,
               "settings": {k: v for k, v in vars(args).items() if k != "func"},
               "scenarios": {n: {"kind": s.kind, "about": s.about, "env": {**SEED, **s.env}} for n, s in SCENARIOS.items()},

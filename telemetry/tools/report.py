@@ -229,6 +229,8 @@ def diagnose(r: dict[str, Any]) -> str:
     p95 = r["hold_p95_seconds_by_owner"]
     beyond = r.get("beyond_the_pools") or []
     pooler = [f for f in beyond if f.startswith("pgbouncer:")]
+    # without a pooler console (a renaming hosted pooler): the clients' own measure of the wait
+    server = [f for f in beyond if f.startswith("Server connections:")]
     locks = [f for f in beyond if f.startswith("Locks:")]
     redis = [f for f in beyond if f.startswith("Redis:") and " 0 checkouts failed" not in f]
     parts = []
@@ -237,9 +239,14 @@ def diagnose(r: dict[str, Any]) -> str:
     if pooler:
         parts.append(("The blocked transactions also filled the pooler: " if locks else
                       "The shared limit was reached at the pooler: ") + pooler[0][len("pgbouncer: "):])  # fmt: skip
+    elif server:
+        parts.append(("The blocked transactions also filled the server side: " if locks else
+                      "The shared limit was reached at the pooler or the server: ")
+                     + server[0][len("Server connections: "):])  # fmt: skip
+    api_starved = any(f.startswith("Server connections: api's") for f in server)
     if redis:
         parts.append(redis[0])
-    if share is not None and share >= 0.5:
+    if share is not None and share >= 0.5 and not api_starved:
         parts.append(f"API latency is dominated by waiting for the API process's own pool "
                      f"({share * 100:.0f}% of the time of ordinary pages).")  # fmt: skip
         held_total = sum(api_holds.values())
