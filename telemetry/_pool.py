@@ -801,6 +801,13 @@ def _discover() -> None:
     loop over ``gc.get_objects()``). ``type()``, not ``isinstance()``: the latter asks a proxy
     for its ``__class__``, and a Celery app's proxies would then finalize the app (load its
     tasks) inside ``instrument()``."""
+    for engine in live_engines():
+        _state_for(engine.pool, engine)
+
+
+def live_engines() -> list[Engine]:
+    """Every ``Engine`` (and subclass) instance alive in the process, found through the garbage
+    collector's referrers of the classes (an instance refers to its class)."""
     kinds = {Engine}
     pending = [Engine]
     while pending:
@@ -808,8 +815,7 @@ def _discover() -> None:
             if sub not in kinds:
                 kinds.add(sub)
                 pending.append(sub)
-    for engine in [obj for obj in gc.get_referrers(*kinds) if type(obj) in kinds]:
-        _state_for(engine.pool, engine)
+    return [obj for obj in gc.get_referrers(*kinds) if type(obj) in kinds]
 
 
 def register_engine(engine: Any, name: str | None) -> PoolState:

@@ -53,16 +53,9 @@ def _dispose_engines() -> None:
     each SQLite connection is closed by nobody: Python 3.13 reports every one of them
     (``ResourceWarning: unclosed database``), which the suite treats as an error. The package
     holds no connection of its own; these are the tests' engines."""
-    from sqlalchemy.engine import Engine
+    from telemetry._pool import live_engines
 
-    kinds = {Engine}
-    pending = [Engine]
-    while pending:
-        for sub in pending.pop().__subclasses__():
-            if sub not in kinds:
-                kinds.add(sub)
-                pending.append(sub)
-    for engine in [o for o in gc.get_referrers(*kinds) if type(o) in kinds]:
+    for engine in live_engines():
         if not engine.dialect.is_async:  # an async engine's pool closes on its own loop
             engine.dispose()
 

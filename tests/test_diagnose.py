@@ -5,40 +5,22 @@ exit code (0 nothing found, 1 findings)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from telemetry.tools import cli, diagnose
+
+from . import http_stub
 
 
 @pytest.fixture
 def serve() -> Iterator[list[str]]:
     """A loopback HTTP server: ``_url(serve, body)`` gives a /metrics URL answering ``body``."""
     bodies: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = bodies[int(self.path.strip("/").split("/")[0])].encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    bodies.append(f"http://127.0.0.1:{server.server_address[1]}")  # bodies[0] is the base URL
-    yield bodies
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_stub.serving(lambda path, _headers: (200, bodies[int(path.strip("/").split("/")[0])])) as port:
+        bodies.append(f"http://127.0.0.1:{port}")  # bodies[0] is the base URL
+        yield bodies
 
 
 def _url(bodies: list[str], body: str) -> str:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -17,7 +15,7 @@ import telemetry
 from telemetry import _pooler_metrics
 from telemetry.testing import capture_events
 
-from . import hostview
+from . import hostview, http_stub
 
 _host, _value, _wait_for = hostview.host, hostview.value, hostview.wait_for
 
@@ -68,33 +66,15 @@ neon_pgbouncer_pools_client_waiting_connections{database="neondb",user="owner"} 
 @pytest.fixture
 def endpoint() -> Iterator[dict]:
     """A loopback endpoint requiring basic auth service_role:s3cret; ``state["body"]`` is served."""
-    state = {"body": ""}
+    state: dict = {"body": ""}
     expected = "Basic " + base64.b64encode(b"service_role:s3cret").decode()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.headers.get("Authorization") != expected:
-                self.send_response(401)
-                self.end_headers()
-                return
-            body = state["body"].encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(_path: str, headers: object) -> tuple[int, str]:
+        return (200, state["body"]) if headers.get("Authorization") == expected else (401, "")  # type: ignore[attr-defined]
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state["port"] = server.server_address[1]
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_stub.serving(answer) as port:
+        state["port"] = port
+        yield state
 
 
 def test_pgbouncer_exporter_families_feed_the_pooler_view(endpoint: dict) -> None:

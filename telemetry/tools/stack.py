@@ -235,10 +235,14 @@ class RenamingProxy:
     """What a hosted transaction pooler does to names (Supabase's Supavisor: \"Supavisor\" on every
     server connection, the client's ``application_name`` dropped): a loopback TCP proxy that
     rewrites each client's startup ``application_name`` and answers an SSL or GSS request with
-    ``N``, in front of pgbouncer. ``telemetry demo --stack real --pooler supavisor`` and the tests."""
+    ``N``, in front of pgbouncer. ``telemetry demo --stack real --pooler supavisor`` and the tests.
 
-    def __init__(self, target_port: int, name: str = "Supavisor") -> None:
-        self.target_port, self.name = target_port, name
+    ``name=None`` leaves the name alone, and ``source`` connects upstream from another loopback
+    address and port: a client on another host, as the server sees it (the tests' forwarder)."""
+
+    def __init__(self, target_port: int, name: str | None = "Supavisor",
+                 source: tuple[str, int] | None = None) -> None:  # fmt: skip
+        self.target_port, self.name, self.source = target_port, name, source
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
@@ -275,8 +279,13 @@ class RenamingProxy:
                     continue
                 break
             client.settimeout(None)
-            body = rewrite_startup(body, self.name)
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            if self.name is not None:
+                body = rewrite_startup(body, self.name)
+            upstream = socket.socket()
+            if self.source is not None:
+                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                upstream.bind(self.source)
+            upstream.connect(("127.0.0.1", self.target_port))
             self.sockets.append(upstream)
             upstream.sendall(struct.pack("!i", len(body) + 4) + body)
         except (OSError, ConnectionError, struct.error):
