@@ -50,7 +50,7 @@ from ._integration import Integration
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from ._owner import ACCOUNT, OWNER, RequestAccount
-from ._stats import OWNER_SOURCES, REGISTRY, Histogram, Sample, owner_histogram
+from ._stats import BEFORE_COLLECT, OWNER_SOURCES, REGISTRY, Histogram, Sample, owner_histogram
 
 _ATTR = "_telemetry_state"
 _SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
@@ -789,8 +789,16 @@ def install(*, auto: bool) -> None:
         for name, fn in _LISTENERS:
             event.listen(Pool, name, fn)
         event.listen(Engine, "do_connect", _on_do_connect)
-        if auto:
+        if auto:  # off the start-up path: before the first scrape or flush reads the figures
+            BEFORE_COLLECT.append(_discover_existing)
+
+
+def _discover_existing() -> None:
+    if _patched and CONFIG.auto:  # still instrumented
+        try:
             _discover()
+        except Exception as exc:
+            hook_error("pool.discover", exc)
 
 
 def _discover() -> None:
@@ -862,6 +870,8 @@ def uninstall() -> None:
             else:
                 setattr(cls, "connect", orig)  # noqa: B010 - restoring a patched method
         _patched.clear()
+        if _discover_existing in BEFORE_COLLECT:
+            BEFORE_COLLECT.remove(_discover_existing)
         _sqltag.untag_all()
         for pool in list(_seen_pools):
             pool.__dict__.pop(_ATTR, None)

@@ -8,6 +8,7 @@ and histograms (summed across processes) and gauges (one per process).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
@@ -119,7 +120,19 @@ def after_fork_in_child() -> None:
     _owner_lock = threading.Lock()
 
 
+#: run once before the next collection (a scrape or a flush), then forgotten: work that need not
+#: delay start-up but must be done before anyone reads the figures
+BEFORE_COLLECT: list[Callable[[], None]] = []
+
+
 def iter_samples() -> Iterator[Sample]:
+    while BEFORE_COLLECT:
+        try:
+            hook = BEFORE_COLLECT.pop(0)
+        except IndexError:  # another collecting thread took it
+            break
+        with contextlib.suppress(Exception):
+            hook()
     for source in REGISTRY.sources():
         yield from source.samples()
 
