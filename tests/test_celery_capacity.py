@@ -230,7 +230,8 @@ def test_the_backlog_is_read_from_the_publishing_apps_broker(redis_server: servi
 
     base = redis_server.url.rsplit("/", 1)[0]
     for db in (0, 1):
-        redis.Redis.from_url(f"{base}/{db}").delete("qa")
+        with redis.Redis.from_url(f"{base}/{db}") as cleanup:
+            cleanup.delete("qa")
     telemetry.instrument(service="api", celery_backlog_interval_seconds=0.2)
     a = Celery("a", broker=f"{base}/0")
     b = Celery("b", broker=f"{base}/1")  # created last: the current app
@@ -242,4 +243,5 @@ def test_the_backlog_is_read_from_the_publishing_apps_broker(redis_server: servi
     finally:
         a.close()
         b.close()
-        redis.Redis.from_url(f"{base}/0").delete("qa")
+        with redis.Redis.from_url(f"{base}/0") as cleanup:
+            cleanup.delete("qa")
