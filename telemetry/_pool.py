@@ -276,8 +276,10 @@ def _identity_key(pool: Pool) -> Any:
     return getattr(pool, "_dialect", None)
 
 
-def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
-    """Resolve (once per pool instance) the state a pool reports into, or ``_SKIP``."""
+def _state_for(pool: Pool, engine: Engine | None = None, *, discovered: bool = False) -> Any:
+    """Resolve (once per pool instance) the state a pool reports into, or ``_SKIP``. A pool
+    found by discovery (it existed before ``instrument()``) does not take the gauges over from
+    a pool of the same name already in use."""
     try:
         with _lock:
             cached = pool.__dict__.get(_ATTR)
@@ -308,7 +310,9 @@ def _state_for(pool: Pool, engine: Engine | None = None) -> Any:
                 REGISTRY.add(state)
             if key is not None:
                 _names_by_dialect[key] = name
-            state.attach(pool)
+            current = state.pool_ref() if state.pool_ref is not None else None
+            if not discovered or current is None:
+                state.attach(pool)
             setattr(pool, _ATTR, state)
             _seen_pools.add(pool)
             if key is not None:  # the engine's dialect: statements name their owner, first ones timed
@@ -810,7 +814,7 @@ def _discover() -> None:
     for its ``__class__``, and a Celery app's proxies would then finalize the app (load its
     tasks) inside ``instrument()``."""
     for engine in live_engines():
-        _state_for(engine.pool, engine)
+        _state_for(engine.pool, engine, discovered=True)
 
 
 def live_engines() -> list[Engine]:
