@@ -148,6 +148,13 @@ _SPECS: list[MetricSpec] = [
         "", WAIT_BUCKETS,
     ),
     MetricSpec(
+        "db_transaction_end_seconds", HISTOGRAM, POOL, "seconds",
+        "Commit or rollback round trips, measured by the client: a plain round trip on the "
+        "server connection the transaction already holds, the baseline db_server_wait_seconds is "
+        "read against (a first statement much slower than this waited for a server connection).",
+        "", WAIT_BUCKETS,
+    ),
+    MetricSpec(
         "db_pool_connect_errors_total", COUNTER, POOL, "errors",
         "Checkouts that failed with an error other than the pool timeout (connect failures).",
     ),

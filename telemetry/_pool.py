@@ -136,6 +136,7 @@ class _Config:
         self.statement_tag = settings.statement_tag
         _sqltag.CONFIG.tag = settings.statement_tag
         _sqltag.CONFIG.observe_first = _observe_server_wait
+        _sqltag.CONFIG.observe_end = _observe_transaction_end
         _sqltag.CONFIG.application = application_name()
         _sqltag.CONFIG.trace = settings.statement_tag_trace
         _sqltag.reset()
@@ -156,7 +157,7 @@ class PoolState:
     __slots__ = (
         "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "cancelled",
         "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
-        "hold", "server_wait", "pool_ref", "critical_at", "max_connections", "last_critical",
+        "hold", "server_wait", "transaction_end", "pool_ref", "critical_at", "max_connections", "last_critical",
         "last_timeout_log", "__weakref__",
     )  # fmt: skip
 
@@ -176,6 +177,7 @@ class PoolState:
         self.connect_time = Histogram(CONNECT_BUCKETS)
         self.hold: dict[str, Histogram] = {}
         self.server_wait: dict[str, Histogram] = {}
+        self.transaction_end = Histogram(WAIT_BUCKETS)
         self.last_critical = self.last_timeout_log = -math.inf
 
     def attach(self, pool: Pool) -> None:
@@ -233,6 +235,8 @@ class PoolState:
             yield "db_connection_hold_seconds", lb + (("owner", owner),), hist
         for owner, hist in list(self.server_wait.items()):
             yield "db_server_wait_seconds", lb + (("owner", owner),), hist
+        if self.transaction_end.count:
+            yield "db_transaction_end_seconds", lb, self.transaction_end
 
 
 # --------------------------------------------------------------------------- naming and states
@@ -578,6 +582,12 @@ def _observe_server_wait(rec: Any, seconds: float) -> None:
     hist.observe(seconds)
     if h.account is not None:
         h.account.server_wait += seconds
+
+
+def _observe_transaction_end(rec: Any, seconds: float) -> None:
+    h = _held.get(rec)
+    if h is not None:
+        h.state.transaction_end.observe(seconds)
 
 
 def _local_peer(fd: int) -> tuple[str, int | None]:

@@ -47,6 +47,10 @@ class _Config:
     tag = True  # statement tags (statement_tag); the first-statement timing is always on
     #: (connection record, seconds): the first statement of a transaction took that long
     observe_first: Any = None
+    #: (connection record, seconds): its commit or rollback took that long (a plain round trip on
+    #: the server connection the transaction already has: the baseline the first statement's
+    #: wait is read against)
+    observe_end: Any = None
 
 
 CONFIG = _Config()
@@ -119,6 +123,28 @@ def tag_dialect(dialect: Any) -> None:
     percent = getattr(dialect, "paramstyle", "") in ("format", "pyformat")
     do_execute, no_params, many = dialect.do_execute, dialect.do_execute_no_params, dialect.do_executemany
     do_begin = dialect.do_begin
+    do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
+
+    def ended(end: Any, dbapi_connection: Any) -> Any:
+        rec = getattr(dbapi_connection, "_connection_record", None)
+        if rec is None or rec.__dict__.get(_FIRST):  # no statement ran: no round trip to time
+            return end(dbapi_connection)
+        t0 = _perf()
+        try:
+            return end(dbapi_connection)
+        finally:
+            try:
+                observe = CONFIG.observe_end
+                if observe is not None:
+                    observe(rec, _perf() - t0)
+            except Exception as exc:
+                hook_error("sqltag.transaction_end", exc)
+
+    def commit(dbapi_connection: Any) -> Any:
+        return ended(do_commit, dbapi_connection)
+
+    def rollback(dbapi_connection: Any) -> Any:
+        return ended(do_rollback, dbapi_connection)
 
     def begin(dbapi_connection: Any) -> Any:
         rec = getattr(dbapi_connection, "_connection_record", None)
@@ -171,14 +197,14 @@ def tag_dialect(dialect: Any) -> None:
             _timed(rec, t0)
 
     dialect.do_execute, dialect.do_execute_no_params, dialect.do_executemany = execute, execute_no_params, executemany
-    dialect.do_begin = begin
+    dialect.do_begin, dialect.do_commit, dialect.do_rollback = begin, commit, rollback
     dialect.__dict__[_ATTR] = True
     _tagged.add(dialect)
 
 
 def untag_dialect(dialect: Any) -> None:
     if dialect.__dict__.pop(_ATTR, None):
-        for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_begin"):
+        for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_begin", "do_commit", "do_rollback"):
             dialect.__dict__.pop(name, None)
 
 

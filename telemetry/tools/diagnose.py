@@ -36,7 +36,7 @@ USED_GAUGES = (
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
 USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
-                   "db_server_wait_seconds", "db_connection_hold_seconds")
+                   "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds")
 _WINDOW = re.compile(r"^[1-9][0-9]*[smhd]$")
 
 
@@ -319,19 +319,29 @@ SERVER_WAIT_SHARE = 0.5
 
 
 def waiting_for_server(samples: Samples) -> dict[str, tuple[float, float | None]]:
-    """Services whose connections waited mostly for the server side: service -> (share of hold
-    time spent in first statements of transactions, p95 of those)."""
-    waits: dict[str, float] = {}
+    """Services whose checked-out connections waited mostly for a server connection: service ->
+    (share of their hold time, p95 of the first statements of transactions). The wait is what
+    the first statements took beyond a plain round trip on the same connections (the mean commit
+    or rollback, ``db_transaction_end_seconds``): for a short transaction the first statement's
+    ordinary round trip is most of the hold time, and is no wait."""
+    first_sum: dict[str, float] = {}
+    first_count: dict[str, float] = {}
+    end_sum: dict[str, float] = {}
+    end_count: dict[str, float] = {}
     holds: dict[str, float] = {}
-    for lb, v in _rows(samples, "db_server_wait_seconds_sum"):
-        waits[lb.get("service", "")] = waits.get(lb.get("service", ""), 0.0) + v
-    for lb, v in _rows(samples, "db_connection_hold_seconds_sum"):
-        holds[lb.get("service", "")] = holds.get(lb.get("service", ""), 0.0) + v
+    for name, target in (("db_server_wait_seconds_sum", first_sum), ("db_server_wait_seconds_count", first_count),
+                         ("db_transaction_end_seconds_sum", end_sum), ("db_transaction_end_seconds_count", end_count),
+                         ("db_connection_hold_seconds_sum", holds)):  # fmt: skip
+        for lb, v in _rows(samples, name):
+            target[lb.get("service", "")] = target.get(lb.get("service", ""), 0.0) + v
     out = {}
-    for service, waited in waits.items():
+    for service, waited in first_sum.items():
+        n = first_count.get(service, 0.0)
+        baseline = end_sum.get(service, 0.0) / end_count[service] if end_count.get(service) else 0.0
+        excess = waited - n * baseline
         held = holds.get(service, 0.0)
-        if held > 0 and waited / held >= SERVER_WAIT_SHARE:
-            out[service] = (min(1.0, waited / held), quantile(0.95, samples, "db_server_wait_seconds", service=service))
+        if n and held > 0 and excess / held >= SERVER_WAIT_SHARE and waited / n >= 3 * baseline:
+            out[service] = (min(1.0, excess / held), quantile(0.95, samples, "db_server_wait_seconds", service=service))
     return out
 
 
@@ -343,7 +353,8 @@ def _server_waits(samples: Samples) -> list[str]:
         others = {k: n for k, n in _owners(samples).items() if k[0] != service and n > 0}
         who = f" Server connections are held by {_fmt_owners(others)}." if others else ""
         out.append(f"Server connections: {service}'s checked-out connections spent {share * 100:.0f}% of their "
-                   f"hold time waiting for a server connection (first statements of transactions, p95 "
+                   f"hold time waiting for a server connection (first statements of transactions beyond a plain "
+                   f"round trip, p95 "
                    f"{p95 or 0:.2f} s): the pooler or the server is full, not {service}'s pool.{who} Shorten "
                    "those transactions; a bigger pool would only queue more (DbServerWaitHigh).")  # fmt: skip
     return out
