@@ -239,13 +239,15 @@ def diagnose(r: dict[str, Any]) -> str:
     if pooler:
         parts.append(("The blocked transactions also filled the pooler: " if locks else
                       "The shared limit was reached at the pooler: ") + pooler[0][len("pgbouncer: "):])  # fmt: skip
-    elif server:
+    if redis:
+        parts.append(redis[0])
+    # the clients' own measure (no pooler console): weaker than the pooler's count, so after a
+    # Redis pool that failed checkouts
+    if server and not pooler:
         parts.append(("The blocked transactions also filled the server side: " if locks else
                       "The shared limit was reached at the pooler or the server: ")
                      + server[0][len("Server connections: "):])  # fmt: skip
     api_starved = any(f.startswith("Server connections: api's") for f in server)
-    if redis:
-        parts.append(redis[0])
     if share is not None and share >= 0.5 and not api_starved:
         parts.append(f"API latency is dominated by waiting for the API process's own pool "
                      f"({share * 100:.0f}% of the time of ordinary pages).")  # fmt: skip
