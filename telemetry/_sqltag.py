@@ -105,13 +105,14 @@ def _first(context: Any) -> Any:
     return None
 
 
-def _timed(rec: Any, t0: float) -> None:
+def _timed(rec: Any, t0: float, what: str = "first") -> None:
+    """Hand ``rec``'s round trip since ``t0`` to ``CONFIG.observe_<what>`` (first or end)."""
     try:
-        observe = CONFIG.observe_first
+        observe = getattr(CONFIG, f"observe_{what}")
         if observe is not None:
             observe(rec, _perf() - t0)
     except Exception as exc:
-        hook_error("sqltag.first_statement", exc)
+        hook_error(f"sqltag.{what}", exc)
 
 
 def tag_dialect(dialect: Any) -> None:
@@ -133,12 +134,7 @@ def tag_dialect(dialect: Any) -> None:
         try:
             return end(dbapi_connection)
         finally:
-            try:
-                observe = CONFIG.observe_end
-                if observe is not None:
-                    observe(rec, _perf() - t0)
-            except Exception as exc:
-                hook_error("sqltag.transaction_end", exc)
+            _timed(rec, t0, "end")
 
     def commit(dbapi_connection: Any) -> Any:
         return ended(do_commit, dbapi_connection)
