@@ -142,7 +142,10 @@ def test_demo_behind_a_pooler_that_renames_every_client_and_has_no_console(tmp_p
     console not read. The planted suspect (content transactions held across the LLM steps) is
     diagnosed as with the console: the shared limit, held by the content worker's task, and not
     the API's own pool."""
-    out, report = _demo(tmp_path, "--stack", "real", "--pooler", "supavisor", "--scenario", "worker-transactions")
+    # LLM steps of 0.2 s: the planted transactions keep the pooler full for the whole run (at 0.1 s
+    # the API's wait was ~60% of its hold time, and a loaded machine's own overhead took it under half)
+    out, report = _demo(tmp_path, "--stack", "real", "--pooler", "supavisor", "--scenario", "worker-transactions",
+                        "--llm-seconds", "0.2")  # fmt: skip
     assert report["pooler"].startswith("supavisor") and "renames every client" in out.stdout
     tx = report["results"][0]
     assert tx["scenario"] == "worker-transactions"
