@@ -7,7 +7,8 @@ Prints one table: microseconds per operation and the ratio to bare, for
 * ``select 1``                  - a full statement round trip on a checked-out connection
 
 under: bare SQLAlchemy; no-op checkout/checkin listeners (the floor any event-based hook pays);
-this package single-process and multiprocess; opentelemetry-instrumentation-sqlalchemy.
+this package single-process and multiprocess, and with OpenTelemetry's names exported over OTLP
+every 0.5 s (``OTEL_METRICS_EXPORTER=otlp``, to a local sink); opentelemetry-instrumentation-sqlalchemy.
 
 Each configuration runs in its own child process (engine-level listeners leave residue on an
 engine, and a process must start clean), configurations alternate over several rounds, and the
@@ -26,8 +27,28 @@ import sys
 import tempfile
 import time
 
-CONFIGS = ["bare", "noop-listeners", "telemetry", "telemetry-multiprocess", "otel-sqlalchemy"]
+CONFIGS = ["bare", "noop-listeners", "telemetry", "telemetry-multiprocess", "telemetry-otlp", "otel-sqlalchemy"]
 OPS = ["pool.connect+close", "engine.connect+close", "select 1"]
+
+
+def _sink() -> int:
+    """An OTLP/HTTP endpoint that accepts and drops every export (in the child's own thread)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return int(server.server_address[1])
 
 
 def child(config: str, url: str, n: int) -> dict[str, float]:
@@ -36,6 +57,9 @@ def child(config: str, url: str, n: int) -> dict[str, float]:
 
     if config == "telemetry-multiprocess":
         os.environ["TELEMETRY_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-mp-")
+    if config == "telemetry-otlp":  # OpenTelemetry's names over OTLP every 0.5 s, to a local sink
+        os.environ.update(OTEL_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="500",
+                          OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{_sink()}")  # fmt: skip
     kwargs = {"poolclass": QueuePool, "pool_size": 2, "max_overflow": 2}
     engine = create_engine(url, **kwargs)
     if config == "noop-listeners":
@@ -116,9 +140,11 @@ def main() -> None:
         print(f"{config:<24}" + "".join(cells))
     floor = best["noop-listeners"]
     print()
-    for config in ("telemetry", "telemetry-multiprocess"):
+    for config in ("telemetry", "telemetry-multiprocess", "telemetry-otlp"):
         extra = best[config][OPS[0]] - floor[OPS[0]]
         print(f"{config}: +{extra:.2f} us per checkout+checkin over the no-op listener floor")
+    otlp = best["telemetry-otlp"][OPS[0]] - best["telemetry"][OPS[0]]
+    print(f"telemetry-otlp: {otlp:+.2f} us per checkout+checkin over telemetry without the OTLP export")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _bounds, _tracing
+from ._celery_capacity import BACKLOG, HEADER, SLOTS, BacklogPoller, Slots
 from ._integration import Integration
 from ._log import INTERNAL, hook_error
 from ._owner import OWNER
@@ -41,7 +42,6 @@ from ._stats import REGISTRY, LabeledStats
 STATS = LabeledStats()
 REGISTRY.add(STATS)
 
-HEADER = "telemetry_published_at"
 MAX_EXCEPTION_TYPES = 50
 
 _running: dict[str, tuple[float, Any, _TaskLabels, Any, Any]] = {}
@@ -460,8 +460,6 @@ class CeleryIntegration(Integration):
 
     def install(self, runtime: Any) -> None:
         global _installed
-        from ._celery_capacity import BacklogPoller, Slots
-
         self.runtime = runtime
         self.backlog = BacklogPoller(runtime.settings)
         self.slots = Slots(runtime.settings.service)
@@ -470,8 +468,6 @@ class CeleryIntegration(Integration):
 
     def uninstall(self) -> None:
         global _installed
-        from ._celery_capacity import BACKLOG, SLOTS
-
         _installed = None
         uninstall()
         if self.backlog is not None:
@@ -484,8 +480,6 @@ class CeleryIntegration(Integration):
             self.slots.tick()
 
     def after_fork(self) -> None:
-        from ._celery_capacity import Slots
-
         _running.clear()
         _publishing.clear()
         if self.backlog is not None:

@@ -33,11 +33,13 @@ import time
 import weakref
 from typing import Any
 
-from ._celery import HEADER
 from ._log import emit, hook_error
 from ._settings import mask_url
 from ._shared import Leader
 from ._stats import REGISTRY, LabeledStats
+
+#: the header a published task carries its publish time in (the queue-wait histogram reads it)
+HEADER = "telemetry_published_at"
 
 #: at most this many queues are polled per process (queues come from code, not from input)
 MAX_QUEUES = 100

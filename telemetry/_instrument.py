@@ -59,6 +59,13 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
             from ._tracing import TracingIntegration
 
             runtime.add(TracingIntegration())
+        if loaded.otlp_metrics:
+            if not _available("opentelemetry.sdk"):
+                raise ConfigError("OTEL_METRICS_EXPORTER=otlp (otlp_metrics) needs the OpenTelemetry SDK and its OTLP "
+                                  "exporter: pip install 'poolsight[tracing]'")  # fmt: skip
+            from ._otlp import OtlpMetricsIntegration
+
+            runtime.add(OtlpMetricsIntegration())
         if loaded.redis and _available("redis"):
             _versions.check("redis")
             from ._redis import RedisIntegration
@@ -150,6 +157,7 @@ def uninstrument() -> None:
 
 
 def is_instrumented() -> bool:
+    """Whether this process has a telemetry runtime (``instrument()`` or a verb ran)."""
     return _runtime.current() is not None
 
 

@@ -52,6 +52,7 @@ def add_trace_context(
 def add_pid(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
+    """structlog processor: add the process id (a uvicorn worker or Celery child is told apart)."""
     event_dict.setdefault("pid", os.getpid())
     return event_dict
 

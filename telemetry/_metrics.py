@@ -469,6 +469,10 @@ _SPECS: list[MetricSpec] = [
         "telemetry_spans_total", COUNTER, ("service", "result"), "spans",
         "Finished spans by fate: exported, failed (export error), dropped (queue full).",
     ),
+    MetricSpec(
+        "telemetry_otlp_metric_exports_total", COUNTER, ("service", "result"), "exports",
+        "OTLP metric exports of this process (OTEL_METRICS_EXPORTER=otlp) by result: ok, failed.",
+    ),
 ]  # fmt: skip
 
 #: host-wide figures published by one polling process per host (the shared view, the Celery

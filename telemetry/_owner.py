@@ -36,6 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def current_owner() -> str:
+    """Who the connections checked out now are attributed to (route, task or ``db_owner``)."""
     return OWNER.get()
 
 

@@ -49,20 +49,15 @@ from . import _sqltag, _stacks
 from ._integration import Integration
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
+from ._otel_private import current_context_getter
 from ._owner import ACCOUNT, OWNER, RequestAccount
 from ._stats import BEFORE_COLLECT, OWNER_SOURCES, REGISTRY, Histogram, Sample, owner_histogram
 
 _ATTR = "_telemetry_state"
 _SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
 
-try:  # capture the OpenTelemetry context at checkout for ~40 ns: one ContextVar.get
-    from opentelemetry.context import _RUNTIME_CONTEXT
-
-    _otel_context_get = _RUNTIME_CONTEXT._current_context.get  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - tracing extra missing or internals changed
-
-    def _otel_context_get() -> Any:
-        return None
+#: OpenTelemetry's current context, captured at checkout for ~40 ns (one ContextVar.get)
+_otel_context_get = current_context_getter()
 
 
 _perf = time.perf_counter

@@ -166,6 +166,19 @@ def mask_url(text: str) -> str:
     return f"{scheme}://{user}{':***' if colon else ''}@{host}{slash}{path}"
 
 
+def _metrics_exporter(raw: Any) -> bool:
+    """``OTEL_METRICS_EXPORTER`` (otlp, prometheus, none: a comma list) or a boolean."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    kinds = {k.strip() for k in text.split(",") if k.strip()}
+    if not kinds or not kinds <= {"otlp", "prometheus", "none"}:
+        raise ValueError("otlp, prometheus or none (comma-separated), or true/false")
+    return "otlp" in kinds
+
+
 def _default_service() -> str:
     base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     base = base.removesuffix(".py")
@@ -206,6 +219,7 @@ _FIELDS: dict[str, _Field] = {
     ),
     "max_owners": _Field(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100),
     "tracing": _Field(("TELEMETRY_TRACING",), _bool, lambda: True),
+    "otlp_metrics": _Field(("TELEMETRY_OTLP_METRICS", "OTEL_METRICS_EXPORTER"), _metrics_exporter, lambda: False),
     "trace_sql": _Field(("TELEMETRY_TRACE_SQL",), _bool, lambda: False),
     "http_spans": _Field(("TELEMETRY_HTTP_SPANS",), _choice("server", "opentelemetry"), lambda: "server"),
     "celery": _Field(("TELEMETRY_CELERY",), _bool, lambda: True),
@@ -268,6 +282,7 @@ class Settings:
     flush_interval_seconds: float
     max_owners: int
     tracing: bool
+    otlp_metrics: bool
     trace_sql: bool
     http_spans: str
     celery: bool

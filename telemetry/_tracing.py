@@ -23,6 +23,7 @@ from typing import Any
 
 from ._integration import Integration
 from ._log import INTERNAL, hook_error
+from ._otel_private import set_resource_attribute
 from ._settings import ConfigError
 from ._stats import REGISTRY, LabeledStats
 
@@ -152,8 +153,7 @@ def _load_api() -> Any:
     global _api
     if _api is None:
         try:
-            from opentelemetry import context, propagate, trace
-            from opentelemetry.baggage import _BAGGAGE_KEY
+            from opentelemetry import baggage, context, propagate, trace
             from opentelemetry.trace import (
                 NonRecordingSpan,
                 SpanContext,
@@ -170,7 +170,7 @@ def _load_api() -> Any:
             context=context, propagate=propagate, trace=trace, SpanKind=SpanKind, Status=Status,
             StatusCode=StatusCode, tracer=trace.get_tracer("telemetry"),
             fast=_default_propagators(propagate), NonRecordingSpan=NonRecordingSpan,
-            SpanContext=SpanContext, TraceState=TraceState, baggage_key=_BAGGAGE_KEY,
+            SpanContext=SpanContext, TraceState=TraceState, baggage=baggage,
             TraceFlags=TraceFlags, flags={0: TraceFlags(0), 1: TraceFlags(1)},  # the two seen in practice
         )  # fmt: skip
     return _api
@@ -325,7 +325,7 @@ def inject(carrier: dict[str, Any], context: Any = None) -> None:
 
 
 def _has_baggage(api: Any, context: Any) -> bool:
-    return bool(api.context.get_value(api.baggage_key, context))
+    return bool(api.baggage.get_all(context))
 
 
 class _RequestGetter:
@@ -360,12 +360,7 @@ def after_fork_in_child() -> None:
     if _provider is None or not _ours:
         return
     try:
-        from opentelemetry.attributes import BoundedAttributes
-
-        resource = _provider.resource
-        attrs = dict(resource.attributes)
-        attrs["service.instance.id"] = str(uuid.uuid4())
-        resource._attributes = BoundedAttributes(attributes=attrs)
+        set_resource_attribute(_provider, "service.instance.id", str(uuid.uuid4()))
     except Exception as exc:  # pragma: no cover - SDK internals changed
         hook_error("tracing.fork", exc)
 

@@ -35,11 +35,86 @@ def _results(report: dict, scenarios: list[str], tasks: int = 8) -> dict[str, di
     for name, r in by.items():
         raw = report["raw"][name]
         again = _report.summarize(name, _report.parse(raw["metrics"]), raw["peaks"], 6, raw["gauge_peaks"], raw["events"],
-                                  raw["sustained"])  # fmt: skip
-        assert json.loads(json.dumps(again, default=str)) == r  # every number comes from the metrics
+                                  raw["sustained"], raw["alerting"])  # fmt: skip
+        assert (
+            json.loads(json.dumps(again, default=str)) == r
+        )  # every number comes from the metrics
         assert r["tasks_succeeded"] == tasks, name
-    assert {row["scenario"] for row in report["comparison"]} == set(scenarios) & {"seed", "fixed", "batched"}
+    assert {row["scenario"] for row in report["comparison"]} == set(scenarios) & {
+        "seed",
+        "fixed",
+        "batched",
+    }
     return by
+
+
+def _fired(r: dict, service: str | None = None) -> set[str]:
+    """The alerts Prometheus fired in a scenario (its ``ALERTS``), for one service's series."""
+    assert r["alerts_not_evaluated"] is None, r["alerts_not_evaluated"]
+    return {
+        a["alert"] for a in r["alerts"] if service is None or a["labels"].get("service") == service
+    }
+
+
+def _check_notifications(r: dict) -> None:
+    """Each fired alert that Alertmanager did not inhibit reached its receiver as the shipped routes
+    say (critical: PagerDuty, warning: Slack) with its runbook; each resolved one was resolved there."""
+    inhibited = {
+        "DbPoolUsageWarning": "DbPoolUsageCritical",
+        "RedisPoolUsageWarning": "RedisPoolUsageCritical",
+    }
+    fired = {a["alert"] for a in r["alerts"]}
+    for a in r["alerts"]:
+        if inhibited.get(a["alert"]) in fired:
+            continue
+        lasted = (a["resolved_at_seconds"] or float("inf")) - a["fired_at_seconds"]
+        if lasted < 3:  # resolved within Alertmanager's group_wait (1 s) and a send: never notified, rightly
+            continue
+        receiver = "pagerduty" if a["severity"] == "critical" else "slack"
+        sent = [
+            n
+            for n in r["notifications"]
+            if n["receiver"] == receiver and a["alert"] in n["summary"]
+        ]
+        assert any(n["status"] in ("trigger", "firing") for n in sent), (a, r["notifications"])
+        assert all(n["runbook"].endswith(f"/{a['alert']}.md") for n in sent), sent
+        assert all(n["at_seconds"] >= a["fired_at_seconds"] - 1 for n in sent), (a, sent)
+        if a["resolved_at_seconds"] is not None:
+            assert any(n["status"] in ("resolve", "resolved") for n in sent), (a, sent)
+    for n in r["notifications"]:  # nothing else was sent
+        assert any(a in n["summary"] for a in fired), n
+
+
+def _check_seed_alerts(r: dict, pool_timeout: float) -> None:
+    """The seed scenario's alerts are the ones its report's numbers justify: each fired alert has
+    the figure that crossed its threshold (thresholds on the demo's clock), and the report's pool
+    timeouts fire their alert."""
+    from telemetry import thresholds as T
+    from telemetry.tools import alerting
+
+    scale = alerting.rules_config(pool_timeout).seconds_scale
+    holds = r["hold_p95_seconds_by_owner"]
+    justified = {
+        "DbPoolUsageWarning": lambda s: r["pool_usage_peak"].get(s, 0) > T.POOL_USAGE_WARNING,
+        "DbPoolUsageCritical": lambda s: r["pool_usage_peak"].get(s, 0) > T.POOL_USAGE_CRITICAL,
+        "DbPoolCheckoutTimeouts": lambda s: s == "api" and r["api"]["pool_timeouts"] > 0,
+        "DbPoolCheckoutWaitHigh": lambda s: (r["checkout_wait_p95_seconds"].get(s) or 0) > 0,
+        "DbPoolPendingRequests": lambda s: (r["checkout_wait_p95_seconds"].get(s) or 0) > 0,
+        # a hold past the threshold: its owner's p95 is at least of its order
+        "DbConnectionHoldTooLong": lambda s: any((v or 0) > T.HOLD_SECONDS_WARNING * scale / 2
+                                                 for k, v in holds.items() if k.startswith(f"{s}: ")),
+        "SemaphoreConvoy": lambda s: (r["semaphore"]["mean_wait_seconds"] or 0) > 0,
+        "EventLoopBlocked": lambda s: r["event_loop_blocked"] > 0,
+        "CeleryWorkerSlotsSaturated": lambda s: any(f.startswith("Celery: every slot") for f in r["beyond_the_pools"]),
+    }  # fmt: skip
+    for a in r["alerts"]:
+        assert a["alert"] in justified and justified[a["alert"]](a["labels"].get("service", "")), (
+            a,
+            r,
+        )
+    assert ("DbPoolCheckoutTimeouts" in _fired(r, "api")) == (r["api"]["pool_timeouts"] > 0), r[
+        "alerts"
+    ]
 
 
 def _said(r: dict) -> str:
@@ -48,10 +123,20 @@ def _said(r: dict) -> str:
 
 @pytest.mark.integration
 def test_demo_on_the_embedded_stack(tmp_path):
-    scenarios = ["seed", "batched", "stream-session", "stream-session-remedy", "sync-call"]
+    scenarios = [
+        "seed",
+        "batched",
+        "stream-session",
+        "stream-session-remedy",
+        "sync-call",
+        "sync-call-remedy",
+    ]
     # 16 streams over 4 API workers of 2+2 connections: one worker at least gets 4 (pigeonhole),
-    # so the planted stream session starves that worker's pool whatever the kernel's spread
-    out, report = _demo(tmp_path, "--scenario", ",".join(scenarios), "--generations", "16")
+    # so the planted stream session starves that worker's pool whatever the kernel's spread.
+    # 14 s of load: the hold alert's for: (10m) on the demo's clock is 10 s
+    out, report = _demo(
+        tmp_path, "--scenario", ",".join(scenarios), "--generations", "16", "--duration", "14"
+    )
     by = _results(report, scenarios, tasks=16)
     assert report["stack"] == "embedded" and any("no pooler" in n for n in report["cannot_show"])
     assert "this stack cannot show: no pooler" in out.stdout
@@ -67,29 +152,75 @@ def test_demo_on_the_embedded_stack(tmp_path):
     assert suspect["api"]["pool_timeouts"] > 0
     assert "'GET /tasks/{task_id}/stream'" in suspect["diagnosis"]
     assert "release it between polls" in suspect["diagnosis"]
-    assert any(a.startswith("DbPoolCheckoutTimeouts") for a in suspect["alerts"])
+    # the shipped rules in a real Prometheus name the cause: the pool exhausted and held too long
+    assert {"DbPoolUsageCritical", "DbConnectionHoldTooLong", "DbPoolCheckoutTimeouts"} <= _fired(
+        suspect, "api"
+    )
+    for r in by.values():
+        _check_notifications(r)
+    assert "DbPoolUsageCritical" in out.stdout and "pagerduty trigger" in out.stdout
     assert not suspect["verdict"]["healthy"]
-    assert suspect["pool_above_warning_longest_seconds"]["api"] >= 2  # the starved worker stays full
+    assert (
+        suspect["pool_above_warning_longest_seconds"]["api"] >= 2
+    )  # the starved worker stays full
     # its remedy, as the diagnosis recommends: no timeouts, the API's pool under the warning line
     # (never above it for 2 s in a row: on 2 cores, 4 connections are all out for an instant)
     remedy = by["stream-session-remedy"]
     assert remedy["api"]["pool_timeouts"] == 0
-    assert remedy["verdict"]["checks"]["api_pool_below_warning"], remedy["pool_above_warning_longest_seconds"]
+    assert remedy["verdict"]["checks"]["api_pool_below_warning"], remedy[
+        "pool_above_warning_longest_seconds"
+    ]
+    cause = {
+        "DbPoolUsageWarning",
+        "DbPoolUsageCritical",
+        "DbConnectionHoldTooLong",
+        "DbPoolCheckoutTimeouts",
+    }
+    assert not cause & _fired(remedy, "api"), remedy["alerts"]
     # suspect: a synchronous call inside async def, named by the line the loop was blocked on
     blocked = by["sync-call"]
     assert blocked["event_loop_blocked"] > 0
     assert "_blocking_call" in (blocked["blocking_call_site"] or ""), blocked["blocking_call_site"]
-    assert "event loop was blocked" in blocked["diagnosis"] and "asyncio.to_thread" in blocked["diagnosis"]
+    assert (
+        "event loop was blocked" in blocked["diagnosis"]
+        and "asyncio.to_thread" in blocked["diagnosis"]
+    )
+    assert "EventLoopBlocked" in _fired(blocked, "api")
+    assert "EventLoopBlocked" not in _fired(by["sync-call-remedy"], "api"), by["sync-call-remedy"][
+        "alerts"
+    ]
+    _check_seed_alerts(by["seed"], report["settings"]["pool_timeout"])
+    # capacity advice: the stream session is released, not pooled, and its remedy proves it;
+    # where size was the answer, the re-run with the advised sizes held
+    advice = report["advice"]
+    assert "release it, do not grow the pool: 'GET /tasks/{task_id}/stream'" in "\n".join(advice["stream-session"]["text"])
+    assert advice["stream-session"]["proof"]["remedy"] == "stream-session-remedy", advice["stream-session"]
+    assert advice["stream-session"]["proof"]["held"], advice["stream-session"]["proof"]
+    for name, entry in advice.items():
+        if entry["overrides"]:
+            assert entry["proof"]["held"], (name, entry["proof"])
+    assert {row["plan"] for row in report["plans_against_the_advice"]} == {"fixed", "batched"}
+    assert "capacity advice (telemetry budget" in out.stdout
     html = (tmp_path / "report.html").read_text()
     # matplotlib charts, text kept as text: axes with units, the thresholds, a panel per scenario
+    assert (
+        "EventLoopBlocked" in html and "notifications received" in html
+    )  # marked on the charts, listed
     assert html.count("<svg") == 3  # pool usage, API p95, semaphore waiters (no pooler here)
-    for label in ("checked out / max (%)", "warning 80%", "critical 95%", "seconds since the load started", "stream-session-remedy"):
+    for label in (
+        "checked out / max (%)",
+        "warning 80%",
+        "critical 95%",
+        "seconds since the load started",
+        "stream-session-remedy",
+    ):
         assert label in html, label
 
 
 @pytest.mark.integration
 def test_demo_on_the_real_stack(tmp_path):
-    scenarios = ["seed", "worker-transactions", "worker-transactions-remedy", "redis-subscriptions", "row-lock"]
+    scenarios = ["seed", "worker-transactions", "worker-transactions-remedy", "redis-subscriptions",
+                 "redis-subscriptions-remedy", "row-lock", "row-lock-remedy"]  # fmt: skip
     out, report = _demo(tmp_path, "--stack", "real", "--scenario", ",".join(scenarios))
     by = _results(report, scenarios)
     assert report["stack"] == "real" and report["cannot_show"] == []
@@ -98,20 +229,44 @@ def test_demo_on_the_real_stack(tmp_path):
     tx = by["worker-transactions"]
     assert tx["pooler_clients_waiting_peak"] > 0
     pooler = [f for f in tx["beyond_the_pools"] if f.startswith("pgbouncer:")]
-    assert pooler and "content-worker" in pooler[0] and "'generate_content'" in pooler[0], tx["beyond_the_pools"]
+    assert pooler and "content-worker" in pooler[0] and "'generate_content'" in pooler[0], tx[
+        "beyond_the_pools"
+    ]
     assert tx["diagnosis"].startswith("The shared limit was reached at the pooler"), tx["diagnosis"]
-    assert by["worker-transactions-remedy"]["pooler_clients_waiting_peak"] < tx["pooler_clients_waiting_peak"]
+    assert (
+        by["worker-transactions-remedy"]["pooler_clients_waiting_peak"]
+        < tx["pooler_clients_waiting_peak"]
+    )
+    # each suspect fires the shipped alert that names its cause, each remedy none of them
+    for suspect, cause, service in (("worker-transactions", {"PgbouncerClientsWaiting"}, None),
+                                    ("redis-subscriptions", {"RedisPoolUsageCritical", "RedisPoolCheckoutFailures"}, "api"),
+                                    ("row-lock", {"DbLockWaitLong"}, None)):  # fmt: skip
+        assert cause & _fired(by[suspect], service), (suspect, by[suspect]["alerts"])
+        assert not cause & _fired(by[f"{suspect}-remedy"], service), (
+            suspect,
+            by[f"{suspect}-remedy"]["alerts"],
+        )
+    for r in by.values():
+        _check_notifications(r)
     # suspect: subscriptions exhaust the API's shared Redis pool; the holder is the stream route
     redis = [f for f in by["redis-subscriptions"]["beyond_the_pools"] if f.startswith("Redis:")]
-    assert redis and "'GET /tasks/{task_id}/stream'" in redis[0], by["redis-subscriptions"]["beyond_the_pools"]
-    assert by["redis-subscriptions"]["diagnosis"].startswith("Redis: pool"), by["redis-subscriptions"]["diagnosis"]
+    assert redis and "'GET /tasks/{task_id}/stream'" in redis[0], by["redis-subscriptions"][
+        "beyond_the_pools"
+    ]
+    assert by["redis-subscriptions"]["diagnosis"].startswith("Redis: pool"), by[
+        "redis-subscriptions"
+    ]["diagnosis"]
     # suspect: a row lock across an LLM call; the blocker (task) and its victims (the task's page)
     locks = [f for f in by["row-lock"]["beyond_the_pools"] if f.startswith("Locks:")]
-    assert locks and "content-worker 'generate_content' holds a lock" in locks[0], by["row-lock"]["beyond_the_pools"]
+    assert locks and "content-worker 'generate_content' holds a lock" in locks[0], by["row-lock"][
+        "beyond_the_pools"
+    ]
     assert by["row-lock"]["diagnosis"].startswith("Row locks: content-worker 'generate_content'")
     # the verdict says so when the API is among the victims
     api_blocked = "api '" in locks[0].split(" blocks ", 1)[1].split(";")[0]
-    assert by["row-lock"]["verdict"]["checks"]["api_never_blocked_on_a_lock"] is not api_blocked, locks[0]
+    assert by["row-lock"]["verdict"]["checks"]["api_never_blocked_on_a_lock"] is not api_blocked, (
+        locks[0]
+    )
     # its victims: the workflow task and the task's page update the row (a victim that waited less
     # than a flush interval may read 'unknown': its process had not yet published its owner)
     assert "'advance_workflow'" in locks[0] or "'POST /tasks/{task_id}/seen'" in locks[0], locks[0]
@@ -126,7 +281,10 @@ def test_demo_on_the_real_stack(tmp_path):
         (["--scenario", "row-lock"], "--scenario row-lock needs --stack real"),
         (["--stack", "cloud"], "invalid choice: 'cloud'"),
         (["--duration", "-3"], "expected a float > 0"),
-        (["--database-url", "postgresql+asyncpg://nobody@127.0.0.1:1/none"], "cannot reach the database at 127.0.0.1:1/none"),
+        (
+            ["--database-url", "postgresql+asyncpg://nobody@127.0.0.1:1/none"],
+            "cannot reach the database at 127.0.0.1:1/none",
+        ),
     ],
 )
 def test_bad_arguments(args, message, tmp_path):
@@ -149,7 +307,9 @@ def test_demo_behind_a_pooler_that_renames_every_client_and_has_no_console(tmp_p
     assert report["pooler"].startswith("supavisor") and "renames every client" in out.stdout
     tx = report["results"][0]
     assert tx["scenario"] == "worker-transactions"
-    assert tx["diagnosis"].startswith("The shared limit was reached at the pooler or the server"), tx["diagnosis"]
+    assert tx["diagnosis"].startswith("The shared limit was reached at the pooler or the server"), (
+        tx["diagnosis"]
+    )
     assert "content-worker 'generate_content'" in tx["diagnosis"], tx["diagnosis"]
     assert "API process's own pool" not in tx["diagnosis"]
     server = [f for f in tx["beyond_the_pools"] if f.startswith("Server connections: api's")]

@@ -70,3 +70,35 @@ def test_nothing_found_exits_zero(serve: list[str], capsys: pytest.CaptureFixtur
                       'db_pool_connections_max{service="api",pool="p",pid="1"} 10\n')  # fmt: skip
     assert cli.main(["diagnose", "--metrics-url", url]) == diagnose.EXIT_HEALTHY == 0
     assert "nothing saturated" in capsys.readouterr().out
+
+
+_FULL_POOL = """# TYPE db_connection_hold_seconds histogram
+db_pool_connections_in_use{service="api",pool="main-db",pid="1"} 4
+db_pool_connections_max{service="api",pool="main-db",pid="1"} 4
+db_pool_connections_held_too_long{service="api",pool="main-db",pid="1"} 3
+db_connection_hold_seconds_bucket{service="api",pool="main-db",owner="GET /stream",le="1.0"} 0
+db_connection_hold_seconds_bucket{service="api",pool="main-db",owner="GET /stream",le="60.0"} 10
+db_connection_hold_seconds_bucket{service="api",pool="main-db",owner="GET /stream",le="+Inf"} 10
+db_connection_hold_seconds_sum{service="api",pool="main-db",owner="GET /stream"} 285
+db_connection_hold_seconds_count{service="api",pool="main-db",owner="GET /stream"} 10
+db_connection_hold_seconds_bucket{service="api",pool="main-db",owner="POST /notes",le="1.0"} 100
+db_connection_hold_seconds_bucket{service="api",pool="main-db",owner="POST /notes",le="60.0"} 100
+db_connection_hold_seconds_bucket{service="api",pool="main-db",owner="POST /notes",le="+Inf"} 100
+db_connection_hold_seconds_sum{service="api",pool="main-db",owner="POST /notes"} 15
+db_connection_hold_seconds_count{service="api",pool="main-db",owner="POST /notes"} 100
+"""
+
+
+def test_a_full_pool_names_its_holders_and_the_one_to_release(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The pool finding names the top owners by hold time, their p95, the connections held past
+    the threshold, and "release it" when one owner holds most of the time for long."""
+    assert cli.main(["diagnose", "--metrics-url", _url(serve, _FULL_POOL)]) == diagnose.EXIT_FINDINGS
+    out = capsys.readouterr().out
+    pool = next(line for line in out.splitlines() if line.startswith("- Pool: the busiest api process has 100%"))
+    assert "Held by 'GET /stream' 95% (p95 57.05 s), 'POST /notes' 5% (p95 0.95 s) of the hold time" in pool, pool
+    assert "3 connections held past the hold threshold at the peak" in pool
+    assert "'GET /stream' holds most of the time, p95 over 10 s: release it" in pool
+    # short holds only: named, nothing to release
+    short = _FULL_POOL.replace('owner="GET /stream",le="1.0"} 0', 'owner="GET /stream",le="1.0"} 10')
+    assert cli.main(["diagnose", "--metrics-url", _url(serve, short)]) == diagnose.EXIT_FINDINGS
+    assert "release it" not in capsys.readouterr().out

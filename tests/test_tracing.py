@@ -72,3 +72,4 @@ def test_bad_exporter_setting_is_refused():
                          capture_output=True, text=True, env=env)  # fmt: skip
     assert out.returncode != 0
     assert "OTEL_TRACES_EXPORTER='zipkin': expected one of otlp, console, none" in out.stderr
+

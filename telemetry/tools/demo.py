@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import thresholds as T
+from . import alerting as _alerting
+from . import capacity as _capacity
+from . import demo_advice as _demo_advice
 from . import report as _report
+from ._proc import DemoError, free_ports, tail
 
 #: the incident report's configuration (its knobs by their names); every scenario starts here
 SEED: dict[str, str] = {
@@ -96,10 +100,6 @@ def choose(names: str, stack: str) -> list[str]:
     return chosen
 
 
-class DemoError(Exception):
-    """A clear message for the user; the CLI prints it and exits non-zero."""
-
-
 def _root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -113,34 +113,26 @@ def _require_demo_extra() -> None:
 
     missing = [m for m in DEMO_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise DemoError(f"the demo's reference pipeline needs {', '.join(missing)}: pip install 'poolsight[demo]'")
+        raise DemoError(
+            f"the demo's reference pipeline needs {', '.join(missing)}: pip install 'poolsight[demo]'"
+        )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: str, timeout: float = 60) -> None:
+def _wait_port(
+    port: int, proc: subprocess.Popen[bytes], what: str, log: str, timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DemoError(f"{what} exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}")
+            raise DemoError(
+                f"{what} exited with code {proc.returncode}; last lines of {log}:\n{tail(log)}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), 0.2):
                 return
         except OSError:
             time.sleep(0.1)
     raise DemoError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {log}")
-
-
-def _tail(path: str, n: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return "".join(fh.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 def check_database(url: str) -> None:
@@ -160,7 +152,9 @@ def check_database(url: str) -> None:
         asyncio.run(asyncio.wait_for(ping(), 10))
     except Exception as exc:
         safe = url.split("@")[-1]
-        raise DemoError(f"cannot reach the database at {safe}: {type(exc).__name__}: {exc}".strip()) from None
+        raise DemoError(
+            f"cannot reach the database at {safe}: {type(exc).__name__}: {exc}".strip()
+        ) from None
 
 
 @dataclass
@@ -194,16 +188,25 @@ def _peak_names() -> tuple[str, ...]:
 class Run:
     """One scenario: processes, load, sampling."""
 
-    def __init__(self, scenario: str, args: Any, workdir: str, stack: Stack) -> None:
+    def __init__(self, scenario: str, args: Any, workdir: str, stack: Stack,
+                 overrides: dict[str, dict[str, str]] | None = None, label: str | None = None) -> None:  # fmt: skip
         self.scenario = scenario
+        self.overrides = overrides or {}  # per service: knobs the capacity advice changes
         self.args = args
         self.stack = stack
-        self.dir = os.path.join(workdir, scenario)
+        self.dir = os.path.join(workdir, label or scenario)
+        self.scrapes: list[tuple[float, _report.Samples]] = []  # the load's scrapes: the capacity window
         os.makedirs(os.path.join(self.dir, "mp"), exist_ok=True)
-        self.api_port, self.metrics_port = _free_port(), _free_port()
+        # every port of the scenario at once (the app's and the alert chain's)
+        self.api_port, self.metrics_port, *self.chain_ports = free_ports(4)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.files: list[Any] = []
-        self.timeline: dict[str, Any] = {"usage": {}, "latency": {"api p95": []}, "pooler_waiting": {}, "semaphore_waiters": {}}
+        self.timeline: dict[str, Any] = {
+            "usage": {},
+            "latency": {"api p95": []},
+            "pooler_waiting": {},
+            "semaphore_waiters": {},
+        }
         self.peaks: dict[str, float] = {}
         self.gauge_peaks: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.samples: _report.Samples = []
@@ -211,6 +214,9 @@ class Run:
         self.events: list[dict[str, Any]] = []
         self.sustained: dict[str, float] = {}
         self.above_since: dict[str, float] = {}
+        self.chain: Any = None  # the alert chain (Prometheus, Alertmanager, capture server)
+        self.alerting: dict[str, Any] = {"alerts": [], "notifications": [], "not_evaluated": None}
+        self.t0_wall = 0.0
 
     def env(self) -> dict[str, str]:
         db = self.stack.database_url or f"sqlite+aiosqlite:///{self.dir}/pipeline.db"
@@ -228,6 +234,8 @@ class Run:
             TELEMETRY_METRICS_PORT=str(self.metrics_port), TELEMETRY_TRACING="false",
             TELEMETRY_SHARED_VIEW_INTERVAL_SECONDS="0.25",
             TELEMETRY_LOCK_WAIT_EVENT_SECONDS="0.3",
+            # the watchdog's threshold is the hold rule's, on the demo's clock (one source)
+            TELEMETRY_DB_HOLD_THRESHOLD_SECONDS=f"{_alerting.hold_threshold_seconds(self.args.pool_timeout):g}",
             PYTHONUNBUFFERED="1", PYTHONPATH=_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )  # fmt: skip
         if self.stack.server_view_url:
@@ -241,6 +249,7 @@ class Run:
         root = self.dir  # the pipeline ships in the package: any working directory will do
         _require_demo_extra()
         self._schema(env["DATABASE_URL"])
+        self._start_chain()
         first = None
         for queue, knob in GROUPS:
             log = os.path.join(self.dir, f"{queue}-worker.log")
@@ -250,13 +259,15 @@ class Run:
                 [sys.executable, "-m", "celery", "-A", "telemetry.tools.pipeline.worker", "worker",
                  "--pool", "prefork", "-Q", queue, "-n", f"{queue}@%h", "--concurrency", env[knob],
                  "-l", "warning"],
-                cwd=root, env={**env, "WORKER_SERVICE": f"{queue}-worker"}, stdout=out,
+                cwd=root, env={**env, "WORKER_SERVICE": f"{queue}-worker", **self.overrides.get(f"{queue}-worker", {})}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             self.procs.append(proc)
             if first is None:
                 first = (proc, log)
-                _wait_port(self.metrics_port, proc, "the content worker", log)  # it serves the host's /metrics
+                _wait_port(
+                    self.metrics_port, proc, "the content worker", log
+                )  # it serves the host's /metrics
         alog = os.path.join(self.dir, "api.log")
         aout = open(alog, "w")  # noqa: SIM115 - closed in stop()
         self.files.append(aout)
@@ -264,9 +275,37 @@ class Run:
             [sys.executable, "-m", "uvicorn", "telemetry.tools.pipeline.api:app", "--workers",
              env["UVICORN_WORKERS"], "--host", "127.0.0.1", "--port", str(self.api_port),
              "--log-level", "warning"],
-            cwd=root, env=env, stdout=aout, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=root, env={**env, **self.overrides.get("api", {})}, stdout=aout, stderr=subprocess.STDOUT,
+            start_new_session=True,
         ))  # fmt: skip
         _wait_port(self.api_port, self.procs[-1], "the API", alog)
+        if self.chain is not None:
+            self.chain.wait_scraped()
+
+    def _start_chain(self) -> None:
+        reason = (
+            "not asked for (--alerts off)" if self.args.alerts == "off" else _alerting.missing()
+        )
+        if reason:
+            self.alerting["not_evaluated"] = reason
+            return
+        self.chain = _alerting.Chain(os.path.join(self.dir, "alerting"), self.metrics_port, self.args.pool_timeout,
+                                     ports=(self.chain_ports[0], self.chain_ports[1]))  # fmt: skip
+        try:
+            self.chain.start()
+        except BaseException:
+            self.chain.stop()
+            raise
+
+    def collect_alerts(self) -> None:
+        """What Prometheus fired over the run and what reached PagerDuty and Slack."""
+        if self.chain is None:
+            return
+        # a cool-down with the app still serving: the alerts resolve as its pressure is gone
+        self.chain.quiet(timeout=30)
+        self.chain.settle()
+        self.alerting["alerts"] = self.chain.alerts(self.t0_wall, time.time())
+        self.alerting["notifications"] = self.chain.capture.notifications(self.t0_wall)
 
     def _schema(self, url: str) -> None:
         from sqlalchemy import event
@@ -278,13 +317,17 @@ class Run:
         async def go() -> None:
             engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args(url))
             if url.startswith("sqlite"):
+
                 @event.listens_for(engine.sync_engine, "connect")
                 def _wal(dbapi_conn: Any, _rec: Any) -> None:
                     cur = dbapi_conn.cursor()
                     cur.execute("PRAGMA journal_mode=WAL")
                     cur.close()
+
             async with engine.begin() as conn:
-                await conn.run_sync(metadata.drop_all)  # a shared server: each scenario starts empty
+                await conn.run_sync(
+                    metadata.drop_all
+                )  # a shared server: each scenario starts empty
                 await conn.run_sync(metadata.create_all)
             await engine.dispose()
 
@@ -297,6 +340,8 @@ class Run:
             client.close()
 
     def stop(self) -> None:
+        if self.chain is not None:
+            self.chain.stop()
         for proc in self.procs:
             if proc.poll() is None:
                 # the parent only: Celery's prefork parent and uvicorn's supervisor stop their own
@@ -331,6 +376,7 @@ class Run:
             async def stream(task_id: str) -> None:
                 """A user watching the task: its status stream, and its page saying every second
                 that it is still seen (a short update of the task's row)."""
+
                 async def seen() -> None:
                     while time.monotonic() - t0 < self.args.duration:
                         try:
@@ -363,7 +409,7 @@ class Run:
                 except httpx.HTTPError:
                     pass
 
-            t0 = time.monotonic()
+            t0, self.t0_wall = time.monotonic(), time.time()
             streams = [asyncio.create_task(stream(i)) for i in ids]
             pages: list[asyncio.Task[None]] = []
             prev: _report.Samples = []
@@ -380,7 +426,9 @@ class Run:
             deadline = time.monotonic() + self.args.duration * 3 + 60
             while time.monotonic() < deadline:
                 prev = await self._sample(client, t0, prev, live)
-                done = _report.total(prev, "celery_tasks_total", outcome="succeeded", task="generate_content")
+                done = _report.total(
+                    prev, "celery_tasks_total", outcome="succeeded", task="generate_content"
+                )
                 if done >= self.args.generations:
                     break
                 await asyncio.sleep(0.5)
@@ -389,6 +437,7 @@ class Run:
             self.raw_metrics = r.text
             self.samples = _report.parse(r.text)
             self._keep_peaks(self.samples)
+        await asyncio.to_thread(self.collect_alerts)
 
     def _keep_peaks(self, samples: _report.Samples) -> None:
         names = _peak_names()
@@ -397,8 +446,11 @@ class Run:
                 key = (n, tuple(sorted(lb.items())))
                 self.gauge_peaks[key] = max(self.gauge_peaks.get(key, v), v)
 
-    async def _sample(self, client: Any, t0: float, prev: _report.Samples, live: Any) -> _report.Samples:
+    async def _sample(
+        self, client: Any, t0: float, prev: _report.Samples, live: Any
+    ) -> _report.Samples:
         cur = await self.scrape(client)
+        self.scrapes.append((time.monotonic(), cur))
         t = time.monotonic() - t0
         self._keep_peaks(cur)
         for service, usage in _report.usage_by_service(cur).items():
@@ -435,7 +487,12 @@ def _events(path: str) -> list[dict[str, Any]]:
                         event = json.loads(line)
                     except ValueError:
                         continue
-                    out.append({k: event.get(k) for k in ("event", "status", "service", "call_site", "blocked_seconds")})
+                    out.append(
+                        {
+                            k: event.get(k)
+                            for k in ("event", "status", "service", "call_site", "blocked_seconds")
+                        }
+                    )
     except OSError:
         pass
     return out
@@ -450,17 +507,32 @@ def _live_table(scenario: str, t: float, samples: _report.Samples, peaks: dict[s
         table.add_column(col)
     rows: dict[tuple[str, str, str], dict[str, float]] = {}
     for n, lb, v in samples:
-        if n in ("db_pool_connections_in_use", "db_pool_connections_max", "db_pool_pending_requests"):
+        if n in (
+            "db_pool_connections_in_use",
+            "db_pool_connections_max",
+            "db_pool_pending_requests",
+        ):
             rows.setdefault((lb["service"], lb["pool"], lb["pid"]), {})[n] = v
     for (service, pool, pid), r in sorted(rows.items()):
-        if not r.get("db_pool_connections_in_use") and not r.get("db_pool_pending_requests") and service != "api":
+        if (
+            not r.get("db_pool_connections_in_use")
+            and not r.get("db_pool_pending_requests")
+            and service != "api"
+        ):
             continue  # idle worker children: the table stays readable
         table.add_row(service, pool.rsplit("/", 1)[-1], pid,
                       f"{r.get('db_pool_connections_in_use', 0):.0f} / "
                       + (f"{r['db_pool_connections_max']:.0f}" if "db_pool_connections_max" in r else "-"),
                       f"{r.get('db_pool_pending_requests', 0):.0f}", f"{peaks.get(service, 0) * 100:.0f}%")  # fmt: skip
-    done = _report.total(samples, "celery_tasks_total", outcome="succeeded", task="generate_content")
-    failed = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count" and lb.get("status", "").startswith("5"))
+    done = _report.total(
+        samples, "celery_tasks_total", outcome="succeeded", task="generate_content"
+    )
+    failed = sum(
+        v
+        for n, lb, v in samples
+        if n == "http_server_request_duration_seconds_count"
+        and lb.get("status", "").startswith("5")
+    )
     waiting = _report.total(samples, "pgbouncer_clients", state="waiting")
     latency = "-" if p95 is None else f"{p95 * 1000:.0f} ms"
     table.caption = (f"content tasks done: {done:.0f}   API p95 (last 0.5 s): {latency}   API 5xx so far: {failed:.0f}"
@@ -475,7 +547,9 @@ def open_stack(args: Any) -> Iterator[Stack]:
     if args.stack != "real":
         if args.database_url:
             check_database(args.database_url)
-        yield Stack("embedded" if not args.database_url else "custom", args.database_url, args.broker)
+        yield Stack(
+            "embedded" if not args.database_url else "custom", args.database_url, args.broker
+        )
         return
     from . import stack as _stack
 
@@ -496,9 +570,42 @@ def open_stack(args: Any) -> Iterator[Stack]:
         raise DemoError(f"--stack real: {exc}") from None
 
 
+def _run_one(scenario: str, args: Any, workdir: str, stack: Stack, console: Any,
+             overrides: dict[str, dict[str, str]] | None = None, label: str | None = None) -> tuple[Run, dict[str, Any]]:  # fmt: skip
+    """One scenario, start to stop: the run and its summary."""
+    from rich.live import Live
+
+    demo = Run(scenario, args, workdir, stack, overrides, label)
+    t0 = time.monotonic()
+    try:
+        demo.start()
+        console.print(f"  started in {time.monotonic() - t0:.0f} s; /metrics (host aggregate, Prometheus can "
+                      f"scrape it): http://127.0.0.1:{demo.metrics_port}/metrics")  # fmt: skip
+        t1 = time.monotonic()
+        with Live(console=console, refresh_per_second=2, transient=not sys.stdout.isatty()) as live:
+            asyncio.run(demo.drive(live))
+        console.print(f"  load and content tasks done in {time.monotonic() - t1:.0f} s")
+    finally:
+        t2 = time.monotonic()
+        demo.stop()
+        console.print(f"  stopped in {time.monotonic() - t2:.0f} s")
+    peaks = [[name, dict(labels), v] for (name, labels), v in demo.gauge_peaks.items()]
+    result = _report.summarize(scenario, demo.samples, demo.peaks, args.concepts, peaks, demo.events,
+                               demo.sustained, demo.alerting)  # fmt: skip
+    demo.timeline["alerts"] = [(a["fired_at_seconds"], a["alert"], a["severity"]) for a in demo.alerting["alerts"]]
+    demo.timeline["peaks_for_raw"] = peaks
+    return demo, result
+
+
+def _advise(demo: Run, args: Any) -> _capacity.Advice | None:
+    if len(demo.scrapes) < 2:
+        return None
+    window = _capacity.from_scrapes(demo.scrapes)
+    return _capacity.advise(window, hold_threshold=_alerting.hold_threshold_seconds(args.pool_timeout))
+
+
 def run(args: Any) -> int:
     from rich.console import Console
-    from rich.live import Live
 
     scenarios = choose(args.scenario, args.stack)
     out_dir = os.path.abspath(args.out)
@@ -513,32 +620,43 @@ def run(args: Any) -> int:
                          if stack.name == "real" and not stack.pgbouncer_url else ""))  # fmt: skip
         for note in stack.cannot_show():
             console.print(f"  this stack cannot show: {note}")
+        advice: dict[str, Any] = {}
+        advised: dict[str, _capacity.Advice] = {}
         for n, scenario in enumerate(scenarios, 1):
             spec = SCENARIOS[scenario]
-            demo = Run(scenario, args, workdir, stack)
             console.print(f"[bold]scenario {scenario}[/] ({n}/{len(scenarios)}, {spec.kind}): {spec.about}")
-            t0 = time.monotonic()
-            try:
-                demo.start()
-                console.print(f"  started in {time.monotonic() - t0:.0f} s; /metrics (host aggregate, Prometheus can "
-                              f"scrape it): http://127.0.0.1:{demo.metrics_port}/metrics")  # fmt: skip
-                t1 = time.monotonic()
-                with Live(console=console, refresh_per_second=2, transient=not sys.stdout.isatty()) as live:
-                    asyncio.run(demo.drive(live))
-                console.print(f"  load and content tasks done in {time.monotonic() - t1:.0f} s")
-            finally:
-                t2 = time.monotonic()
-                demo.stop()
-                console.print(f"  stopped in {time.monotonic() - t2:.0f} s")
-            peaks = [[name, dict(labels), v] for (name, labels), v in demo.gauge_peaks.items()]
-            results.append(_report.summarize(scenario, demo.samples, demo.peaks, args.concepts, peaks, demo.events,
-                                             demo.sustained))  # fmt: skip
+            demo, result = _run_one(scenario, args, workdir, stack, console)
+            peaks = demo.timeline.pop("peaks_for_raw")
+            results.append(result)
             timelines[scenario] = demo.timeline
             raw[scenario] = {"metrics": demo.raw_metrics, "peaks": demo.peaks, "gauge_peaks": peaks, "events": demo.events,
-                             "sustained": demo.sustained}  # fmt: skip
-            console.print("  " + results[-1]["diagnosis"], markup=False, highlight=False)
+                             "sustained": demo.sustained, "alerting": demo.alerting}  # fmt: skip
+            console.print("  " + result["diagnosis"], markup=False, highlight=False)
+            got = _advise(demo, args)
+            if got is None:
+                continue
+            advised[scenario] = got
+            entry: dict[str, Any] = {"text": _capacity.render(got), "advice": _capacity.as_dict(got),
+                                     "overrides": _demo_advice.overrides(got)}  # fmt: skip
+            if entry["overrides"] and args.prove_advice:
+                console.print(f"[bold]scenario {scenario}, re-run with the advised sizes[/]: {entry['overrides']}")
+                _rerun, again = _run_one(scenario, args, workdir, stack, console, entry["overrides"], f"{scenario}+advised")
+                entry["proof"] = _demo_advice.held(again, args.pool_timeout)
+                entry["rerun"] = {k: again[k] for k in ("api", "checkout_wait_p95_seconds", "pool_usage_peak", "alerts")}
+            elif any(p.release is not None for p in got.pools):
+                remedy = f"{scenario}-remedy"
+                entry["no_proof"] = (f"size is not the answer; its remedy ({remedy}) proves it when it runs"
+                                     if remedy in SCENARIOS else "size is not the answer")  # fmt: skip
+            else:
+                entry["no_proof"] = "the configuration carried the measured load: nothing to re-run"
+            suspect = scenario.removesuffix("-remedy")  # a remedy proves its suspect's "release it"
+            if suspect != scenario and suspect in advised and any(p.release is not None for p in advised[suspect].pools):
+                advice[suspect]["proof"] = _demo_advice.remedy_proof(advised[suspect], result, got)
+            advice[scenario] = entry
+    plans = {name: s.env for name, s in SCENARIOS.items() if s.kind == "plan"}
+    judged = _demo_advice.judge_plans(advised["seed"], plans, SEED) if "seed" in advised else []
     rows = _report.comparison(results)
-    text = _report.render_text(results, rows, stack.cannot_show())
+    text = _report.render_text(results, rows, stack.cannot_show(), advice, judged)
     console.print(text, markup=False, highlight=False)
     report = {"stack": stack.name, "pooler": "supavisor (renamed clients, no console)" if stack.name == "real"
               and not stack.pgbouncer_url else "pgbouncer (console read)" if stack.name == "real" else None,
@@ -546,7 +664,7 @@ def run(args: Any) -> int:
               "disagreements": _report.disagreements(rows), "timelines": timelines,
               "settings": {k: v for k, v in vars(args).items() if k != "func"},
               "scenarios": {n: {"kind": s.kind, "about": s.about, "env": {**SEED, **s.env}} for n, s in SCENARIOS.items()},
-              "raw": raw}  # fmt: skip
+              "advice": advice, "plans_against_the_advice": judged, "raw": raw}  # fmt: skip
     with open(os.path.join(out_dir, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2, default=str)
     with open(os.path.join(out_dir, "report.html"), "w") as fh:

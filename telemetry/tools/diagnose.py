@@ -19,7 +19,8 @@ from typing import Any
 
 from .. import thresholds as T
 from .._metrics import CATALOGUE
-from .report import Samples, parse, quantile, usage_by_service
+from .capacity import DOMINANT_HOLD_FACTOR, dominant, holders
+from .samples import Samples, fetch_text, parse, quantile, usage_by_service
 
 #: what the findings read, by kind: gauges at their peak over the window (``*_view_up`` at
 #: their lowest), counters and histogram series as their increase over it
@@ -31,7 +32,7 @@ USED_GAUGES = (
     "db_pool_connections_max", "redis_pool_connections_in_use", "redis_pool_connections_max",
     "celery_queue_length", "celery_queue_oldest_message_seconds", "celery_worker_busy",
     "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
-    "asyncio_semaphore_capacity",
+    "asyncio_semaphore_capacity", "db_pool_connections_held_too_long",
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
@@ -74,10 +75,7 @@ HOST_LABEL = "__telemetry_host"
 
 
 def fetch(url: str, timeout: float = 10.0) -> Samples:
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--metrics-url {url!r}: expected an http:// or https:// URL")
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked
-        samples = parse(response.read().decode())
+    samples = parse(fetch_text(url, timeout))
     return [(name, {**labels, HOST_LABEL: url}, value) for name, labels, value in samples]
 
 
@@ -367,11 +365,28 @@ def _pools(samples: Samples) -> list[str]:
         if usage >= T.POOL_USAGE_WARNING and service not in starved:
             p95 = quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=service)
             out.append(f"Pool: the busiest {service} process has {usage * 100:.0f}% of its pool checked out "
-                       f"(checkout wait p95 {p95 or 0:.2f} s since start).")  # fmt: skip
+                       f"(checkout wait p95 {p95 or 0:.2f} s).{_holders(samples, service)}")  # fmt: skip
     blocked = {lb.get("service", ""): v for lb, v in _rows(samples, "event_loop_blocked_total") if v > 0}
     for service, n in sorted(blocked.items()):
         out.append(f"Event loop: {service} was blocked {n:.0f} times (sync work inside async def).")
     return out
+
+
+def _holders(samples: Samples, service: str) -> str:
+    """Who held ``service``'s connections (the top owners by hold time, their p95 hold, the
+    connections held past the threshold at the peak), and "release it" when one owner is the cause."""
+    hs = holders(samples, service)
+    if not hs:
+        return ""
+    who = ", ".join(f"{h.owner!r} {h.share * 100:.0f}% (p95 {h.p95 or 0:.2f} s)" for h in hs[:3])
+    long_held = sum(v for lb, v in _rows(samples, "db_pool_connections_held_too_long") if lb.get("service") == service)
+    text = f" Held by {who} of the hold time" + (f"; {long_held:.0f} connections held past the hold threshold at the peak"
+                                                 if long_held else "") + "."  # fmt: skip
+    top = dominant(hs)
+    if top is not None:
+        text += (f" {top.owner!r} holds most of the time, p95 over {DOMINANT_HOLD_FACTOR * T.HOLD_SECONDS_WARNING:g} s: release it "
+                 "(keep the session only around its queries); a bigger pool would be held too.")  # fmt: skip
+    return text
 
 
 def _views(samples: Samples) -> list[str]:

@@ -7,69 +7,13 @@ Quantiles are computed from histogram buckets the way Prometheus's ``histogram_q
 from __future__ import annotations
 
 import html
-import math
 from typing import Any
 
 from .. import thresholds as T
-
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def parse(text: str) -> Samples:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return [(s.name, dict(s.labels), s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    return sum(v for n, lb, v in samples if n == name and all(lb.get(k) == w for k, w in labels.items()))
-
-
-def values(samples: Samples, name: str, key: str, **labels: str) -> set[str]:
-    return {lb[key] for n, lb, _ in samples if n == name and key in lb and all(lb.get(k) == w for k, w in labels.items())}
-
-
-def quantile(q: float, samples: Samples, name: str, **labels: Any) -> float | None:
-    """``histogram_quantile(q, sum by (le) (name_bucket{labels}))``; None without data."""
-    routes = labels.pop("route_in", None)
-    buckets: dict[float, float] = {}
-    for n, lb, v in samples:
-        if n != f"{name}_bucket" or not all(lb.get(k) == w for k, w in labels.items()):
-            continue
-        if routes is not None and lb.get("route") not in routes:
-            continue
-        le = math.inf if lb["le"] == "+Inf" else float(lb["le"])
-        buckets[le] = buckets.get(le, 0) + v
-    if not buckets:
-        return None
-    bounds = sorted(buckets)
-    count = buckets[bounds[-1]]
-    if count == 0:
-        return None
-    rank = q * count
-    prev_bound, prev_count = 0.0, 0.0
-    for bound in bounds:
-        c = buckets[bound]
-        if c >= rank:
-            if math.isinf(bound):
-                return prev_bound
-            if c == prev_count:
-                return bound
-            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (c - prev_count)
-        prev_bound, prev_count = bound, c
-    return prev_bound
-
-
-def usage_by_service(samples: Samples) -> dict[str, float]:
-    """Busiest process's in_use / max, per service (the alert's view)."""
-    in_use = {(lb["service"], lb["pool"], lb["pid"]): v for n, lb, v in samples if n == "db_pool_connections_in_use"}
-    out: dict[str, float] = {}
-    for n, lb, v in samples:
-        if n == "db_pool_connections_max" and v > 0:
-            key = (lb["service"], lb["pool"], lb["pid"])
-            if key in in_use:
-                out[lb["service"]] = max(out.get(lb["service"], 0.0), in_use[key] / v)
-    return out
+from . import alerting as _alerting
+from . import demo_advice as _demo_advice
+from . import rules as _rules
+from .samples import Samples, fetch_text, parse, quantile, total, usage_by_service, values  # noqa: F401 - re-exported
 
 
 def _fmt_s(x: float | None) -> str:
@@ -98,16 +42,25 @@ def with_peaks(samples: Samples, gauge_peaks: list[list[Any]] | None) -> Samples
 
 def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts: int,
               gauge_peaks: list[list[Any]] | None = None, events: list[dict[str, Any]] | None = None,
-              sustained: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
-    """One scenario's numbers, every one from the metrics (and the package's own events)."""
+              sustained: dict[str, float] | None = None, alerting: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One scenario's numbers, every one from the metrics (and the package's own events); the
+    alerts as Prometheus fired them and the notifications Alertmanager sent (``alerting``)."""
     peaked = with_peaks(samples, gauge_peaks)
     other = {"route_in": OTHER_ROUTES}
     req_total = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count"
                     and lb.get("route") in OTHER_ROUTES)  # fmt: skip
     req_failed = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_count"
                      and lb.get("route") in OTHER_ROUTES and lb.get("status", "").startswith("5"))  # fmt: skip
-    latency_sum = sum(v for n, lb, v in samples if n == "http_server_request_duration_seconds_sum" and lb.get("route") in OTHER_ROUTES)
-    wait_sum = sum(v for n, lb, v in samples if n == "http_server_pool_wait_seconds_sum" and lb.get("route") in OTHER_ROUTES)
+    latency_sum = sum(
+        v
+        for n, lb, v in samples
+        if n == "http_server_request_duration_seconds_sum" and lb.get("route") in OTHER_ROUTES
+    )
+    wait_sum = sum(
+        v
+        for n, lb, v in samples
+        if n == "http_server_pool_wait_seconds_sum" and lb.get("route") in OTHER_ROUTES
+    )
     holds: dict[str, dict[str, float]] = {}
     for n, lb, v in samples:
         if n == "db_connection_hold_seconds_sum":
@@ -116,7 +69,9 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     hold_p95 = {}
     for service in holds:
         for owner in holds[service]:
-            hold_p95[f"{service}: {owner}"] = quantile(0.95, samples, "db_connection_hold_seconds", service=service, owner=owner)
+            hold_p95[f"{service}: {owner}"] = quantile(
+                0.95, samples, "db_connection_hold_seconds", service=service, owner=owner
+            )
     tasks = total(samples, "celery_tasks_total", outcome="succeeded", task="generate_content")
     runtime_sum = total(samples, "celery_task_runtime_seconds_sum", task="generate_content")
     runtime_count = total(samples, "celery_task_runtime_seconds_count", task="generate_content")
@@ -124,22 +79,33 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     sem_count = total(samples, "asyncio_semaphore_wait_seconds_count")
     sem_sum = total(samples, "asyncio_semaphore_wait_seconds_sum")
     api_timeouts = total(samples, "db_pool_timeouts_total", service="api")
-    lag_p99 = {s: quantile(0.99, samples, "event_loop_lag_seconds", service=s) for s in values(samples, "event_loop_lag_seconds_count", "service")}
+    lag_p99 = {
+        s: quantile(0.99, samples, "event_loop_lag_seconds", service=s)
+        for s in values(samples, "event_loop_lag_seconds_count", "service")
+    }
     result = {
         "scenario": scenario,
         "api": {
             "requests": req_total,
-            "p50_seconds": quantile(0.50, samples, "http_server_request_duration_seconds", **dict(other)),
-            "p95_seconds": quantile(0.95, samples, "http_server_request_duration_seconds", **dict(other)),
-            "p99_seconds": quantile(0.99, samples, "http_server_request_duration_seconds", **dict(other)),
+            "p50_seconds": quantile(
+                0.50, samples, "http_server_request_duration_seconds", **dict(other)
+            ),
+            "p95_seconds": quantile(
+                0.95, samples, "http_server_request_duration_seconds", **dict(other)
+            ),
+            "p99_seconds": quantile(
+                0.99, samples, "http_server_request_duration_seconds", **dict(other)
+            ),
             "timeout_rate": (req_failed / req_total) if req_total else None,
             "pool_timeouts": api_timeouts,
             "share_waiting_for_pool": (wait_sum / latency_sum) if latency_sum else None,
         },
         "pool_usage_peak": peaks,
         "pool_above_warning_longest_seconds": sustained or {},
-        "checkout_wait_p95_seconds": {s: quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=s)
-                                      for s in values(samples, "db_pool_checkout_wait_seconds_count", "service")},  # fmt: skip
+        "checkout_wait_p95_seconds": {
+            s: quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=s)
+            for s in values(samples, "db_pool_checkout_wait_seconds_count", "service")
+        },  # fmt: skip
         "hold_p95_seconds_by_owner": hold_p95,
         "hold_seconds_by_owner": holds,
         "event_loop_lag_p99_seconds": lag_p99,
@@ -147,9 +113,15 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
         "blocking_call_site": _blocking_site(events or []),
         "pooler_clients_waiting_peak": total(peaked, "pgbouncer_clients", state="waiting"),
         # API connections seen waiting for a row lock (server view; None without one)
-        "api_lock_waits_peak": (total(peaked, "db_server_lock_blocking", blocked_service="api")
-                                if any(n == "db_server_lock_wait_longest_seconds" for n, _lb, _v in samples) else None),  # fmt: skip
-        "semaphore": {"waits": sem_count, "mean_wait_seconds": (sem_sum / sem_count) if sem_count else None},
+        "api_lock_waits_peak": (
+            total(peaked, "db_server_lock_blocking", blocked_service="api")
+            if any(n == "db_server_lock_wait_longest_seconds" for n, _lb, _v in samples)
+            else None
+        ),  # fmt: skip
+        "semaphore": {
+            "waits": sem_count,
+            "mean_wait_seconds": (sem_sum / sem_count) if sem_count else None,
+        },
         "tasks_succeeded": tasks,
         "seconds_per_task": mean_runtime,
         "concepts_per_second": (concepts / mean_runtime) if mean_runtime else None,
@@ -157,7 +129,10 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
     }
     from .diagnose import beyond_the_pools
 
-    result["alerts"] = alert_conditions(result)
+    alerting = alerting or {}
+    result["alerts"] = alerting.get("alerts", [])
+    result["notifications"] = alerting.get("notifications", [])
+    result["alerts_not_evaluated"] = alerting.get("not_evaluated")
     result["beyond_the_pools"] = beyond_the_pools(peaked)
     result["diagnosis"] = diagnose(result)
     result["verdict"] = verdict(result)
@@ -169,7 +144,9 @@ def _blocking_site(events: list[dict[str, Any]]) -> str | None:
     3 episodes and half of them at that line. Stalls scattered over unrelated lines are a busy
     machine (2 cores, 25 processes), not a blocking call."""
     sites: dict[str, int] = {}
-    blocked = [e for e in events if e.get("event") == "event_loop_blocked" and e.get("status") == "blocked"]
+    blocked = [
+        e for e in events if e.get("event") == "event_loop_blocked" and e.get("status") == "blocked"
+    ]
     for e in blocked:
         if e.get("call_site"):
             sites[e["call_site"]] = sites.get(e["call_site"], 0) + 1
@@ -179,8 +156,8 @@ def _blocking_site(events: list[dict[str, Any]]) -> str | None:
     return site if sites[site] >= 3 and sites[site] * 2 >= len(blocked) else None
 
 
-#: the demo's scaled ``for:`` of the pool-usage alerts (5m and 2m in production)
-SUSTAINED_SECONDS = 2.0
+#: the critical usage alert's ``for:`` on the demo's clock (2m in production: 2 s)
+SUSTAINED_SECONDS = _alerting.seconds(_rules.scaled(T.FOR_USAGE_CRITICAL, _alerting.FOR_SCALE))
 
 
 def verdict(r: dict[str, Any]) -> dict[str, Any]:
@@ -200,26 +177,6 @@ def verdict(r: dict[str, Any]) -> dict[str, Any]:
     return {"healthy": all(checks.values()), "checks": checks}
 
 
-def alert_conditions(r: dict[str, Any]) -> list[str]:
-    """Which alert conditions held at their thresholds (ignoring the ``for:`` durations, which
-    a demo of a minute cannot wait out)."""
-    met = []
-    for service, peak in sorted(r["pool_usage_peak"].items()):
-        if peak > T.POOL_USAGE_CRITICAL:
-            met.append(f"DbPoolUsageCritical ({service}: {peak * 100:.0f}% > {T.POOL_USAGE_CRITICAL * 100:.0f}%)")
-        elif peak > T.POOL_USAGE_WARNING:
-            met.append(f"DbPoolUsageWarning ({service}: {peak * 100:.0f}% > {T.POOL_USAGE_WARNING * 100:.0f}%)")
-    for key, p95 in sorted(r["hold_p95_seconds_by_owner"].items()):
-        if p95 is not None and p95 > T.HOLD_SECONDS_WARNING:
-            met.append(f"DbConnectionHoldTooLong ({key}: p95 {p95:.1f}s > {T.HOLD_SECONDS_WARNING:g}s)")
-    for service, p95 in sorted(r["checkout_wait_p95_seconds"].items()):
-        if p95 is not None and p95 > T.WAIT_P95_SECONDS_WARNING:
-            met.append(f"DbPoolCheckoutWaitHigh ({service}: p95 {p95:.1f}s > {T.WAIT_P95_SECONDS_WARNING:g}s)")
-    if r["api"]["pool_timeouts"]:
-        met.append(f"DbPoolCheckoutTimeouts (api: {r['api']['pool_timeouts']:.0f} timeouts)")
-    return met
-
-
 def diagnose(r: dict[str, Any]) -> str:
     """The dominant cause of API latency and who held the resource: what the processes share
     first (the pooler, row locks, Redis), then the API's own pool, then its event loop."""
@@ -235,7 +192,7 @@ def diagnose(r: dict[str, Any]) -> str:
     redis = [f for f in beyond if f.startswith("Redis:") and " 0 checkouts failed" not in f]
     parts = []
     if locks:  # the root when both show: blocked transactions keep their server connections
-        parts.append("Row locks: " + locks[0][len("Locks: "):])
+        parts.append("Row locks: " + locks[0][len("Locks: ") :])
     if pooler:
         parts.append(("The blocked transactions also filled the pooler: " if locks else
                       "The shared limit was reached at the pooler: ") + pooler[0][len("pgbouncer: "):])  # fmt: skip
@@ -264,7 +221,9 @@ def diagnose(r: dict[str, Any]) -> str:
             if slow_others:
                 why = ("they wait on row locks" if locks else "they wait at the pooler for a server connection"
                        if pooler else "they wait on the server (locks or a pooler: the shared view says which)")  # fmt: skip
-                parts.append(f"Short requests also held connections for seconds ({', '.join(sorted(slow_others))}): {why}.")
+                parts.append(
+                    f"Short requests also held connections for seconds ({', '.join(sorted(slow_others))}): {why}."
+                )
     site = r.get("blocking_call_site")
     if site:
         parts.append(f"The API's event loop was blocked {r['event_loop_blocked']:.0f} times (sync work inside "
@@ -274,7 +233,9 @@ def diagnose(r: dict[str, Any]) -> str:
         parts.append(f"The API's event loop stalled {r['event_loop_blocked']:.0f} times with no line in common "
                      "(a busy machine, not a blocking call).")  # fmt: skip
     if not parts and share is not None:
-        parts.append(f"The API pool is not the bottleneck: {share * 100:.0f}% of page time waits for it.")
+        parts.append(
+            f"The API pool is not the bottleneck: {share * 100:.0f}% of page time waits for it."
+        )
     worker_peak = r["pool_usage_peak"].get("content-worker")
     if worker_peak is not None:
         parts.append(f"Celery content workers peaked at {worker_peak * 100:.0f}% of their own pools; each process has "
@@ -310,7 +271,14 @@ def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seconds_for_30_concepts": r["seconds_for_30_concepts"],
         }
         for metric, expected in SEED_TABLE.items():
-            rows.append({"scenario": s, "metric": metric, "report_expected": expected.get(s), "measured": measured[metric]})
+            rows.append(
+                {
+                    "scenario": s,
+                    "metric": metric,
+                    "report_expected": expected.get(s),
+                    "measured": measured[metric],
+                }
+            )
         for metric in SCALED if s != "seed" else ():
             mine, base = measured[metric], (seed[metric] if seed else None)
             rows.append({"scenario": s, "metric": f"{metric} / seed's", "report_expected": SEED_TABLE[metric][s] / SEED_TABLE[metric]["seed"],
@@ -332,11 +300,40 @@ def disagreements(rows: list[dict[str, Any]]) -> list[str]:
         else:
             off = not (exp / 1.5 <= got <= exp * 1.5)
         if off:
-            notes.append(f"{row['scenario']}: {row['metric']} measured {got:.2f}, the report expected {exp:.2f}")
+            notes.append(
+                f"{row['scenario']}: {row['metric']} measured {got:.2f}, the report expected {exp:.2f}"
+            )
     return notes
 
 
-def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]], cannot_show: list[str] | None = None) -> str:
+def alert_lines(r: dict[str, Any]) -> list[str]:
+    """The alerts Prometheus fired (its ``ALERTS``) and what Alertmanager delivered."""
+    if r.get("alerts_not_evaluated"):
+        return [f"alerts: {r['alerts_not_evaluated']}"]
+    if not r["alerts"]:
+        return ["alerts fired (shipped rules, real Prometheus): none"]
+    out = ["alerts fired (shipped rules, real Prometheus; seconds since the load started):"]
+    for a in r["alerts"]:
+        where = ", ".join(f"{k}={v}" for k, v in sorted(a["labels"].items()))
+        end = (
+            f"resolved at {a['resolved_at_seconds']:.0f}"
+            if a["resolved_at_seconds"] is not None
+            else "still firing at the end"
+        )
+        out.append(
+            f"  {a['alert']} ({a['severity']}; {where}): fired at {a['fired_at_seconds']:.0f}, {end}"
+        )
+    out.append(
+        f"notifications received ({len(r['notifications'])}, one per Alertmanager group and change):"
+    )
+    for n in r["notifications"]:
+        out.append(f"  {n['at_seconds']:.0f} s {n['receiver']} {n['status']}: {n['summary']}"
+                   f" (runbook {n['runbook'] or '-'}; dashboard {n['dashboard'] or '-'})")  # fmt: skip
+    return out
+
+
+def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]], cannot_show: list[str] | None = None,
+                advice: dict[str, Any] | None = None, plans: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
     out = [f"This stack cannot show: {note}" for note in cannot_show or []]
     if out:
         out.append("")
@@ -349,36 +346,70 @@ def render_text(results: list[dict[str, Any]], rows: list[dict[str, Any]], canno
         out.append("pool usage peak (busiest process): " + ", ".join(f"{s} {_pct(v)}" for s, v in sorted(r["pool_usage_peak"].items()))
                    + "; longest above 80%: " + (", ".join(f"{s} {v:.1f} s" for s, v in sorted(r["pool_above_warning_longest_seconds"].items()))
                                                 or "never"))  # fmt: skip
-        out.append("checkout wait p95: " + ", ".join(f"{s} {_fmt_s(v)}" for s, v in sorted(r["checkout_wait_p95_seconds"].items())))
-        top = sorted(((v or 0, k) for k, v in r["hold_p95_seconds_by_owner"].items()), reverse=True)[:5]
+        out.append(
+            "checkout wait p95: "
+            + ", ".join(
+                f"{s} {_fmt_s(v)}" for s, v in sorted(r["checkout_wait_p95_seconds"].items())
+            )
+        )
+        top = sorted(
+            ((v or 0, k) for k, v in r["hold_p95_seconds_by_owner"].items()), reverse=True
+        )[:5]
         out.append("hold p95 by owner: " + ", ".join(f"{k} {_fmt_s(v)}" for v, k in top))
         out.append("event loop lag p99: " + ", ".join(f"{s} {_fmt_s(v)}" for s, v in sorted(r["event_loop_lag_p99_seconds"].items()))
                    + f"; blocked episodes {r['event_loop_blocked']:.0f}")  # fmt: skip
         sem = r["semaphore"]
-        out.append(f"semaphore MAX_DB_CONCURRENT: {sem['waits']:.0f} acquisitions, mean wait {_fmt_s(sem['mean_wait_seconds'])}")
+        out.append(
+            f"semaphore MAX_DB_CONCURRENT: {sem['waits']:.0f} acquisitions, mean wait {_fmt_s(sem['mean_wait_seconds'])}"
+        )
         cps = r["concepts_per_second"]
         out.append(f"content: {r['tasks_succeeded']:.0f} tasks, {cps:.1f} concepts/s per task, "
                    f"{_fmt_s(r['seconds_for_30_concepts'])} for 30 concepts" if cps else "content: no task finished")  # fmt: skip
         if r["pooler_clients_waiting_peak"]:
-            out.append(f"pooler: up to {r['pooler_clients_waiting_peak']:.0f} clients waiting for a server connection")
-        out.append("alert conditions met: " + ("; ".join(r["alerts"]) or "none"))
+            out.append(
+                f"pooler: up to {r['pooler_clients_waiting_peak']:.0f} clients waiting for a server connection"
+            )
+        out.extend(alert_lines(r))
         out.append("diagnosis: " + r["diagnosis"])
         for finding in r.get("beyond_the_pools") or []:
             out.append("  also: " + finding)
         failed = [k for k, ok in r["verdict"]["checks"].items() if not ok]
-        out.append("healthy: " + ("yes" if not failed else "no (" + ", ".join(k.replace("_", " ") for k in failed) + ")"))
+        out.append(
+            "healthy: "
+            + (
+                "yes"
+                if not failed
+                else "no (" + ", ".join(k.replace("_", " ") for k in failed) + ")"
+            )
+        )
+        if advice and r["scenario"] in advice:
+            out.extend(_demo_advice.render(advice[r["scenario"]]))
+        out.append("")
+    if plans:
+        out.append("The report's plans against the capacity advice for the seed's load:")
+        out.extend(f"  {p['plan']}: {p['service']} {p['plan_pool']} (advised {p['advised_pool']}): {p['verdict']}" for p in plans)
         out.append("")
     out.append("The incident report's expected benefit beside what was measured:")
     out.append(f"{'scenario':<10}{'metric':<36}{'report':>10}{'measured':>12}")
     for row in rows:
         exp, got = row["report_expected"], row["measured"]
-        fmt = _pct if row["metric"] in ("timeout_rate", "pool_usage_peak") else (lambda x: "-" if x is None else f"{x:.1f}")
+        fmt = (
+            _pct
+            if row["metric"] in ("timeout_rate", "pool_usage_peak")
+            else (lambda x: "-" if x is None else f"{x:.1f}")
+        )
         out.append(f"{row['scenario']:<10}{row['metric']:<36}{fmt(exp):>10}{fmt(got):>12}")
     notes = disagreements(rows)
-    out.append("(The demo scales time: LLM steps, saves and pool_timeout are shortened, so absolute "
-               "throughput is not the report's; the '/ seed's' rows compare each plan with the seed scenario.)")
+    out.append(
+        "(The demo scales time: LLM steps, saves and pool_timeout are shortened, so absolute "
+        "throughput is not the report's; the '/ seed's' rows compare each plan with the seed scenario.)"
+    )
     out.append("")
-    out.append("Where the measurement disagrees with the report:" if notes else "The measurement agrees with the report's table.")
+    out.append(
+        "Where the measurement disagrees with the report:"
+        if notes
+        else "The measurement agrees with the report's table."
+    )
     out.extend(f"- {n}" for n in notes)
     return "\n".join(out)
 
@@ -410,21 +441,42 @@ def chart(timelines: dict[str, dict[str, Any]], key: str, title: str, ylabel: st
     cols = min(3, len(scenarios))
     rows = (len(scenarios) + cols - 1) // cols
     with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9}):
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), sharex=True, sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(4.2 * cols, 2.6 * rows), sharex=True, sharey=True, squeeze=False
+        )
         scale = 100.0 if percent else 1.0
         for ax, scenario in zip(axes.flat, scenarios, strict=False):
             for name, points in sorted(timelines[scenario][key].items()):
                 if points:
-                    ax.plot([t for t, _ in points], [v * scale for _, v in points], label=name, linewidth=1.4)
+                    ax.plot(
+                        [t for t, _ in points],
+                        [v * scale for _, v in points],
+                        label=name,
+                        linewidth=1.4,
+                    )
             for value, label in thresholds:
-                ax.axhline(value * scale, linestyle="--", linewidth=0.9, color="#c0392b" if value >= 0.9 else "#e67e22")
+                ax.axhline(
+                    value * scale,
+                    linestyle="--",
+                    linewidth=0.9,
+                    color="#c0392b" if value >= 0.9 else "#e67e22",
+                )
                 ax.annotate(label, (0, value * scale), fontsize=7, color="#555", va="bottom")
+            for at, name, severity in timelines[scenario].get("alerts", []):
+                ax.axvline(
+                    at,
+                    linestyle=":",
+                    linewidth=1.0,
+                    color="#c0392b" if severity == "critical" else "#e67e22",
+                )
+                ax.annotate(name, (at, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                            color="#555", va="top", ha="right")  # fmt: skip
             ax.set_title(scenario)
             ax.set_xlabel("seconds since the load started")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="upper right")
-        for ax in list(axes.flat)[len(scenarios):]:
+        for ax in list(axes.flat)[len(scenarios) :]:
             ax.set_visible(False)
         fig.suptitle(title)
         fig.tight_layout()
@@ -432,7 +484,7 @@ def chart(timelines: dict[str, dict[str, Any]], key: str, title: str, ylabel: st
         fig.savefig(out, format="svg")
         plt.close(fig)
     svg = out.getvalue()
-    return svg[svg.index("<svg"):]
+    return svg[svg.index("<svg") :]
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -456,7 +508,9 @@ def _table(results: list[dict[str, Any]]) -> str:
     return f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th></th>{head}</tr>{body}</table>"
 
 
-def render_html(results: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], text: str) -> str:
+def render_html(
+    results: list[dict[str, Any]], timelines: dict[str, dict[str, Any]], text: str
+) -> str:
     body = ["<html><head><meta charset='utf-8'><title>telemetry demo: incident report</title></head>",
             "<body style='font-family: sans-serif'><h1>Incident report</h1>", "<h2>All scenarios</h2>",
             _table(results)]  # fmt: skip
@@ -469,12 +523,16 @@ def render_html(results: list[dict[str, Any]], timelines: dict[str, dict[str, An
     for r in results:
         body.append(f"<h3>{html.escape(r['scenario'])}</h3><p>{html.escape(r['diagnosis'])}</p>")
         body.extend(f"<p>also: {html.escape(f)}</p>" for f in r.get("beyond_the_pools") or [])
+        body.append("<pre>" + html.escape("\n".join(alert_lines(r))) + "</pre>")
     body.append(f"<pre>{html.escape(text)}</pre></body></html>")
     return "\n".join(body)
 
 
-def interval_p95(prev: Samples, cur: Samples, routes: tuple[str, ...] = OTHER_ROUTES) -> float | None:
+def interval_p95(
+    prev: Samples, cur: Samples, routes: tuple[str, ...] = OTHER_ROUTES
+) -> float | None:
     """p95 of the requests finished between two scrapes (bucket deltas)."""
+
     def buckets(samples: Samples) -> dict[str, float]:
         out: dict[str, float] = {}
         for n, lb, v in samples:

@@ -27,6 +27,8 @@ RECORDING: list[tuple[str, str]] = [
      f"sum by ({POOL_LABELS}) (db_pool_connections_in_use)"),
     ("service_pool:db_pool_pending_requests:max",
      f"max by ({POOL_LABELS}) (db_pool_pending_requests)"),
+    ("service_pool:db_pool_connections_held_too_long:max",
+     f"max by ({POOL_LABELS}) (db_pool_connections_held_too_long)"),
     ("service_pool:db_connection_hold_seconds:p95_5m",
      f"histogram_quantile(0.95, sum by (le, {POOL_LABELS}) (rate(db_connection_hold_seconds_bucket[5m])))"),
     ("service_pool:db_pool_checkout_wait_seconds:p95_5m",
@@ -110,7 +112,9 @@ def _pct(x: float) -> str:
 class RulesConfig:
     """What a deployment tunes, as monitoring mixins do: where the series are (a selector added
     to every metric), the thresholds (defaults: ``telemetry.thresholds``), where links point,
-    and a scale for the ``for:`` durations (the demo runs them faster)."""
+    and two clocks for the demo, which compresses production: ``for_scale`` multiplies the
+    ``for:`` durations and the range windows (a scenario of seconds stands for minutes),
+    ``seconds_scale`` the thresholds that are durations (its work runs faster too)."""
 
     selector: str = ""
     pool_usage_warning: float = T.POOL_USAGE_WARNING
@@ -120,6 +124,7 @@ class RulesConfig:
     grafana_url: str = T.GRAFANA_URL
     loki_datasource_uid: str = T.LOKI_DATASOURCE_UID
     for_scale: float = 1.0
+    seconds_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("pool_usage_warning", "pool_usage_critical"):
@@ -127,15 +132,20 @@ class RulesConfig:
             if not 0 < value < 1:
                 raise ValueError(f"{name}={value!r}: expected a ratio in (0, 1), e.g. 0.8 for 80%")
         if self.pool_usage_warning >= self.pool_usage_critical:
-            raise ValueError(f"pool_usage_warning={self.pool_usage_warning} must be below "
-                             f"pool_usage_critical={self.pool_usage_critical}")
+            raise ValueError(
+                f"pool_usage_warning={self.pool_usage_warning} must be below "
+                f"pool_usage_critical={self.pool_usage_critical}"
+            )
         if not 0 < self.hold_seconds < 86400:
             raise ValueError(f"hold_seconds={self.hold_seconds!r}: expected seconds in (0, 86400)")
-        if not 0 < self.for_scale <= 1:
-            raise ValueError(f"for_scale={self.for_scale!r}: expected a factor in (0, 1]")
+        for name in ("for_scale", "seconds_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a factor in (0, 1]")
         for name in ("runbook_base_url", "grafana_url"):
             if not str(getattr(self, name)).startswith(("http://", "https://")):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected an http:// or https:// URL")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: expected an http:// or https:// URL"
+                )
         object.__setattr__(self, "selector", check_selector(self.selector))
 
 
@@ -144,12 +154,19 @@ DEFAULT = RulesConfig()
 
 def build_alerts(cfg: RulesConfig) -> list[Alert]:
     """Every alert, with the tunable thresholds of ``cfg``."""
+
+    def sec(x: float) -> str:  # a threshold that is a duration, on the deployment's clock
+        return f"{x * cfg.seconds_scale:g}"
+
     return [
         Alert(
             "DbPoolUsageWarning",
             f"service_pool:db_pool_usage:max > {cfg.pool_usage_warning}",
-            T.FOR_USAGE_WARNING, "warning",
-            "Pool {{ $labels.pool }} of {{ $labels.service }} is above " + _pct(cfg.pool_usage_warning) + " usage",
+            T.FOR_USAGE_WARNING,
+            "warning",
+            "Pool {{ $labels.pool }} of {{ $labels.service }} is above "
+            + _pct(cfg.pool_usage_warning)
+            + " usage",
             "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
             "pool_size + max_overflow on {{ $labels.pool }}.",
             log_event="db_pool_critical_usage",
@@ -157,7 +174,8 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         Alert(
             "DbPoolUsageCritical",
             f"service_pool:db_pool_usage:max > {cfg.pool_usage_critical}",
-            T.FOR_USAGE_CRITICAL, "critical",
+            T.FOR_USAGE_CRITICAL,
+            "critical",
             "Pool {{ $labels.pool }} of {{ $labels.service }} is exhausted",
             "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
             "pool_size + max_overflow on {{ $labels.pool }}: new checkouts wait or time out.",
@@ -165,25 +183,34 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         ),
         Alert(
             "DbConnectionHoldTooLong",
-            f"service_pool:db_connection_hold_seconds:p95_5m > {cfg.hold_seconds:g}",
-            T.FOR_HOLD_WARNING, "warning",
+            # the p95 sees a hold when it ends; a session held for the life of a stream shows
+            # first in the watchdog's count of connections held past the hold threshold
+            f"service_pool:db_connection_hold_seconds:p95_5m > {sec(cfg.hold_seconds)} "
+            "or service_pool:db_pool_connections_held_too_long:max > 0",
+            T.FOR_HOLD_WARNING,
+            "warning",
             "Connections of {{ $labels.service }} are held too long on {{ $labels.pool }}",
             "95% of connection holds on {{ $labels.pool }} ({{ $labels.service }}) last up to "
-            "{{ $value | humanizeDuration }} (threshold " + f"{cfg.hold_seconds:g}s" + ").",
+            "{{ $value | humanizeDuration }} (threshold "
+            + f"{sec(cfg.hold_seconds)}s"
+            + "), or connections "
+            "are held past it right now (db_pool_connections_held_too_long; the value is then their count).",
             log_event="db_connection_held_too_long",
         ),
         Alert(
             "DbPoolCheckoutWaitHigh",
-            f"service_pool:db_pool_checkout_wait_seconds:p95_5m > {T.WAIT_P95_SECONDS_WARNING:g}",
-            T.FOR_WAIT_WARNING, "warning",
+            f"service_pool:db_pool_checkout_wait_seconds:p95_5m > {sec(T.WAIT_P95_SECONDS_WARNING)}",
+            T.FOR_WAIT_WARNING,
+            "warning",
             "Checkouts of {{ $labels.service }} wait for connections on {{ $labels.pool }}",
             "p95 checkout wait on {{ $labels.pool }} ({{ $labels.service }}) is "
             "{{ $value | humanizeDuration }}: requests spend that long before their first query.",
         ),
         Alert(
             "DbServerWaitHigh",
-            f"service_pool:db_server_wait_seconds:p95_5m > {T.SERVER_WAIT_P95_SECONDS_WARNING:g}",
-            T.FOR_SERVER_WAIT, "warning",
+            f"service_pool:db_server_wait_seconds:p95_5m > {sec(T.SERVER_WAIT_P95_SECONDS_WARNING)}",
+            T.FOR_SERVER_WAIT,
+            "warning",
             "Transactions of {{ $labels.service }} wait for a server connection on {{ $labels.pool }}",
             "p95 of the first statement of {{ $labels.service }}'s transactions on {{ $labels.pool }} is "
             "{{ $value | humanizeDuration }}: the pooler or the server is full; the pool is not the cause.",
@@ -192,8 +219,11 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         Alert(
             "RedisPoolUsageWarning",
             f"service_pool:redis_pool_usage:max > {cfg.pool_usage_warning}",
-            T.FOR_USAGE_WARNING, "warning",
-            "Redis pool {{ $labels.pool }} of {{ $labels.service }} is above " + _pct(cfg.pool_usage_warning) + " usage",
+            T.FOR_USAGE_WARNING,
+            "warning",
+            "Redis pool {{ $labels.pool }} of {{ $labels.service }} is above "
+            + _pct(cfg.pool_usage_warning)
+            + " usage",
             "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
             "max_connections on Redis {{ $labels.pool }}.",
             log_event="redis_connection_held_too_long",
@@ -201,7 +231,8 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         Alert(
             "RedisPoolUsageCritical",
             f"service_pool:redis_pool_usage:max > {cfg.pool_usage_critical}",
-            T.FOR_USAGE_CRITICAL, "critical",
+            T.FOR_USAGE_CRITICAL,
+            "critical",
             "Redis pool {{ $labels.pool }} of {{ $labels.service }} is exhausted",
             "The busiest {{ $labels.service }} process uses {{ $value | humanizePercentage }} of "
             "max_connections on Redis {{ $labels.pool }}: new commands wait or fail.",
@@ -210,25 +241,28 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         Alert(
             "RedisPoolCheckoutFailures",
             "service_pool:redis_pool_checkout_failures:rate5m > 0",
-            T.FOR_TIMEOUTS, "critical",
+            T.FOR_TIMEOUTS,
+            "critical",
             "Redis commands of {{ $labels.service }} find no connection on {{ $labels.pool }}",
-            "{{ printf \"%.2f\" $value }} checkouts per second on Redis {{ $labels.pool }} "
+            '{{ printf "%.2f" $value }} checkouts per second on Redis {{ $labels.pool }} '
             "({{ $labels.service }}) time out or exceed max_connections: callers get errors.",
             log_event="redis_connection_held_too_long",
         ),
         Alert(
             "DbPoolCheckoutTimeouts",
             "service_pool:db_pool_timeouts:rate5m > 0",
-            T.FOR_TIMEOUTS, "critical",
+            T.FOR_TIMEOUTS,
+            "critical",
             "Checkouts of {{ $labels.service }} time out on {{ $labels.pool }}",
-            "{{ printf \"%.2f\" $value }} checkouts per second hit pool_timeout on {{ $labels.pool }} "
+            '{{ printf "%.2f" $value }} checkouts per second hit pool_timeout on {{ $labels.pool }} '
             "({{ $labels.service }}): callers get errors.",
             log_event="db_pool_timeout",
         ),
         Alert(
             "DbPoolPendingRequests",
             "service_pool:db_pool_pending_requests:max > 0",
-            T.FOR_PENDING, "warning",
+            T.FOR_PENDING,
+            "warning",
             "Callers of {{ $labels.service }} keep queueing for {{ $labels.pool }}",
             "Some {{ $labels.service }} process has had callers waiting for a connection on "
             "{{ $labels.pool }} for " + T.FOR_PENDING + " (now {{ $value }}).",
@@ -236,42 +270,52 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         Alert(
             "DbPoolConnectErrors",
             "service_pool:db_pool_connect_errors:rate5m > 0",
-            T.FOR_CONNECT_ERRORS, "warning",
+            T.FOR_CONNECT_ERRORS,
+            "warning",
             "{{ $labels.service }} fails to connect to {{ $labels.pool }}",
-            "{{ printf \"%.2f\" $value }} failed checkouts per second on {{ $labels.pool }} "
+            '{{ printf "%.2f" $value }} failed checkouts per second on {{ $labels.pool }} '
             "({{ $labels.service }}): the server or pooler refuses or drops connections.",
         ),
         Alert(
             "EventLoopBlocked",
             "service:event_loop_blocked:increase5m > 0",
-            T.FOR_LOOP_BLOCKED, "warning",
+            T.FOR_LOOP_BLOCKED,
+            "warning",
             "The event loop of {{ $labels.service }} keeps getting blocked",
-            "{{ $value | humanize }} blocked episodes (over " + f"{T.LOOP_BLOCKED_SECONDS:g}s" + ") in 5 minutes in "
+            "{{ $value | humanize }} blocked episodes (over "
+            + f"{T.LOOP_BLOCKED_SECONDS:g}s"
+            + ") in 5 minutes in "
             "{{ $labels.service }}: sync work inside async def stalls every request of that process.",
-            dashboard_uid=T.DASHBOARD_UID_API, log_event="event_loop_blocked",
+            dashboard_uid=T.DASHBOARD_UID_API,
+            log_event="event_loop_blocked",
         ),
         Alert(
             "SemaphoreConvoy",
             "service_semaphore:asyncio_semaphore_waiters:max > 0",
-            T.FOR_SEMAPHORE_CONVOY, "warning",
+            T.FOR_SEMAPHORE_CONVOY,
+            "warning",
             "Tasks of {{ $labels.service }} keep queueing on semaphore {{ $labels.semaphore }}",
             "Some {{ $labels.service }} process has had tasks waiting for {{ $labels.semaphore }} for "
-            + T.FOR_SEMAPHORE_CONVOY + " (now {{ $value }}): throughput is capped there.",
+            + T.FOR_SEMAPHORE_CONVOY
+            + " (now {{ $value }}): throughput is capped there.",
             dashboard_uid=T.DASHBOARD_UID_CELERY,
         ),
         Alert(
             "CeleryTaskFailureRateHigh",
             f"service_task:celery_tasks_failed:ratio_rate5m > {T.CELERY_FAILURE_RATIO_WARNING:g}",
-            T.FOR_CELERY_FAILURES, "warning",
+            T.FOR_CELERY_FAILURES,
+            "warning",
             "Task {{ $labels.task }} of {{ $labels.service }} fails often",
             "{{ $value | humanizePercentage }} of {{ $labels.task }} runs fail (threshold "
-            + _pct(T.CELERY_FAILURE_RATIO_WARNING) + ").",
+            + _pct(T.CELERY_FAILURE_RATIO_WARNING)
+            + ").",
             dashboard_uid=T.DASHBOARD_UID_CELERY,
         ),
         Alert(
             "CeleryQueueWaitHigh",
-            f"service_task_queue:celery_task_queue_wait_seconds:p95_5m > {T.CELERY_QUEUE_WAIT_P95_SECONDS_WARNING:g}",
-            T.FOR_CELERY_QUEUE_WAIT, "warning",
+            f"service_task_queue:celery_task_queue_wait_seconds:p95_5m > {sec(T.CELERY_QUEUE_WAIT_P95_SECONDS_WARNING)}",
+            T.FOR_CELERY_QUEUE_WAIT,
+            "warning",
             "Task {{ $labels.task }} waits long in queue {{ $labels.queue }}",
             "p95 queue wait of {{ $labels.task }} on {{ $labels.queue }} is {{ $value | humanizeDuration }}: "
             "workers cannot keep up.",
@@ -281,7 +325,8 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
             "CeleryQueueBacklogGrowing",
             f"broker_queue:celery_queue_length:max > {T.CELERY_BACKLOG_WARNING} "
             "and delta(broker_queue:celery_queue_length:max[10m]) > 0",
-            T.FOR_CELERY_BACKLOG, "warning",
+            T.FOR_CELERY_BACKLOG,
+            "warning",
             "Queue {{ $labels.queue }} keeps growing",
             "{{ $value }} messages wait in {{ $labels.queue }} ({{ $labels.broker }}) and the backlog "
             "grew over the last 10 minutes: the workers consuming it cannot keep up.",
@@ -289,9 +334,12 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         ),
         Alert(
             "CeleryQueueOldestMessageOld",
-            f"broker_queue:celery_queue_oldest_message_seconds:max > {T.CELERY_OLDEST_MESSAGE_SECONDS_WARNING:g}",
-            T.FOR_CELERY_OLDEST, "warning",
-            "Messages wait over " + f"{T.CELERY_OLDEST_MESSAGE_SECONDS_WARNING:g}s" + " in {{ $labels.queue }}",
+            f"broker_queue:celery_queue_oldest_message_seconds:max > {sec(T.CELERY_OLDEST_MESSAGE_SECONDS_WARNING)}",
+            T.FOR_CELERY_OLDEST,
+            "warning",
+            "Messages wait over "
+            + f"{sec(T.CELERY_OLDEST_MESSAGE_SECONDS_WARNING)}s"
+            + " in {{ $labels.queue }}",
             "The oldest message in {{ $labels.queue }} ({{ $labels.broker }}) has waited "
             "{{ $value | humanizeDuration }}: no worker takes from it, or all its slots are busy.",
             dashboard_uid=T.DASHBOARD_UID_CELERY,
@@ -299,24 +347,28 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         Alert(
             "CeleryWorkerSlotsSaturated",
             "service_worker:celery_worker_busy:ratio >= 1",
-            T.FOR_CELERY_SLOTS, "warning",
+            T.FOR_CELERY_SLOTS,
+            "warning",
             "Every slot of {{ $labels.worker }} ({{ $labels.service }}) is busy",
             "All pool processes of {{ $labels.worker }} ({{ $labels.service }}) have been executing tasks for "
-            + T.FOR_CELERY_SLOTS + ": new tasks wait in the queue (see celery_worker_reserved and the backlog).",
+            + T.FOR_CELERY_SLOTS
+            + ": new tasks wait in the queue (see celery_worker_reserved and the backlog).",
             dashboard_uid=T.DASHBOARD_UID_CELERY,
         ),
         Alert(
             "TelemetrySpansLost",
             "service:telemetry_spans_lost:rate5m > 0",
-            T.FOR_SPANS_LOST, "warning",
+            T.FOR_SPANS_LOST,
+            "warning",
             "{{ $labels.service }} is losing spans",
-            "{{ printf \"%.2f\" $value }} spans per second fail to export or are dropped from a full queue in "
+            '{{ printf "%.2f" $value }} spans per second fail to export or are dropped from a full queue in '
             "{{ $labels.service }}: the collector is down or too slow.",
         ),
         Alert(
             "DbConnectionBudgetExceeded",
             "pool:db_pool_connections_max:sum > on (pool) pool:db_server_connection_limit:max",
-            T.FOR_BUDGET, "warning",
+            T.FOR_BUDGET,
+            "warning",
             "Worst-case connections to {{ $labels.pool }} exceed the server limit",
             "All processes together may open {{ $value }} connections to {{ $labels.pool }}, more "
             "than the server or pooler allows: under load, connects will fail. "
@@ -327,27 +379,42 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         ),
         Alert(
             "PgbouncerClientsWaiting",
-            "database:pgbouncer_clients_waiting:max > 0",
-            T.FOR_POOLER_WAITING, "warning",
+            # the queue comes and goes between scrapes while the pool stays full: "some client
+            # waited within each minute", never "one scrape saw a queue" (that flickers, and a
+            # for: on a flickering gauge never fires; the demo's worker-transactions showed it)
+            # (on the scraped series: a recorded one holds only the evaluation instants)
+            'max by (database) (max_over_time(pgbouncer_clients{state="waiting"}[1m])) > 0',
+            T.FOR_POOLER_WAITING,
+            "warning",
             "Clients queue in pgbouncer for database {{ $labels.database }}",
-            "{{ $value }} clients have been waiting for a server connection to {{ $labels.database }} "
-            "for " + T.FOR_POOLER_WAITING + ": every server connection of the pool is in a transaction. "
+            "Clients have queued for a server connection to {{ $labels.database }} within every minute for "
+            + T.FOR_POOLER_WAITING
+            + " (up to {{ $value }} at once in the last one): every server connection "
+            "of the pool is in a transaction. "
             "db_pooler_waiting names the services and owners holding them.",
-            dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_pooler_waiting",
+            dashboard_uid=T.DASHBOARD_UID_SERVER,
+            log_event="db_pooler_waiting",
         ),
         Alert(
             "PgbouncerClientWaitCritical",
-            f"database:pgbouncer_client_maxwait_seconds:max > {T.POOLER_MAXWAIT_SECONDS_CRITICAL:g}",
-            T.FOR_POOLER_MAXWAIT, "critical",
-            "Clients wait over " + f"{T.POOLER_MAXWAIT_SECONDS_CRITICAL:g}s" + " in pgbouncer for {{ $labels.database }}",
-            "The oldest waiting client of {{ $labels.database }} has waited {{ $value | humanizeDuration }}: "
+            # waits, lock waits and idle transactions come and go: the longest within each minute
+            # (one long episode at a time never satisfies a for: on the instant gauge)
+            f"max by (database) (max_over_time(pgbouncer_client_maxwait_seconds[1m])) > {sec(T.POOLER_MAXWAIT_SECONDS_CRITICAL)}",
+            T.FOR_POOLER_MAXWAIT,
+            "critical",
+            "Clients wait over "
+            + f"{sec(T.POOLER_MAXWAIT_SECONDS_CRITICAL)}s"
+            + " in pgbouncer for {{ $labels.database }}",
+            "Clients of {{ $labels.database }} have waited up to {{ $value | humanizeDuration }} within each minute: "
             "requests and tasks stall before their first statement.",
-            dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_pooler_waiting",
+            dashboard_uid=T.DASHBOARD_UID_SERVER,
+            log_event="db_pooler_waiting",
         ),
         Alert(
             "DbServerConnectionsNearMax",
             f"server:db_server_connections:sum / server:db_server_connections_max:max > {T.SERVER_CONNECTIONS_RATIO_WARNING}",
-            T.FOR_SERVER_CONNECTIONS, "warning",
+            T.FOR_SERVER_CONNECTIONS,
+            "warning",
             "The database server is near max_connections",
             "{{ $value | humanizePercentage }} of the server's usable connections (max_connections minus "
             "reserved) are open: the next pool growth or deploy overlap gets refused.",
@@ -355,27 +422,33 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         ),
         Alert(
             "DbLockWaitLong",
-            f"server:db_server_lock_wait_longest_seconds:max > {T.LOCK_WAIT_SECONDS_WARNING:g}",
-            T.FOR_LOCK_WAIT, "warning",
-            "Backends wait over " + f"{T.LOCK_WAIT_SECONDS_WARNING:g}s" + " for locks",
-            "The longest current lock wait is {{ $value | humanizeDuration }}. db_lock_wait names the "
+            f"max(max_over_time(db_server_lock_wait_longest_seconds[1m])) > {sec(T.LOCK_WAIT_SECONDS_WARNING)}",
+            T.FOR_LOCK_WAIT,
+            "warning",
+            "Backends wait over " + f"{sec(T.LOCK_WAIT_SECONDS_WARNING)}s" + " for locks",
+            "Backends have waited up to {{ $value | humanizeDuration }} for a lock within each minute. db_lock_wait names the "
             "blocking owner (route or task) and each blocked one.",
-            dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_lock_wait",
+            dashboard_uid=T.DASHBOARD_UID_SERVER,
+            log_event="db_lock_wait",
         ),
         Alert(
             "DbIdleInTransactionLong",
-            f"application:db_server_oldest_idle_in_transaction_seconds:max > {T.IDLE_IN_TRANSACTION_SECONDS_WARNING:g}",
-            T.FOR_IDLE_IN_TRANSACTION, "warning",
+            "max by (application) (max_over_time(db_server_oldest_idle_in_transaction_seconds[1m])) > "
+            f"{sec(T.IDLE_IN_TRANSACTION_SECONDS_WARNING)}",
+            T.FOR_IDLE_IN_TRANSACTION,
+            "warning",
             "{{ $labels.application }} keeps transactions open while idle",
-            "A backend of {{ $labels.application }} has sat idle inside a transaction for "
-            "{{ $value | humanizeDuration }}: it holds its server connection (and its locks) while "
+            "Backends of {{ $labels.application }} have sat idle inside a transaction for up to "
+            "{{ $value | humanizeDuration }} within each minute: it holds its server connection (and its locks) while "
             "doing something else.",
-            dashboard_uid=T.DASHBOARD_UID_SERVER, log_event="db_idle_in_transaction",
+            dashboard_uid=T.DASHBOARD_UID_SERVER,
+            log_event="db_idle_in_transaction",
         ),
         Alert(
             "TelemetrySharedViewDown",
             "min by (job, instance) (db_server_view_up) == 0 or min by (job, instance) (pgbouncer_view_up) == 0",
-            T.FOR_SHARED_VIEW_DOWN, "warning",
+            T.FOR_SHARED_VIEW_DOWN,
+            "warning",
             "The server or pooler view of {{ $labels.instance }} is failing",
             "The host's poller cannot read PostgreSQL or pgbouncer: the db_server_ / pgbouncer_ figures "
             "are stale (see db_server_view_errors_total, pgbouncer_view_errors_total by reason).",
@@ -419,6 +492,25 @@ def scaled(duration: str, factor: float) -> str:
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
+#: the shortest range window a scaled file gets: a rate needs two scrapes (the demo scrapes every second)
+MIN_WINDOW_SECONDS = 3
+
+
+def windows(expr: str, factor: float) -> str:
+    """``expr`` with its range windows (``[5m]``) times ``factor``, never under
+    ``MIN_WINDOW_SECONDS``: on a faster clock the windows shrink with the ``for:`` durations,
+    so an alert resolves within the run that fired it."""
+    if factor == 1:
+        return expr
+
+    def one(m: re.Match[str]) -> str:
+        window = scaled(m.group(1), factor)
+        millis = int(window[:-2]) if window.endswith("ms") else int(window[:-1]) * 1000
+        return f"[{window}]" if millis >= MIN_WINDOW_SECONDS * 1000 else f"[{MIN_WINDOW_SECONDS}s]"
+
+    return re.sub(r"\[(\d+(?:\.\d+)?(?:ms|s|m|h|d))\]", one, expr)
+
+
 def rule_groups(cfg: RulesConfig = DEFAULT) -> dict[str, Any]:
     alerts = []
     for a in build_alerts(cfg):
@@ -431,12 +523,16 @@ def rule_groups(cfg: RulesConfig = DEFAULT) -> dict[str, Any]:
         if a.log_event:
             annotations["logs_url"] = logs_url(a.log_event, cfg)
         alerts.append({
-            "alert": a.name, "expr": with_selector(a.expr, cfg.selector), "for": scaled(a.for_, cfg.for_scale),
+            "alert": a.name, "expr": windows(with_selector(a.expr, cfg.selector), cfg.for_scale),
+            "for": scaled(a.for_, cfg.for_scale),
             "labels": {"severity": a.severity}, "annotations": annotations,
         })  # fmt: skip
     # one group: rules in a group run in order, so an alert sees the recorded series of the
     # same evaluation (across groups the order is not defined and alerts would lag by one)
-    records = [{"record": r, "expr": with_selector(e, cfg.selector)} for r, e in RECORDING]
+    records = [
+        {"record": r, "expr": windows(with_selector(e, cfg.selector), cfg.for_scale)}
+        for r, e in RECORDING
+    ]
     return {"groups": [{"name": "telemetry-db-pool", "rules": records + alerts}]}
 
 
@@ -447,7 +543,9 @@ def render_rules(cfg: RulesConfig = DEFAULT) -> str:
         header = "# Generated by `telemetry generate` from telemetry/tools/rules.py and thresholds.py. Do not edit.\n"
     else:
         header = "# Generated by `telemetry rules` (poolsight). Regenerate rather than edit.\n"
-    return header + yaml.safe_dump(rule_groups(cfg), sort_keys=False, width=1000, allow_unicode=True)
+    return header + yaml.safe_dump(
+        rule_groups(cfg), sort_keys=False, width=1000, allow_unicode=True
+    )
 
 
 def render_log_query(event: str) -> str:

@@ -21,18 +21,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ._proc import free_port
+
 
 class Missing(Exception):
     """A service binary is not installed; the message names it and its Debian package."""
 
     def __str__(self) -> str:
         return f"{self.args[0]} is not installed: run scripts/install-system-deps.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -74,7 +70,11 @@ def _postgres_user() -> tuple[int | None, int | None, dict[str, str] | None]:
     if os.geteuid() != 0:
         return None, None, None
     pw = pwd.getpwnam("postgres")
-    return pw.pw_uid, pw.pw_gid, dict(os.environ, HOME=pw.pw_dir, USER="postgres", LOGNAME="postgres")
+    return (
+        pw.pw_uid,
+        pw.pw_gid,
+        dict(os.environ, HOME=pw.pw_dir, USER="postgres", LOGNAME="postgres"),
+    )
 
 
 def as_postgres(cmd: list[str]) -> list[str]:
@@ -97,7 +97,9 @@ def start_postgres(max_connections: int = 40) -> Iterator[Postgres]:
         as_postgres([initdb, "-D", datadir, "-A", "trust", "-U", "postgres", "--no-sync"]),
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    with open(f"{datadir}/pg_hba.conf", "a") as fh:  # clients from all of 127.0.0.0/8 ("other hosts")
+    with open(
+        f"{datadir}/pg_hba.conf", "a"
+    ) as fh:  # clients from all of 127.0.0.0/8 ("other hosts")
         fh.write("host all all 127.0.0.0/8 trust\n")
     opts = (
         f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
@@ -137,7 +139,9 @@ class Pgbouncer:
 def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
     """pgbouncer (Debian package, run as the postgres user) on a free port, transaction mode,
     ``default_pool_size=pool_size``, admin console database ``pgbouncer``."""
-    path = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    path = shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None
+    )
     if not path:
         raise Missing("pgbouncer (Debian package pgbouncer)")
     workdir = tempfile.mkdtemp(prefix="telemetry-pgbouncer-")
@@ -227,7 +231,11 @@ def rewrite_startup(body: bytes, name: str) -> bytes:
     fields = body[4:].split(b"\x00")
     pairs = dict(zip(fields[0:-2:2], fields[1:-2:2], strict=True))
     pairs[b"application_name"] = name.encode()
-    out = struct.pack("!i", PROTOCOL_3) + b"".join(k + b"\x00" + v + b"\x00" for k, v in pairs.items()) + b"\x00"
+    out = (
+        struct.pack("!i", PROTOCOL_3)
+        + b"".join(k + b"\x00" + v + b"\x00" for k, v in pairs.items())
+        + b"\x00"
+    )
     return out
 
 
@@ -250,7 +258,9 @@ class RenamingProxy:
         self.port = int(self.listener.getsockname()[1])
         self.stop = threading.Event()
         self.sockets: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept, name="test-renaming-proxy", daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._accept, name="test-renaming-proxy", daemon=True)
+        ]
         self.threads[0].start()
 
     def url(self, driver: str = "psycopg", user: str = "postgres") -> str:
@@ -262,7 +272,9 @@ class RenamingProxy:
                 client, _ = self.listener.accept()
             except (TimeoutError, OSError):
                 continue
-            t = threading.Thread(target=self._serve, args=(client,), name="test-renaming-proxy-conn", daemon=True)
+            t = threading.Thread(
+                target=self._serve, args=(client,), name="test-renaming-proxy-conn", daemon=True
+            )
             self.threads.append(t)
             t.start()
 
