@@ -33,9 +33,9 @@ import time
 import weakref
 from typing import Any
 
+from ._leader import Leader
 from ._log import emit, hook_error
 from ._settings import mask_url
-from ._shared import Leader
 from ._stats import REGISTRY, LabeledStats
 
 #: the header a published task carries its publish time in (the queue-wait histogram reads it)

@@ -24,143 +24,46 @@ service, process and host, and that host's leader names the owner (see docs/shar
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import os
-import re
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from . import _bounds, _pooler_metrics, _sqltag
 from ._integration import Integration
+from ._leader import Leader
 from ._log import emit, hook_error
 from ._settings import ConfigError, mask_url
-from ._stats import OWNER_SOURCES, REGISTRY, Sample, owner_rows
-
-LOCK_FILE = "telemetry-shared-view.lock"
-_APP_RE = re.compile(r"^(?P<service>.+)/(?P<pid>\d+)@(?P<host>.*)$")
-#: a pooler-queue episode is re-reported this often while it lasts
-POOLER_EVENT_REPEAT_SECONDS = 30.0
-
-def parse_application(name: str) -> tuple[str, str, str]:
-    """``service/pid@host`` -> (service, pid, host); another name -> (name, "", "")."""
-    m = _APP_RE.match(name or "")
-    if m is None:
-        return (name or "unnamed")[:60], "", ""
-    return m["service"], m["pid"], m["host"]
-
-
-def app_label(name: str) -> str:
-    """The ``application`` label of a client: the service of our ``service/pid@host`` names,
-    else the foreign name itself, each kind capped (``_bounds``): a client that rotates its
-    ``application_name`` does not churn series."""
-    service, pid, _host = parse_application(name)
-    return _bounds.SERVICES(service) if pid else _bounds.FOREIGN(service)
-
-
-#: a literal's closing quote may be missing: PostgreSQL cuts ``query`` at
-#: ``track_activity_query_size`` bytes, and what is left of the literal must not show
-_LITERAL = re.compile(
-    r"\$(?P<tag>[A-Za-z_]*)\$.*?(?:\$(?P=tag)\$|\Z)"  # dollar-quoted
-    r"|[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)"  # escape strings: E'it\'s'
-    r"|[bBxXnN]?'(?:[^']|'')*(?:'|\Z)"  # string literals
-    r"|(?<![\w$.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w$])",  # numbers
-    re.S,
+from ._shared_events import EventDetector
+from ._shared_model import (
+    OWNER,
+    SERVICE,
+    TRACE,
+    Columns,
+    Owners,
+    app_label,
+    chain_root,
+    parse_application,
+    statement,
+    wait_seconds,
 )
-
-
-_LEADING_COMMENTS = re.compile(r"^\s*(?:/\*.*?\*/\s*)+", re.S)
-
-
-def statement(text: str | None, limit: int = 300) -> str:
-    """The statement without its parameters: literals (interpolated by client-side binding
-    drivers such as psycopg2) become ``?``; ``$1`` placeholders stay; leading comments (our
-    statement tag among them: its fields are reported on their own) go."""
-    if not text:
-        return ""
-    text = _LEADING_COMMENTS.sub("", text)
-    return " ".join(_LITERAL.sub("?", text).split())[:limit]
-
-
-def _root(blockers: list[int], chain: dict[int, list[int]]) -> int:
-    """The blocker that matters: the first one up the chain holding its lock without waiting
-    itself (a row's second waiter waits for the first waiter, which waits for the holder)."""
-    seen: set[int] = set()
-    queue = list(blockers)
-    while queue:
-        pid = queue.pop(0)
-        if pid in seen:
-            continue
-        seen.add(pid)
-        if pid not in chain:
-            return pid
-        queue.extend(chain[pid])
-    return blockers[0]
-
-
-# --------------------------------------------------------------------------- host leadership
-
-
-class Leader:
-    """Host-wide leadership for one job: a POSIX record lock on ``<directory>/<name>``, held for
-    the process's life (released when it dies, never inherited by fork). Without a directory
-    the process leads alone."""
-
-    def __init__(self, directory: str | None, name: str = LOCK_FILE) -> None:
-        self.directory = directory
-        self.name = name
-        self.fd: int | None = None
-
-    def acquire(self) -> bool:
-        if self.directory is None or self.fd is not None:
-            return True
-        fd = os.open(os.path.join(self.directory, self.name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
-
-
-#: owner rows (``_pool.owner_table``): [backend pid, local port, service, owner, since,
-#: trace id, local address]
-PID, PORT, SERVICE, OWNER, SINCE, TRACE, ADDR = range(7)
-
-
-class Owners:
-    """The host's held connections, joined by the keys a server or pooler row carries: the
-    backend pid (a direct connection) or the client's address *and* port (the pooler's
-    ``SHOW CLIENTS addr/port``, the server's ``client_addr/client_port``). Never by port alone:
-    another host, or a psql session on another address, can use the same port number."""
-
-    def __init__(self, rows: list[list[Any]]) -> None:
-        self.by_pid: dict[Any, list[Any]] = {}
-        self.by_peer: dict[tuple[str, int], list[Any]] = {}
-        for row in rows:
-            if row[PID]:
-                self.by_pid[row[PID]] = row
-            if row[PORT] and len(row) > ADDR and row[ADDR]:
-                self.by_peer[(str(row[ADDR]), int(row[PORT]))] = row
-
-    def peer(self, addr: Any, port: Any) -> list[Any] | None:
-        if not addr or not port:
-            return None
-        try:
-            return self.by_peer.get((str(addr), int(port)))
-        except (TypeError, ValueError):
-            return None
+from ._shared_published import EVENTS, PUBLISHED
+from ._shared_queries import (
+    ACTIVITY_SQL,
+    CLUSTER_SQL,
+    LIMIT_SQL,
+    LOCKS_SQL,
+    REASONS,
+    Deadline,
+    connect,
+    driver_available,
+    failure_reason,
+    fetch_rows,
+)
+from ._stats import OWNER_SOURCES, Sample, owner_rows
 
 
 def _host_owners(directory: str | None) -> list[list[Any]]:
@@ -188,222 +91,7 @@ def _host_owners(directory: str | None) -> list[list[Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- the figures
-
-
-class _Published:
-    """The leader's latest figures (replaced whole at each poll) and the view's own counters."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reset()
-
-    def reset(self) -> None:
-        self._lock = threading.Lock()
-        self.server: list[Sample] = []
-        self.pooler: list[Sample] = []
-        self.server_ok_at: float | None = None
-        self.pooler_ok_at: float | None = None
-        self.server_up: int | None = None
-        self.pooler_up: int | None = None
-        self.server_seconds = 0.0
-        self.pooler_seconds = 0.0
-        self.errors: dict[tuple[str, str], int] = {}
-        self.events: dict[str, int] = {}
-        self.polls: dict[str, int] = {}
-
-    def samples(self) -> Iterable[Sample]:
-        with self._lock:
-            server, pooler = list(self.server), list(self.pooler)
-            errors, events = dict(self.errors), dict(self.events)
-        now = time.time()
-        yield from server
-        yield from pooler
-        for target, up, ok_at, seconds in (
-            ("db_server", self.server_up, self.server_ok_at, self.server_seconds),
-            ("pgbouncer", self.pooler_up, self.pooler_ok_at, self.pooler_seconds),
-        ):
-            if up is None:
-                continue
-            yield f"{target}_view_up", (), up
-            yield f"{target}_view_query_seconds", (), seconds
-            if ok_at is not None:
-                yield f"{target}_view_age_seconds", (), round(now - ok_at, 3)
-        for (target, reason), n in errors.items():
-            yield f"{target}_view_errors_total", (("reason", reason),), n
-        for event, n in events.items():
-            yield "db_server_events_total", (("event", event),), n
-        for target, n in list(self.polls.items()):
-            yield f"{target}_view_polls_total", (), n
-
-    def stand_down(self) -> None:
-        """Another host polls the server now: this one's figures go (they would only age)."""
-        with self._lock:
-            self.server, self.pooler = [], []
-        self.server_up = self.pooler_up = None
-        self.server_ok_at = self.pooler_ok_at = None
-
-    def count_error(self, target: str, reason: str) -> None:
-        with self._lock:
-            self.errors[(target, reason)] = self.errors.get((target, reason), 0) + 1
-
-
-PUBLISHED = _Published()
-REGISTRY.add(PUBLISHED)
-
-
-REASONS = ("timeout", "refused", "auth", "permission", "not_found", "missing_column", "error")
-EVENTS = ("db_lock_wait", "db_idle_in_transaction", "db_pooler_waiting")
-
-
-def _reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__} {exc}".lower()
-    for needle, reason in (("timeout", "timeout"), ("canceling statement", "timeout"),
-                           ("refused", "refused"), ("password", "auth"), ("authentication", "auth"),
-                           ("401", "auth"), ("unauthorized", "auth"),
-                           ("permission", "permission"), ("not allowed", "permission"),
-                           ("does not exist", "not_found")):  # fmt: skip
-        if needle in text:
-            return reason
-    return "error"
-
-
-def _connect(url: str, timeout: float, *, admin: bool) -> Any:
-    """One autocommit connection outside every pool (psycopg 3, else psycopg2)."""
-    # named as ours (service/pid@host): other hosts' pollers then share one application label
-    app = f"telemetry-shared-view/{os.getpid()}@{socket.gethostname()}"[:63]
-    options: dict[str, Any] = {} if admin else {"options": f"-c statement_timeout={int(timeout * 1000)}"}
-    try:
-        import psycopg
-
-        # prepare_threshold=None: never prepared statements (pgbouncer admin console, transaction mode)
-        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout)), prepare_threshold=None,
-                               application_name=app, **options)  # fmt: skip
-    except ImportError:
-        import psycopg2
-
-        conn = psycopg2.connect(url, connect_timeout=max(1, round(timeout)), application_name=app,
-                                **options)  # fmt: skip
-        conn.autocommit = True
-        return conn
-
-
-def driver_available() -> bool:
-    for name in ("psycopg", "psycopg2"):
-        with contextlib.suppress(ImportError):
-            __import__(name)
-            return True
-    return False
-
-
-def _rows(conn: Any, sql: str) -> list[dict[str, Any]]:
-    cur = conn.cursor()
-    try:
-        cur.execute(sql)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-    finally:
-        cur.close()
-
-
-_ACTIVITY_SQL = """
-select a.pid, coalesce(a.application_name, '') as app, coalesce(a.state, '') as state,
-       coalesce(a.wait_event_type, '') as wait_type, a.client_port,
-       coalesce(host(a.client_addr), '') as client_addr,
-       extract(epoch from a.xact_start)::float8 as xact_start,
-       extract(epoch from now() - a.xact_start)::float8 as xact_age,
-       extract(epoch from now() - a.state_change)::float8 as state_age,
-       a.query, a.backend_type
-from pg_stat_activity a
-where a.pid <> pg_backend_pid() and a.backend_type = 'client backend'
-"""
-_LOCKS_SQL = """
-select w.pid, pg_blocking_pids(w.pid) as blockers,
-       extract(epoch from now() - coalesce(l.waitstart, w.query_start))::float8 as waited,
-       extract(epoch from coalesce(l.waitstart, w.query_start))::float8 as wait_started,
-       l.locktype, l.mode,
-       coalesce(l.relation::regclass::text,
-                (select t.relation::regclass::text from pg_locks t   -- a row lock's first waiter
-                 where t.pid = w.pid and t.locktype = 'tuple' limit 1), '') as relation
-from pg_stat_activity w
-join pg_locks l on l.pid = w.pid and not l.granted
-where w.wait_event_type = 'Lock'
-"""
-#: the deployment's one poller holds this advisory lock (two keys: ``pg_locks.classid/objid``)
-CLUSTER_LOCK = (1952804205, 1)
-_CLUSTER_SQL = f"select pg_try_advisory_lock({CLUSTER_LOCK[0]}, {CLUSTER_LOCK[1]}) as held"
-_LIMIT_SQL = """
-select current_setting('max_connections')::int
-     - current_setting('superuser_reserved_connections')::int
-     - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0) as usable
-"""
-
-
-class _Deadline:
-    """Bounds one query set on ``conn``: past ``seconds`` a timer shuts the connection's socket
-    down, so a read blocked on a stopped pooler or server returns at once (pgbouncer's admin
-    console has no ``statement_timeout``, and a process stopped by SIGSTOP still accepts TCP).
-    The round then fails with reason ``timeout`` and the next one reconnects. Connecting is
-    bounded by the driver's ``connect_timeout``, which libpq never sets below 2 s."""
-
-    def __init__(self, conn: Any, seconds: float) -> None:
-        self.conn, self.seconds, self.fired = conn, seconds, False
-        self.timer = threading.Timer(seconds, self._fire)
-        self.timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        self.timer.start()
-        return self
-
-    def _fire(self) -> None:
-        self.fired = True
-        with contextlib.suppress(Exception):
-            pgconn = getattr(self.conn, "pgconn", None)  # psycopg 3, else psycopg2
-            fd = pgconn.socket if pgconn is not None else self.conn.fileno()
-            sock = socket.socket(fileno=os.dup(fd))
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            finally:
-                sock.close()
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        self.timer.cancel()
-        self.timer.join()
-        if self.fired:  # the connection is shut: whatever came back, this round timed out
-            raise TimeoutError(f"no answer within {self.seconds:g} s (query timeout)") from exc
-
-
-class _Columns:
-    """Reads SHOW rows by column name. pgbouncer versions differ in their columns (1.18 has
-    ``sv_tested`` and ``total_xact_count``; others add or drop some): a missing column is noted
-    and its figures left out, never fatal to the rest of the view."""
-
-    def __init__(self) -> None:
-        self.missing: set[str] = set()
-
-    def get(self, command: str, row: dict[str, Any], name: str) -> Any:
-        if name in row:
-            return row[name]
-        self.missing.add(f"{command}.{name}")
-        return None
-
-    def num(self, command: str, row: dict[str, Any], name: str) -> float | None:
-        value = self.get(command, row, name)
-        try:
-            return float(value) if value is not None else None
-        except (TypeError, ValueError):
-            self.missing.add(f"{command}.{name}")
-            return None
-
-
-def _wait_seconds(cols: _Columns, command: str, row: dict[str, Any], seconds: str, micros: str) -> float | None:
-    whole = cols.num(command, row, seconds)
-    if whole is None:
-        return None
-    return whole + (float(row.get(micros) or 0) / 1e6)
-
-
-class _Poller:
+class _Poller(EventDetector):
     """The leader's work, one round per interval (in the shared-view thread)."""
 
     def __init__(self, settings: Any) -> None:
@@ -442,7 +130,7 @@ class _Poller:
         if self.cluster == "held" and self.server_conn is not None:
             return "lead"
         try:
-            (row,) = self._query("db_server", s.server_view_url, [_CLUSTER_SQL], admin=False)[0]
+            (row,) = self._query("db_server", s.server_view_url, [CLUSTER_SQL], admin=False)[0]
             held = bool(row["held"])
         except Exception as exc:
             self._fail("db_server", exc, s.server_view_url)
@@ -487,7 +175,7 @@ class _Poller:
             PUBLISHED.polls["db_server"] = PUBLISHED.polls.get("db_server", 0) + 1
 
     def _fail(self, target: str, exc: BaseException, url: str) -> None:
-        reason = _reason(exc)
+        reason = failure_reason(exc)
         PUBLISHED.count_error(target, reason)
         if target == "db_server":
             PUBLISHED.server_up = 0
@@ -514,10 +202,10 @@ class _Poller:
         attr = "server_conn" if target == "db_server" else "pooler_conn"
         conn = getattr(self, attr)
         if conn is None:
-            conn = _connect(url, timeout, admin=admin)
+            conn = connect(url, timeout, admin=admin)
             setattr(self, attr, conn)
-        with _Deadline(conn, timeout):
-            return [_rows(conn, sql) for sql in sqls]
+        with Deadline(conn, timeout):
+            return [fetch_rows(conn, sql) for sql in sqls]
 
     # ---------------------------------------------------------------- the pooler's metrics
 
@@ -549,7 +237,7 @@ class _Poller:
         PUBLISHED.pooler_seconds = round(time.perf_counter() - t0, 6)
         self.logged_failure.discard("pgbouncer")
         config = {str(r.get("key")): r.get("value") for r in config_rows}
-        cols = _Columns()
+        cols = Columns()
         view = self._publish_pooler(cols, pools, stats, clients, servers, databases, config)
         if cols.missing:
             PUBLISHED.count_error("pgbouncer", "missing_column")
@@ -563,7 +251,7 @@ class _Poller:
         view["cols"] = cols
         return view
 
-    def _publish_pooler(self, cols: _Columns, pools: list[dict[str, Any]], stats: list[dict[str, Any]],
+    def _publish_pooler(self, cols: Columns, pools: list[dict[str, Any]], stats: list[dict[str, Any]],
                         clients: list[dict[str, Any]], servers: list[dict[str, Any]],
                         databases: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         out: list[Sample] = []
@@ -574,7 +262,7 @@ class _Poller:
             lb = (("database", str(database)), ("user", str(cols.get("POOLS", p, "user"))))
             clients_n = {state: cols.num("POOLS", p, f"cl_{state}") for state in ("active", "waiting")}
             servers_n = {state: cols.num("POOLS", p, f"sv_{state}") for state in ("active", "idle", "used", "tested", "login")}
-            maxwait = _wait_seconds(cols, "POOLS", p, "maxwait", "maxwait_us")
+            maxwait = wait_seconds(cols, "POOLS", p, "maxwait", "maxwait_us")
             if database is None or database == "pgbouncer":
                 continue
             for state, n in clients_n.items():
@@ -613,7 +301,7 @@ class _Poller:
             state = "waiting" if c.get("state") == "waiting" else ("active" if c.get("link") else "idle")
             per_app[(app, state)] = per_app.get((app, state), 0) + 1
             if state == "waiting":
-                waited = _wait_seconds(cols, "CLIENTS", c, "wait", "wait_us") or 0.0
+                waited = wait_seconds(cols, "CLIENTS", c, "wait", "wait_us") or 0.0
                 longest[app] = max(longest.get(app, 0.0), waited)
         for (app, state), n in per_app.items():
             out.append(("pgbouncer_clients_by_application", (("application", app), ("state", state)), n))
@@ -647,7 +335,7 @@ class _Poller:
         s = self.settings
         t0 = time.perf_counter()
         activity, locks, limit = self._query("db_server", s.server_view_url,
-                                             [_ACTIVITY_SQL, _LOCKS_SQL, _LIMIT_SQL], admin=False)  # fmt: skip
+                                             [ACTIVITY_SQL, LOCKS_SQL, LIMIT_SQL], admin=False)  # fmt: skip
         usable = limit[0]["usable"]
         PUBLISHED.server_seconds = round(time.perf_counter() - t0, 6)
         self.logged_failure.discard("db_server")
@@ -709,7 +397,7 @@ class _Poller:
             add("db_server_lock_waiting", (("application", app),))
             longest = max(longest, lk["waited"] or 0.0)
             blockers = list(lk["blockers"] or [])
-            blocker = by_pid_row.get(_root(blockers, chain)) if blockers else None
+            blocker = by_pid_row.get(chain_root(blockers, chain)) if blockers else None
             b_service, b_owner, _h, _t = owner_of(blocker) if blocker else ("unknown", "", "", "")
             w_service, w_owner, _h2, _t2 = owner_of(waiting) if waiting else ("unknown", "", "", "")
             add("db_server_lock_blocking",
@@ -727,125 +415,6 @@ class _Poller:
             self._pooler_events(pooler, owners)
 
     # ---------------------------------------------------------------- events
-
-    def _count_event(self, event: str) -> None:
-        with PUBLISHED._lock:
-            PUBLISHED.events[event] = PUBLISHED.events.get(event, 0) + 1
-
-    def _lock_events(self, locks: list[dict[str, Any]], rows: dict[int, dict[str, Any]],
-                     owner_of: Callable[[dict[str, Any]], tuple[str, str, str, str]]) -> None:
-        threshold = self.settings.lock_wait_event_seconds
-        chain = {lk["pid"]: list(lk["blockers"] or []) for lk in locks}
-        seen = set()
-        for lk in locks:
-            key = (lk["pid"], round(lk["wait_started"] or 0.0, 3))
-            seen.add(key)
-            if key in self.locks_reported or (lk["waited"] or 0.0) < threshold:
-                continue
-            waiting = rows.get(lk["pid"])
-            blockers = list(lk["blockers"] or [])
-            blocker = rows.get(_root(blockers, chain)) if blockers else None
-            if waiting is None:
-                continue
-            w_service, w_owner, w_host, w_trace = owner_of(waiting)
-            fields: dict[str, Any] = {
-                "blocked_service": w_service, "blocked_owner": w_owner or "unknown",
-                "blocked_pid": lk["pid"], "blocked_host": w_host,
-                "blocked_wait_seconds": round(lk["waited"] or 0.0, 3),
-                "blocked_statement": statement(waiting["query"]),
-                "relation": lk["relation"] or "", "lock_type": lk["locktype"], "mode": lk["mode"],
-                "blocker_pids": blockers, "lock_key": f"{key[0]}:{key[1]}",
-            }  # fmt: skip
-            if blocker is not None:
-                b_service, b_owner, b_host, b_trace = owner_of(blocker)
-                fields.update(
-                    blocker_service=b_service, blocker_owner=b_owner or "unknown",
-                    blocker_pid=blocker["pid"], blocker_host=b_host,
-                    blocker_state=blocker["state"],
-                    blocker_xact_seconds=round(blocker["xact_age"] or 0.0, 3),
-                    blocker_statement=statement(blocker["query"]),
-                )  # fmt: skip
-                if b_trace:
-                    fields["blocker_trace_id"] = b_trace
-            if w_trace:
-                fields["trace_id"] = w_trace
-            self.locks_reported[key] = time.monotonic()
-            self._count_event("db_lock_wait")
-            emit("warning", "db_lock_wait", **fields)
-        for key in [k for k in self.locks_reported if k not in seen]:
-            del self.locks_reported[key]
-
-    def _idle_events(self, activity: list[dict[str, Any]],
-                     owner_of: Callable[[dict[str, Any]], tuple[str, str, str, str]]) -> None:
-        threshold = self.settings.idle_in_transaction_event_seconds
-        seen = set()
-        for row in activity:
-            if not row["state"].startswith("idle in transaction") or row["xact_age"] is None:
-                continue
-            # the server's own xact_start: one key per transaction, whatever this process's
-            # clock or load (a key from our clock minus xact_age drifted and re-reported)
-            key = (row["pid"], round(row.get("xact_start") or 0.0, 6))
-            seen.add(key)
-            if key in self.idle_reported or (row["state_age"] or 0.0) < threshold:
-                continue
-            service, owner, host, trace = owner_of(row)
-            fields: dict[str, Any] = {
-                "idle_service": service, "idle_owner": owner or "unknown", "pid": row["pid"],
-                "host": host, "state": row["state"],
-                "idle_seconds": round(row["state_age"] or 0.0, 3),
-                "xact_seconds": round(row["xact_age"] or 0.0, 3),
-                "last_statement": statement(row["query"]),
-            }  # fmt: skip
-            if trace:
-                fields["trace_id"] = trace
-            self.idle_reported[key] = time.monotonic()
-            self._count_event("db_idle_in_transaction")
-            emit("warning", "db_idle_in_transaction", **fields)
-        for key in [k for k in self.idle_reported if k not in seen]:
-            del self.idle_reported[key]
-
-    def _pooler_events(self, pooler: dict[str, Any], owners: Owners) -> None:
-        now = time.monotonic()
-        cols: _Columns = pooler["cols"]
-        for p in pooler["pools"]:
-            database = str(p.get("database"))
-            if database == "pgbouncer":
-                continue
-            if (cols.num("POOLS", p, "cl_waiting") or 0) <= 0:
-                self.pooler_episodes.pop(database, None)
-                continue
-            maxwait = _wait_seconds(cols, "POOLS", p, "maxwait", "maxwait_us") or 0.0
-            if maxwait < self.settings.pooler_wait_event_seconds:
-                continue
-            last = self.pooler_episodes.get(database)
-            if last is not None and now - last < POOLER_EVENT_REPEAT_SECONDS:
-                continue
-            self.pooler_episodes[database] = now
-            holders: dict[tuple[str, str], int] = {}
-            for sv in pooler["servers"]:
-                client = pooler["by_ptr"].get(sv.get("link")) if sv.get("link") else None
-                if client is None or str(sv.get("database")) != database:
-                    continue
-                service = app_label(client.get("application_name") or "")
-                known = owners.peer(client.get("addr"), client.get("port"))
-                owner = str(known[OWNER]) if known else ""
-                holders[(service, owner)] = holders.get((service, owner), 0) + 1
-            waiting: dict[str, int] = {}
-            for c in pooler["clients"]:
-                if str(c.get("database")) == database and c.get("state") == "waiting":
-                    app = app_label(c.get("application_name") or "")
-                    waiting[app] = waiting.get(app, 0) + 1
-            self._count_event("db_pooler_waiting")
-            emit(
-                "warning", "db_pooler_waiting", database=database, user=str(p.get("user")),
-                clients_waiting=int(cols.num("POOLS", p, "cl_waiting") or 0),
-                longest_wait_seconds=round(maxwait, 3),
-                server_connections_active=int(cols.num("POOLS", p, "sv_active") or 0),
-                holders=[{"service": sv, "owner": ow or "unknown", "server_connections": n}
-                         for (sv, ow), n in sorted(holders.items(), key=lambda kv: -kv[1])],
-                waiting_applications=waiting,
-            )  # fmt: skip
-
 
 class SharedViewIntegration(Integration):
     """The server and pooler view (on when ``server_view_url`` or ``pgbouncer_url`` is set)."""

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 import telemetry
-from telemetry import _asgi, _bounds, _celery, _exposition, _shared
+from telemetry import _asgi, _bounds, _celery, _exposition, _shared_model
 from telemetry.testing import metrics, sample
 
 
@@ -87,14 +87,14 @@ def test_routes_are_capped() -> None:
 
 def test_application_names_are_capped_ours_by_service_foreign_by_name() -> None:
     telemetry.instrument(service="api", tracing=False)
-    ours = {_shared.app_label(f"svc{i}/{1000 + i}@host") for i in range(10_000)}
+    ours = {_shared_model.app_label(f"svc{i}/{1000 + i}@host") for i in range(10_000)}
     assert len(ours) == _bounds.SERVICES.cap + 1 and "svc0" in ours and "other" in ours
     assert sample("telemetry_label_values_folded_total", label="application") == 10_000 - 100
     _bounds.reset()
-    assert {_shared.app_label(f"api/{pid}@h{pid}") for pid in range(10_000)} == {"api"}  # one service
-    foreign = {_shared.app_label(f"rotating-{i}") for i in range(10_000)}
+    assert {_shared_model.app_label(f"api/{pid}@h{pid}") for pid in range(10_000)} == {"api"}  # one service
+    foreign = {_shared_model.app_label(f"rotating-{i}") for i in range(10_000)}
     assert len(foreign) == _bounds.FOREIGN.cap + 1 and "rotating-0" in foreign
-    assert _shared.app_label("rotating-0") == "rotating-0"  # the first ones keep their names
+    assert _shared_model.app_label("rotating-0") == "rotating-0"  # the first ones keep their names
     assert sample("telemetry_label_values_folded_total", label="application") == 10_000 - 20
 
 

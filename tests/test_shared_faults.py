@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 import telemetry
-from telemetry import _pool, _shared
+from telemetry import _pool, _shared, _shared_model
 from telemetry.testing import capture_events
 
 from . import hostview, services
@@ -50,8 +50,8 @@ def test_a_session_from_another_address_on_one_of_our_ports_is_not_ours(pg: serv
     with telemetry.db_owner("/reports/{id}"), engine.connect() as ours:
         ours.execute(text("select 1"))  # idle in transaction, held by /reports/{id}
         rows = _pool.owner_table()
-        assert len(rows) == 1 and rows[0][_shared.ADDR] == "127.0.0.1"
-        port = rows[0][_shared.PORT]
+        assert len(rows) == 1 and rows[0][_shared_model.ADDR] == "127.0.0.1"
+        port = rows[0][_shared_model.PORT]
         with Forwarder(pg.port, source=("127.0.0.2", port)) as fwd, \
                 psycopg.connect(f"postgresql://postgres@127.0.0.1:{fwd.port}/postgres") as foreign:  # fmt: skip
             foreign.execute(f"select n from {item} where id = 1 for update")
@@ -114,14 +114,14 @@ def test_a_pgbouncer_without_some_columns_still_publishes_the_rest(
     """``SHOW STATS`` without ``total_xact_count`` and ``SHOW POOLS`` without ``sv_tested`` (as
     other pgbouncer versions answer): those figures are left out and counted, the others and
     the server view are published."""
-    real_rows = _shared._rows
+    real_rows = _shared.fetch_rows
 
     def rows(conn: Any, sql: str) -> list[dict[str, Any]]:
         out = real_rows(conn, sql)
         drop = {"SHOW STATS": "total_xact_count", "SHOW POOLS": "sv_tested"}.get(sql)
         return [{k: v for k, v in r.items() if k != drop} for r in out]
 
-    monkeypatch.setattr(_shared, "_rows", rows)
+    monkeypatch.setattr(_shared, "fetch_rows", rows)
     engine = create_engine(own_bouncer.url(), pool_size=1, max_overflow=0)
     with engine.connect() as conn:  # the pooler has a pool for the database from now on
         conn.execute(text("select 1"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from telemetry import _shared
+from telemetry import _shared, _shared_model
 from telemetry._settings import mask_url
 from telemetry.testing import capture_events
 
@@ -17,15 +17,15 @@ def _row(pid: int, port: int, owner: str, addr: str, service: str = "api") -> li
 
 
 def test_owners_are_joined_on_address_and_port() -> None:
-    owners = _shared.Owners([_row(101, 45678, "/reports/{id}", "127.0.0.1"),
+    owners = _shared_model.Owners([_row(101, 45678, "/reports/{id}", "127.0.0.1"),
                              _row(202, 45678, "save-concept", "127.0.0.2", service="worker")])  # fmt: skip
-    assert owners.peer("127.0.0.1", 45678)[_shared.OWNER] == "/reports/{id}"  # type: ignore[index]
-    assert owners.peer("127.0.0.2", "45678")[_shared.OWNER] == "save-concept"  # type: ignore[index]
+    assert owners.peer("127.0.0.1", 45678)[_shared_model.OWNER] == "/reports/{id}"  # type: ignore[index]
+    assert owners.peer("127.0.0.2", "45678")[_shared_model.OWNER] == "save-concept"  # type: ignore[index]
     assert owners.peer("127.0.0.3", 45678) is None  # a session from elsewhere on the same port
     assert owners.peer("", 45678) is None and owners.peer("127.0.0.1", None) is None
     # a row without an address (an older process file) is joined by its backend pid only
-    legacy = _shared.Owners([[303, 5555, "api", "/old", 0.0, ""]])
-    assert legacy.peer("127.0.0.1", 5555) is None and legacy.by_pid[303][_shared.OWNER] == "/old"
+    legacy = _shared_model.Owners([[303, 5555, "api", "/old", 0.0, ""]])
+    assert legacy.peer("127.0.0.1", 5555) is None and legacy.by_pid[303][_shared_model.OWNER] == "/old"
 
 
 class _Settings:
@@ -52,10 +52,10 @@ def test_one_idle_in_transaction_event_per_transaction_however_late_the_poll() -
 
 
 def test_literals_are_hidden_even_when_the_statement_was_cut() -> None:
-    assert _shared.statement("insert into tok values ('sk_live_abcdef") == "insert into tok values (?"
-    assert _shared.statement("select E'it\\'s a sec") == "select ?"
-    assert _shared.statement("select $q$secret body") == "select ?"
-    assert _shared.statement("select 'a', 'b' where x = 'c") == "select ?, ? where x = ?"
+    assert _shared_model.statement("insert into tok values ('sk_live_abcdef") == "insert into tok values (?"
+    assert _shared_model.statement("select E'it\\'s a sec") == "select ?"
+    assert _shared_model.statement("select $q$secret body") == "select ?"
+    assert _shared_model.statement("select 'a', 'b' where x = 'c") == "select ?, ? where x = ?"
 
 
 def test_passwords_are_masked_in_every_url_form() -> None:
@@ -68,7 +68,7 @@ def test_passwords_are_masked_in_every_url_form() -> None:
 
 def test_pooler_rows_without_some_columns_publish_the_rest() -> None:
     poller = _shared._Poller(_Settings())
-    cols = _shared._Columns()
+    cols = _shared_model.Columns()
     pools = [{"database": "app", "user": "u", "cl_active": 2, "cl_waiting": 3, "sv_active": 4,
               "sv_idle": 0, "sv_used": 0, "sv_login": 0, "maxwait": 1, "maxwait_us": 500000}]  # fmt: skip
     stats = [{"database": "app", "total_wait_time": 2_000_000}]

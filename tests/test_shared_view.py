@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from sqlalchemy import create_engine, text
 
 import telemetry
-from telemetry import _exposition, _shared
+from telemetry import _exposition, _shared_model, _shared_queries
 from telemetry.testing import capture_events
 from telemetry.tools import cli, diagnose, report
 
@@ -289,7 +289,7 @@ def _application_name(url: str, **kwargs: Any) -> str:
 def test_application_name_is_set_and_a_users_own_is_kept(pg: services.Postgres) -> None:
     telemetry.instrument(service="api")
     named = _application_name(pg.url())
-    service, pid, host = _shared.parse_application(named)
+    service, pid, host = _shared_model.parse_application(named)
     assert (service, pid) == ("api", str(os.getpid())) and host
     if _has("psycopg2"):
         assert _application_name(pg.url("psycopg2")) == named
@@ -352,7 +352,7 @@ def test_one_poller_for_two_hosts_names_both_sides_of_a_lock(pg: services.Postgr
             assert _wait_for(lambda: reported() >= 1, timeout=30)
             pollers = pg.psql("select count(*) from pg_stat_activity where application_name like 'telemetry-shared-view/%'")
             holders = pg.psql(f"select count(*) from pg_locks where locktype = 'advisory' and granted "
-                              f"and classid = {_shared.CLUSTER_LOCK[0]} and objid = {_shared.CLUSTER_LOCK[1]}")  # fmt: skip
+                              f"and classid = {_shared_queries.CLUSTER_LOCK[0]} and objid = {_shared_queries.CLUSTER_LOCK[1]}")  # fmt: skip
             polls = {h: _value(_host(h), "db_server_view_polls_total") or 0 for h in (host1, host2)}
             waiter.join(30)
         engine.dispose()
@@ -389,8 +389,8 @@ def test_a_killed_cluster_poller_is_replaced_by_another_host(pg: services.Postgr
         procs[name] = subprocess.Popen([sys.executable, "-c", _POLLER, str(tmp_path / name), server, f"svc-{name}"],
                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
     holder_sql = ("select a.application_name from pg_locks l join pg_stat_activity a using (pid) "
-                  f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared.CLUSTER_LOCK[0]} "
-                  f"and l.objid = {_shared.CLUSTER_LOCK[1]}")  # fmt: skip
+                  f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared_queries.CLUSTER_LOCK[0]} "
+                  f"and l.objid = {_shared_queries.CLUSTER_LOCK[1]}")  # fmt: skip
     try:
         first = _wait_for(lambda: pg.psql(holder_sql), timeout=30)
         pid = int(first.split("/")[1].split("@")[0])
@@ -451,9 +451,9 @@ def test_stale_values_are_kept_and_marked_when_the_pooler_goes_away(pg: services
 
 def test_statement_text_carries_no_parameter_values() -> None:
     sql = "update t set name = 'O''Brien', n = 42, x = -1.5e3 where id = $1 and tag = E'a\\'b' and d = $$x$$"
-    out = _shared.statement(sql)
+    out = _shared_model.statement(sql)
     assert out == "update t set name = ?, n = ?, x = ? where id = $1 and tag = ? and d = ?"
-    assert _shared.statement("select col1, t2.c3 from t2") == "select col1, t2.c3 from t2"
+    assert _shared_model.statement("select col1, t2.c3 from t2") == "select col1, t2.c3 from t2"
 
 
 def test_bad_urls_fail_at_start_up_without_showing_the_password() -> None:

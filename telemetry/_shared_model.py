@@ -1,0 +1,125 @@
+"""The shared view's pure model: names, statements, lock chains, the owner join, SHOW columns.
+No I/O: unit-tested without a server (``tests/test_shared_model.py``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from . import _bounds
+
+_APP_RE = re.compile(r"^(?P<service>.+)/(?P<pid>\d+)@(?P<host>.*)$")
+
+def parse_application(name: str) -> tuple[str, str, str]:
+    """``service/pid@host`` -> (service, pid, host); another name -> (name, "", "")."""
+    m = _APP_RE.match(name or "")
+    if m is None:
+        return (name or "unnamed")[:60], "", ""
+    return m["service"], m["pid"], m["host"]
+
+
+def app_label(name: str) -> str:
+    """The ``application`` label of a client: the service of our ``service/pid@host`` names,
+    else the foreign name itself, each kind capped (``_bounds``): a client that rotates its
+    ``application_name`` does not churn series."""
+    service, pid, _host = parse_application(name)
+    return _bounds.SERVICES(service) if pid else _bounds.FOREIGN(service)
+
+
+#: a literal's closing quote may be missing: PostgreSQL cuts ``query`` at
+#: ``track_activity_query_size`` bytes, and what is left of the literal must not show
+_LITERAL = re.compile(
+    r"\$(?P<tag>[A-Za-z_]*)\$.*?(?:\$(?P=tag)\$|\Z)"  # dollar-quoted
+    r"|[eE]'(?:[^'\\]|\\.|'')*(?:'|\Z)"  # escape strings: E'it\'s'
+    r"|[bBxXnN]?'(?:[^']|'')*(?:'|\Z)"  # string literals
+    r"|(?<![\w$.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w$])",  # numbers
+    re.S,
+)
+
+
+_LEADING_COMMENTS = re.compile(r"^\s*(?:/\*.*?\*/\s*)+", re.S)
+
+
+def statement(text: str | None, limit: int = 300) -> str:
+    """The statement without its parameters: literals (interpolated by client-side binding
+    drivers such as psycopg2) become ``?``; ``$1`` placeholders stay; leading comments (our
+    statement tag among them: its fields are reported on their own) go."""
+    if not text:
+        return ""
+    text = _LEADING_COMMENTS.sub("", text)
+    return " ".join(_LITERAL.sub("?", text).split())[:limit]
+
+
+def chain_root(blockers: list[int], chain: dict[int, list[int]]) -> int:
+    """The blocker that matters: the first one up the chain holding its lock without waiting
+    itself (a row's second waiter waits for the first waiter, which waits for the holder)."""
+    seen: set[int] = set()
+    queue = list(blockers)
+    while queue:
+        pid = queue.pop(0)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if pid not in chain:
+            return pid
+        queue.extend(chain[pid])
+    return blockers[0]
+
+
+#: owner rows (``_pool.owner_table``): [backend pid, local port, service, owner, since,
+#: trace id, local address]
+PID, PORT, SERVICE, OWNER, SINCE, TRACE, ADDR = range(7)
+
+
+class Owners:
+    """The host's held connections, joined by the keys a server or pooler row carries: the
+    backend pid (a direct connection) or the client's address *and* port (the pooler's
+    ``SHOW CLIENTS addr/port``, the server's ``client_addr/client_port``). Never by port alone:
+    another host, or a psql session on another address, can use the same port number."""
+
+    def __init__(self, rows: list[list[Any]]) -> None:
+        self.by_pid: dict[Any, list[Any]] = {}
+        self.by_peer: dict[tuple[str, int], list[Any]] = {}
+        for row in rows:
+            if row[PID]:
+                self.by_pid[row[PID]] = row
+            if row[PORT] and len(row) > ADDR and row[ADDR]:
+                self.by_peer[(str(row[ADDR]), int(row[PORT]))] = row
+
+    def peer(self, addr: Any, port: Any) -> list[Any] | None:
+        if not addr or not port:
+            return None
+        try:
+            return self.by_peer.get((str(addr), int(port)))
+        except (TypeError, ValueError):
+            return None
+
+
+class Columns:
+    """Reads SHOW rows by column name. pgbouncer versions differ in their columns (1.18 has
+    ``sv_tested`` and ``total_xact_count``; others add or drop some): a missing column is noted
+    and its figures left out, never fatal to the rest of the view."""
+
+    def __init__(self) -> None:
+        self.missing: set[str] = set()
+
+    def get(self, command: str, row: dict[str, Any], name: str) -> Any:
+        if name in row:
+            return row[name]
+        self.missing.add(f"{command}.{name}")
+        return None
+
+    def num(self, command: str, row: dict[str, Any], name: str) -> float | None:
+        value = self.get(command, row, name)
+        try:
+            return float(value) if value is not None else None
+        except (TypeError, ValueError):
+            self.missing.add(f"{command}.{name}")
+            return None
+
+
+def wait_seconds(cols: Columns, command: str, row: dict[str, Any], seconds: str, micros: str) -> float | None:
+    whole = cols.num(command, row, seconds)
+    if whole is None:
+        return None
+    return whole + (float(row.get(micros) or 0) / 1e6)

@@ -1,0 +1,129 @@
+"""The shared view's queries: one autocommit connection outside every pool, the SQL it runs on
+PostgreSQL, the deadline that bounds a query set, and the reason a failure is counted under."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from typing import Any
+
+REASONS = ("timeout", "refused", "auth", "permission", "not_found", "missing_column", "error")
+
+
+def failure_reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    for needle, reason in (("timeout", "timeout"), ("canceling statement", "timeout"),
+                           ("refused", "refused"), ("password", "auth"), ("authentication", "auth"),
+                           ("401", "auth"), ("unauthorized", "auth"),
+                           ("permission", "permission"), ("not allowed", "permission"),
+                           ("does not exist", "not_found")):  # fmt: skip
+        if needle in text:
+            return reason
+    return "error"
+
+
+def connect(url: str, timeout: float, *, admin: bool) -> Any:
+    """One autocommit connection outside every pool (psycopg 3, else psycopg2)."""
+    # named as ours (service/pid@host): other hosts' pollers then share one application label
+    app = f"telemetry-shared-view/{os.getpid()}@{socket.gethostname()}"[:63]
+    options: dict[str, Any] = {} if admin else {"options": f"-c statement_timeout={int(timeout * 1000)}"}
+    try:
+        import psycopg
+
+        # prepare_threshold=None: never prepared statements (pgbouncer admin console, transaction mode)
+        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout)), prepare_threshold=None,
+                               application_name=app, **options)  # fmt: skip
+    except ImportError:
+        import psycopg2
+
+        conn = psycopg2.connect(url, connect_timeout=max(1, round(timeout)), application_name=app,
+                                **options)  # fmt: skip
+        conn.autocommit = True
+        return conn
+
+
+def driver_available() -> bool:
+    for name in ("psycopg", "psycopg2"):
+        with contextlib.suppress(ImportError):
+            __import__(name)
+            return True
+    return False
+
+
+def fetch_rows(conn: Any, sql: str) -> list[dict[str, Any]]:
+    cur = conn.cursor()
+    try:
+        cur.execute(sql)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        cur.close()
+
+
+ACTIVITY_SQL = """
+select a.pid, coalesce(a.application_name, '') as app, coalesce(a.state, '') as state,
+       coalesce(a.wait_event_type, '') as wait_type, a.client_port,
+       coalesce(host(a.client_addr), '') as client_addr,
+       extract(epoch from a.xact_start)::float8 as xact_start,
+       extract(epoch from now() - a.xact_start)::float8 as xact_age,
+       extract(epoch from now() - a.state_change)::float8 as state_age,
+       a.query, a.backend_type
+from pg_stat_activity a
+where a.pid <> pg_backend_pid() and a.backend_type = 'client backend'
+"""
+LOCKS_SQL = """
+select w.pid, pg_blocking_pids(w.pid) as blockers,
+       extract(epoch from now() - coalesce(l.waitstart, w.query_start))::float8 as waited,
+       extract(epoch from coalesce(l.waitstart, w.query_start))::float8 as wait_started,
+       l.locktype, l.mode,
+       coalesce(l.relation::regclass::text,
+                (select t.relation::regclass::text from pg_locks t   -- a row lock's first waiter
+                 where t.pid = w.pid and t.locktype = 'tuple' limit 1), '') as relation
+from pg_stat_activity w
+join pg_locks l on l.pid = w.pid and not l.granted
+where w.wait_event_type = 'Lock'
+"""
+#: the deployment's one poller holds this advisory lock (two keys: ``pg_locks.classid/objid``)
+CLUSTER_LOCK = (1952804205, 1)
+CLUSTER_SQL = f"select pg_try_advisory_lock({CLUSTER_LOCK[0]}, {CLUSTER_LOCK[1]}) as held"
+LIMIT_SQL = """
+select current_setting('max_connections')::int
+     - current_setting('superuser_reserved_connections')::int
+     - coalesce(nullif(current_setting('reserved_connections', true), '')::int, 0) as usable
+"""
+
+
+class Deadline:
+    """Bounds one query set on ``conn``: past ``seconds`` a timer shuts the connection's socket
+    down, so a read blocked on a stopped pooler or server returns at once (pgbouncer's admin
+    console has no ``statement_timeout``, and a process stopped by SIGSTOP still accepts TCP).
+    The round then fails with reason ``timeout`` and the next one reconnects. Connecting is
+    bounded by the driver's ``connect_timeout``, which libpq never sets below 2 s."""
+
+    def __init__(self, conn: Any, seconds: float) -> None:
+        self.conn, self.seconds, self.fired = conn, seconds, False
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        self.timer.start()
+        return self
+
+    def _fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(Exception):
+            pgconn = getattr(self.conn, "pgconn", None)  # psycopg 3, else psycopg2
+            fd = pgconn.socket if pgconn is not None else self.conn.fileno()
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.timer.cancel()
+        self.timer.join()
+        if self.fired:  # the connection is shut: whatever came back, this round timed out
+            raise TimeoutError(f"no answer within {self.seconds:g} s (query timeout)") from exc
