@@ -102,3 +102,25 @@ def test_a_full_pool_names_its_holders_and_the_one_to_release(serve: list[str], 
     short = _FULL_POOL.replace('owner="GET /stream",le="1.0"} 0', 'owner="GET /stream",le="1.0"} 10')
     assert cli.main(["diagnose", "--metrics-url", _url(serve, short)]) == diagnose.EXIT_FINDINGS
     assert "release it" not in capsys.readouterr().out
+
+
+def test_findings_are_typed_records_the_report_selects_by_kind() -> None:
+    """The demo's report reads the findings by kind and service, never by their text: a Redis
+    pool that only ran full is not severe, and a finding's body drops its label."""
+    from telemetry.tools import report
+
+    redis = ('redis_pool_connections_in_use{service="api",pool="r",pid="1"} 2\n'
+             'redis_pool_connections_max{service="api",pool="r",pid="1"} 2\n')  # fmt: skip
+    found = diagnose.beyond_the_pools(diagnose.parse(redis))
+    assert [(f.kind, f.service, f.severe) for f in found] == [("redis", "api", False)]
+    assert found[0].body.startswith("pool r of api at 100%")
+    failing = redis + 'redis_pool_checkouts_total{service="api",pool="r",result="timeout"} 3\n'
+    assert diagnose.beyond_the_pools(diagnose.parse(failing))[0].severe
+    r = {"api": {"share_waiting_for_pool": 0.1}, "hold_seconds_by_owner": {}, "hold_p95_seconds_by_owner": {},
+         "blocking_call_site": None, "event_loop_blocked": 0, "pool_usage_peak": {}, "pooler_clients_waiting_peak": 0,
+         "findings": [{"kind": "redis", "text": "Redis: x", "body": "x", "service": "api", "severe": True},
+                      {"kind": "server_wait", "text": "Server connections: y", "body": "y", "service": "api", "severe": True}]}  # fmt: skip
+    said = report.diagnose(r)
+    assert said.startswith("Redis: x The shared limit was reached at the pooler or the server: y"), said
+    r["findings"][0]["severe"] = False
+    assert not report.diagnose(r).startswith("Redis")

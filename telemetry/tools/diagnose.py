@@ -11,10 +11,12 @@ on another (the blocker's host) are taken from the host that knows them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from .. import thresholds as T
@@ -127,20 +129,35 @@ def _across_hosts(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tu
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One finding: its kind (what a reader such as the demo's report selects on, never the
+    text), the sentence, the service it is about when it is about one, and whether it is a
+    failure (a Redis pool that only ran full, with no checkout failing, is not)."""
+
+    kind: str
+    text: str
+    service: str = ""
+    severe: bool = True
+
+    @property
+    def body(self) -> str:
+        """The sentence without its leading label (``"pgbouncer: "``)."""
+        return self.text.split(": ", 1)[1] if ": " in self.text else self.text
+
+
+def all_findings(samples: Samples, *, pools: bool = True) -> list[Finding]:
+    """Every finding, most urgent first; ``pools=False``: those a pool-only report lacks."""
+    out: list[Finding] = []
+    for kind, part, beyond in PARTS:
+        if beyond or pools:
+            out.extend(f if isinstance(f, Finding) else Finding(kind, f) for f in part(samples))
+    return out
+
+
 def findings(samples: Samples) -> list[str]:
     """Plain sentences, most urgent first; empty when nothing is wrong."""
-    out: list[str] = []
-    out.extend(_pooler(samples))
-    out.extend(_locks(samples))
-    out.extend(_idle(samples))
-    out.extend(_server(samples))
-    out.extend(_server_waits(samples))
-    out.extend(_pools(samples))
-    out.extend(_semaphores(samples))
-    out.extend(_redis(samples))
-    out.extend(_celery(samples))
-    out.extend(_views(samples))
-    return out
+    return [f.text for f in all_findings(samples)]
 
 
 def _semaphores(samples: Samples) -> list[str]:
@@ -164,7 +181,7 @@ def _semaphores(samples: Samples) -> list[str]:
     return out
 
 
-def _redis(samples: Samples) -> list[str]:
+def _redis(samples: Samples) -> list[Finding]:
     """The busiest process of each Redis pool, and who holds its connections."""
     in_use = {(lb["service"], lb["pool"], lb["pid"]): v for lb, v in _rows(samples, "redis_pool_connections_in_use")}
     out = []
@@ -188,9 +205,10 @@ def _redis(samples: Samples) -> list[str]:
                 holds[lb.get("owner", "")] = holds.get(lb.get("owner", ""), 0) + v
         holder = max(holds, key=lambda k: holds[k]) if holds else ""
         share = holds[holder] / sum(holds.values()) * 100 if holds and sum(holds.values()) else 0
-        out.append(f"Redis: pool {pool} of {service} at {usage * 100:.0f}% in its busiest process, "
-                   f"{failures.get(key, 0):.0f} checkouts failed (timeout or too many)"
-                   + (f"; {holder!r} holds {share:.0f}% of its connection time" if holder else "") + ".")  # fmt: skip
+        out.append(Finding("redis", f"Redis: pool {pool} of {service} at {usage * 100:.0f}% in its busiest process, "
+                           f"{failures.get(key, 0):.0f} checkouts failed (timeout or too many)"
+                           + (f"; {holder!r} holds {share:.0f}% of its connection time" if holder else "") + ".",
+                           service, severe=bool(failures.get(key))))  # fmt: skip
     return out
 
 
@@ -218,13 +236,10 @@ def _celery(samples: Samples) -> list[str]:
     return out
 
 
-def beyond_the_pools(samples: Samples) -> list[str]:
+def beyond_the_pools(samples: Samples) -> list[Finding]:
     """The findings a pool-only report lacks: pooler, locks, idle transactions, the server,
     Redis pools and Celery capacity (the demo's report adds them to its own diagnosis)."""
-    out: list[str] = []
-    for part in (_pooler, _locks, _idle, _server, _server_waits, _semaphores, _redis, _celery, _views):
-        out.extend(part(samples))
-    return out
+    return all_findings(samples, pools=False)
 
 
 def _owners(samples: Samples, state: str | None = None) -> dict[tuple[str, str], float]:
@@ -343,18 +358,18 @@ def waiting_for_server(samples: Samples) -> dict[str, tuple[float, float | None]
     return out
 
 
-def _server_waits(samples: Samples) -> list[str]:
+def _server_waits(samples: Samples) -> list[Finding]:
     """Connections checked out but queued for a server connection (a transaction pooler that
     renames its clients and has no console included): name who holds the server side."""
     out = []
     for service, (share, p95) in sorted(waiting_for_server(samples).items()):
         others = {k: n for k, n in _owners(samples).items() if k[0] != service and n > 0}
         who = f" Server connections are held by {_fmt_owners(others)}." if others else ""
-        out.append(f"Server connections: {service}'s checked-out connections spent {share * 100:.0f}% of their "
+        out.append(Finding("server_wait", f"Server connections: {service}'s checked-out connections spent {share * 100:.0f}% of their "
                    f"hold time waiting for a server connection (first statements of transactions beyond a plain "
                    f"round trip, p95 "
                    f"{p95 or 0:.2f} s): the pooler or the server is full, not {service}'s pool.{who} Shorten "
-                   "those transactions; a bigger pool would only queue more (DbServerWaitHigh).")  # fmt: skip
+                   "those transactions; a bigger pool would only queue more (DbServerWaitHigh).", service))  # fmt: skip
     return out
 
 
@@ -396,6 +411,14 @@ def _views(samples: Samples) -> list[str]:
         if ups and min(ups) == 0:
             out.append(f"The {label} view is failing: its figures are stale ({target}_view_errors_total).")
     return out
+
+
+#: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
+PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
+    ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
+    ("server_wait", _server_waits, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
+    ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
+)  # fmt: skip
 
 
 def render(urls: list[str], per_url: list[Samples]) -> str:
