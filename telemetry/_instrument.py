@@ -106,7 +106,7 @@ def _check_same(current: Settings, **given: Any) -> None:
 
 def _add_sqlalchemy(runtime: Runtime, *, auto: bool) -> Any:
     _versions.check("sqlalchemy")
-    from ._pool import SQLAlchemyIntegration
+    from ._sqlalchemy import SQLAlchemyIntegration
 
     integration = runtime.add(SQLAlchemyIntegration(auto=auto))
     if auto:

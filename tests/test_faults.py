@@ -20,24 +20,24 @@ from sqlalchemy.pool import QueuePool
 from structlog.testing import capture_logs
 
 import telemetry
-from telemetry import _exposition, _log, _pool
+from telemetry import _exposition, _log, _pool_state
 
 from . import services
 from .conftest import sample, starve
 
 
-def _state(engine) -> _pool.PoolState:  # type: ignore[no-untyped-def]
+def _state(engine) -> _pool_state.PoolState:  # type: ignore[no-untyped-def]
     pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool
-    return pool.__dict__[_pool._ATTR]
+    return pool.__dict__[_pool_state._ATTR]
 
 
-def _clean(pool, st: _pool.PoolState) -> None:  # type: ignore[no-untyped-def]
+def _clean(pool, st: _pool_state.PoolState) -> None:  # type: ignore[no-untyped-def]
     assert st.in_use == pool.checkedout() == 0 and st.pending == 0
-    assert not _pool._held and not _pool._flagged
+    assert not _pool_state._held and not _pool_state._flagged
     assert not _log.INTERNAL.hook_errors, _log.INTERNAL.hook_errors
 
 
-def _counters(st: _pool.PoolState) -> tuple[int, ...]:
+def _counters(st: _pool_state.PoolState) -> tuple[int, ...]:
     return (st.ok, st.timeouts, st.errors, st.connects, st.invalid_hard, st.wait.count)
 
 

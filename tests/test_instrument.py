@@ -20,7 +20,7 @@ from sqlalchemy.pool.base import _ConnectionFairy
 from starlette.applications import Starlette
 
 import telemetry
-from telemetry import _runtime
+from telemetry import _runtime, _sqlalchemy
 
 from .conftest import sample
 
@@ -29,7 +29,6 @@ def _attached() -> dict[str, object]:
     """Everything the package can attach, as it stands now."""
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
-    from telemetry import _pool
 
     return {
         "Pool.connect": Pool.__dict__["connect"],
@@ -37,7 +36,7 @@ def _attached() -> dict[str, object]:
         "StaticPool.connect": StaticPool.__dict__.get("connect"),
         "fairy.detach": _ConnectionFairy.__dict__["detach"],
         "Engine.__init__": Engine.__dict__["__init__"],
-        "pool listeners": [name for name, fn in _pool._LISTENERS if event.contains(Pool, name, fn)],
+        "pool listeners": [name for name, fn in _sqlalchemy._LISTENERS if event.contains(Pool, name, fn)],
         "celery receivers": sum(len(s.receivers or []) for s in (signals.task_prerun, signals.task_postrun,
                                                                  signals.before_task_publish, signals.worker_init)),
         "starlette": Starlette.__dict__["build_middleware_stack"],
@@ -100,6 +99,11 @@ def test_instrument_after_instrument_sqlalchemy_completes_the_set(tmp_path):
     with other.connect():
         pass
     assert sample("db_pool_checkouts_total", pool="other", result="ok", service="api") == 1
+    # the engine registered first reports under the service instrument() names from now on,
+    # not the program name it was first seen with
+    with explicit.connect():
+        pass
+    assert sample("db_pool_checkouts_total", pool="explicit", result="ok", service="api") == 2
 
 
 def test_instrument_loads_no_worker_machinery_in_an_api_process():

@@ -15,23 +15,23 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool, QueuePool
 from structlog.testing import capture_logs
 
 import telemetry
-from telemetry import _pool
+from telemetry import _pool, _pool_events, _pool_state, _sqlalchemy
 
 from .conftest import sample, starve
 
 
-def _state(engine) -> _pool.PoolState:
+def _state(engine) -> _pool_state.PoolState:
     pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool
-    st = pool.__dict__[_pool._ATTR]
-    assert isinstance(st, _pool.PoolState)
+    st = pool.__dict__[_pool_state._ATTR]
+    assert isinstance(st, _pool_state.PoolState)
     return st
 
 
-def _exact(pool, st: _pool.PoolState) -> None:
+def _exact(pool, st: _pool_state.PoolState) -> None:
     """After a burst settles, our gauges equal SQLAlchemy's own view and nothing is held."""
     assert st.in_use == pool.checkedout() == 0
     assert st.pending == 0
-    assert not [h for h in _pool._held.values() if h.state is st]
+    assert not [h for h in _pool_state._held.values() if h.state is st]
     assert sample("db_pool_connections_in_use", pool=st.name) == 0
     assert sample("db_pool_connections_idle", pool=st.name) == pool.checkedin()
     assert sample("db_pool_overflow", pool=st.name) == pool.overflow()
@@ -210,7 +210,7 @@ def test_password_never_in_pool_name(pg):
     with engine.connect():
         pass
     assert _state(engine).name == f"postgresql+psycopg://127.0.0.1:{pg.port}/postgres"
-    assert not [n for n in _pool.states() if "s3cr3t" in n]
+    assert not [n for n in _sqlalchemy.states() if "s3cr3t" in n]
     from prometheus_client import generate_latest
 
     assert b"s3cr3t" not in generate_latest()
@@ -225,9 +225,9 @@ def test_instrument_sqlalchemy_only_that_engine(tmp_path):
     for engine in (mine, other):
         with engine.connect():
             pass
-    assert list(_pool.states()) == ["api-db"]
-    assert _pool.states()["api-db"].ok == 1
-    assert other.pool.__dict__[_pool._ATTR] is _pool._SKIP
+    assert list(_sqlalchemy.states()) == ["api-db"]
+    assert _sqlalchemy.states()["api-db"].ok == 1
+    assert other.pool.__dict__[_pool_state._ATTR] is _pool_state._SKIP
     with pytest.raises(TypeError, match="expected a sqlalchemy Engine"):
         telemetry.instrument_sqlalchemy("postgresql://x", name="y")
 
@@ -280,7 +280,7 @@ async def test_long_hold_reported_while_held_then_on_release(tmp_path):
     assert "test_pool.py" in held["call_site"] and "test_long_hold" in held["call_site"]
     released = [e for e in logs if e["event"] == "db_connection_held_too_long" and e["status"] == "released"]
     assert len(released) == 1 and released[0]["held_seconds"] >= held["held_seconds"]
-    assert not _pool._flagged
+    assert not _pool_state._flagged
     await engine.dispose()
 
 
@@ -324,14 +324,14 @@ def test_uninstrument_removes_everything(tmp_path):
     assert event.contains(Pool, "checkin", _pool._release)
     telemetry.uninstrument()
     assert Pool.__dict__["connect"] is original
-    for name, fn in _pool._LISTENERS:
+    for name, fn in _sqlalchemy._LISTENERS:
         assert not event.contains(Pool, name, fn)
     with pytest.raises(KeyError):
         sample("db_pool_checkouts_total")
     engine = create_engine(f"sqlite:///{tmp_path}/u.db", poolclass=QueuePool)
     with engine.connect():
         pass
-    assert not _pool.states()
+    assert not _sqlalchemy.states()
 
 
 def test_owner_cap_folds_into_other(tmp_path):
@@ -358,9 +358,9 @@ def test_an_engine_per_task_keeps_one_series(tmp_path):
             pass
         engine.dispose()
         keep.append(engine)  # still alive: the name must not depend on garbage collection
-    names = [n for n in _pool.states() if "per-task.db" in n]
+    names = [n for n in _sqlalchemy.states() if "per-task.db" in n]
     assert names == [f"sqlite:///{tmp_path}/per-task.db"]
-    assert _pool.states()[names[0]].ok == 5
+    assert _sqlalchemy.states()[names[0]].ok == 5
 
 
 def test_static_pool_overlapping_checkouts_are_both_counted():
@@ -382,7 +382,7 @@ def test_static_pool_overlapping_checkouts_are_both_counted():
     assert not [e for e in logs if e["event"] == "db_pool_critical_usage"]
     with pytest.raises(KeyError):
         sample("db_pool_connections_max", pool="static")
-    assert not _pool._held
+    assert not _pool_state._held
 
 
 def test_engines_sharing_a_creator_keep_their_own_names(tmp_path):
@@ -434,15 +434,17 @@ def test_release_racing_the_long_hold_report(tmp_path, monkeypatch):
                 trigger()  # the holder releases right now, on the scan's way to reporting
             return super().__contains__(key)
 
-    monkeypatch.setattr(_pool, "_flagged", ReleaseWhileScanning())
+    flagged = ReleaseWhileScanning()
+    for module in (_pool, _pool_events, _pool_state):  # each module that reads the flags
+        monkeypatch.setattr(module, "_flagged", flagged)
     with capture_logs() as logs:
-        _pool.scan_long_holds(now=time.perf_counter() + 1000)
+        _pool_events.scan_long_holds(now=time.perf_counter() + 1000)
     assert [e for e in logs if e["event"] == "db_connection_held_too_long"] == []
     assert sample("db_pool_connections_held_too_long", pool="race") == 0
-    assert not _pool._flagged
+    assert not _pool_state._flagged
     again = engine.connect()
     with capture_logs() as logs:
-        assert _pool.scan_long_holds(now=time.perf_counter() + 1000) == 1
+        assert _pool_events.scan_long_holds(now=time.perf_counter() + 1000) == 1
         assert sample("db_pool_connections_held_too_long", pool="race") == 1
         again.close()
     assert [e["status"] for e in logs if e["event"] == "db_connection_held_too_long"] == ["held", "released"]
@@ -480,7 +482,7 @@ def test_detach_under_thread_contention_stays_exact(tmp_path):
     assert st.in_use == engine.pool.checkedout() == 0
     assert sample("db_pool_connections_in_use", pool="detach") == 0
     assert sample("db_connection_hold_seconds_count", pool="detach") == 600
-    assert not _pool._held
+    assert not _pool_state._held
 
 
 def test_gauges_exist_from_engine_creation_not_first_checkout(tmp_path):

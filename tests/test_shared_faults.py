@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 import telemetry
-from telemetry import _pool, _shared, _shared_model
+from telemetry import _pool_peers, _shared, _shared_model
 from telemetry.testing import capture_events
 
 from . import hostview, services
@@ -49,7 +49,7 @@ def test_a_session_from_another_address_on_one_of_our_ports_is_not_ours(pg: serv
     blocked = threading.Event()
     with telemetry.db_owner("/reports/{id}"), engine.connect() as ours:
         ours.execute(text("select 1"))  # idle in transaction, held by /reports/{id}
-        rows = _pool.owner_table()
+        rows = _pool_peers.owner_table()
         assert len(rows) == 1 and rows[0][_shared_model.ADDR] == "127.0.0.1"
         port = rows[0][_shared_model.PORT]
         with Forwarder(pg.port, source=("127.0.0.2", port)) as fwd, \
