@@ -10,11 +10,15 @@ runtime.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import prometheus_client
 
 from . import _bounds, _exposition, _log, _runtime, _stats, _versions
+from ._integration import Integration
 from ._runtime import Runtime
 from ._settings import ConfigError, Settings
 
@@ -31,6 +35,66 @@ def _available(module: str) -> bool:
 
 def _runtime_for(settings: Settings | None = None) -> Runtime:
     return _runtime.current() or Runtime.start(settings or Settings.load())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One integration as ``instrument()`` and its verb install it: the setting that wants it,
+    the modules it needs (absent: skipped, or an error when ``required``), the libraries whose
+    tested version range is checked, and where its :class:`Integration` lives."""
+
+    name: str
+    wanted: Callable[[Settings], bool]
+    module: str
+    cls: str
+    needs: tuple[str, ...] = ()
+    versions: tuple[str, ...] = ()
+    required: str = ""  # the error when a needed module is missing, for an integration asked for explicitly
+
+    def available(self) -> bool:
+        return all(_available(m) for m in self.needs)
+
+    def install(self, runtime: Runtime, **kwargs: Any) -> Integration | None:
+        if not self.available():
+            if self.required:
+                raise ConfigError(self.required)
+            return None
+        for library in self.versions:
+            _versions.check(library)
+        integration_cls = getattr(importlib.import_module(self.module, __package__), self.cls)
+        integration = runtime.add(integration_cls(**kwargs))
+        after = getattr(integration, "enable_auto", None)
+        if after is not None and kwargs.get("auto", True):  # instrument() after instrument_sqlalchemy()
+            after()
+        return integration
+
+
+#: every integration, in the order instrument() installs them (uninstall runs in reverse)
+INTEGRATIONS: tuple[_Entry, ...] = (
+    _Entry("sqlalchemy", lambda s: s.sqlalchemy, "._sqlalchemy", "SQLAlchemyIntegration", ("sqlalchemy",), ("sqlalchemy",)),
+    _Entry("asyncio", lambda s: True, "._asyncio", "AsyncioIntegration"),
+    _Entry("tracing", lambda s: s.tracing, "._tracing", "TracingIntegration", ("opentelemetry.sdk",)),
+    _Entry("otlp_metrics", lambda s: s.otlp_metrics, "._otlp", "OtlpMetricsIntegration", ("opentelemetry.sdk",),
+           required="OTEL_METRICS_EXPORTER=otlp (otlp_metrics) needs the OpenTelemetry SDK and its OTLP exporter: "
+                    "pip install 'poolsight[tracing]'"),
+    _Entry("redis", lambda s: s.redis, "._redis", "RedisIntegration", ("redis",), ("redis",)),
+    _Entry("celery", lambda s: s.celery, "._celery", "CeleryIntegration", ("celery",), ("celery",)),
+    _Entry("asgi", lambda s: s.fastapi, "._asgi", "ASGIIntegration", ("starlette",), ("starlette", "fastapi")),
+    _Entry("shared_view", lambda s: bool(s.server_view_url or s.pgbouncer_url or s.pooler_metrics_url),
+           "._shared", "SharedViewIntegration"),
+)  # fmt: skip
+_BY_NAME = {e.name: e for e in INTEGRATIONS}
+
+
+def _verb(name: str) -> Integration:
+    """Install one integration on this process's runtime (its verb); an absent library is an error."""
+    entry = _BY_NAME[name]
+    if not entry.available():
+        raise ImportError(f"instrument_{name}() needs {', '.join(entry.needs)}, which is not installed")
+    with _runtime.LOCK:
+        integration = entry.install(_runtime_for(), **({"auto": False} if name == "sqlalchemy" else {}))
+    assert integration is not None
+    return integration
 
 
 def instrument(service: str | None = None, **settings: Any) -> Settings:
@@ -50,42 +114,9 @@ def instrument(service: str | None = None, **settings: Any) -> Settings:
         runtime = current or Runtime.start(loaded)
         runtime.settings = loaded
         _log.INTERNAL.service = loaded.service
-        if loaded.sqlalchemy and _available("sqlalchemy"):
-            _add_sqlalchemy(runtime, auto=True)
-        from ._asyncio import AsyncioIntegration
-
-        runtime.add(AsyncioIntegration())
-        if loaded.tracing and _available("opentelemetry.sdk"):
-            from ._tracing import TracingIntegration
-
-            runtime.add(TracingIntegration())
-        if loaded.otlp_metrics:
-            if not _available("opentelemetry.sdk"):
-                raise ConfigError("OTEL_METRICS_EXPORTER=otlp (otlp_metrics) needs the OpenTelemetry SDK and its OTLP "
-                                  "exporter: pip install 'poolsight[tracing]'")  # fmt: skip
-            from ._otlp import OtlpMetricsIntegration
-
-            runtime.add(OtlpMetricsIntegration())
-        if loaded.redis and _available("redis"):
-            _versions.check("redis")
-            from ._redis import RedisIntegration
-
-            runtime.add(RedisIntegration())
-        if loaded.celery and _available("celery"):
-            _versions.check("celery")
-            from ._celery import CeleryIntegration
-
-            runtime.add(CeleryIntegration())
-        if loaded.fastapi and _available("starlette"):
-            _versions.check("starlette")
-            _versions.check("fastapi")
-            from ._asgi import ASGIIntegration
-
-            runtime.add(ASGIIntegration())
-        if loaded.server_view_url or loaded.pgbouncer_url or loaded.pooler_metrics_url:
-            from ._shared import SharedViewIntegration
-
-            runtime.add(SharedViewIntegration())
+        for entry in INTEGRATIONS:  # in order: the pools first, the shared view last
+            if entry.wanted(loaded):
+                entry.install(runtime)
         runtime.complete = True
         return loaded
 
@@ -104,43 +135,32 @@ def _check_same(current: Settings, **given: Any) -> None:
         )
 
 
-def _add_sqlalchemy(runtime: Runtime, *, auto: bool) -> Any:
-    _versions.check("sqlalchemy")
-    from ._sqlalchemy import SQLAlchemyIntegration
-
-    integration = runtime.add(SQLAlchemyIntegration(auto=auto))
-    if auto:
-        integration.enable_auto()  # type: ignore[attr-defined]
-    return integration
-
-
 def instrument_sqlalchemy(engine: Any, name: str | None = None) -> None:
     """Instrument one engine (sync ``Engine`` or ``AsyncEngine``) under ``name``; without a
     name, the pool is named by its ``pool_logging_name`` or its URL without credentials."""
     if not _available("sqlalchemy"):
         raise ImportError("instrument_sqlalchemy() needs SQLAlchemy, which is not installed")
-    with _runtime.LOCK:
-        runtime = _runtime_for()  # so what it measures is exported
-        integration = _add_sqlalchemy(runtime, auto=False)
-        integration.register_engine(engine, name)
+    _verb("sqlalchemy").register_engine(engine, name)  # type: ignore[attr-defined]
 
 
 def instrument_celery() -> None:
     """Celery task metrics, owner attribution, spans and prefork lifecycle (part of
     :func:`instrument`; call it alone to get only this)."""
-    from ._celery import CeleryIntegration
+    _verb("celery")
 
-    with _runtime.LOCK:
-        _runtime_for().add(CeleryIntegration())
+
+def instrument_redis() -> None:
+    """redis-py pools (sync and asyncio): in use, waiters, wait, timeouts, holds by owner, long
+    holds (part of :func:`instrument`; call it alone to get only this)."""
+    _verb("redis")
 
 
 def instrument_fastapi(app: Any = None) -> None:
     """Request metrics by route template, pool-wait split and spans for every Starlette/FastAPI
     app (part of :func:`instrument`); with ``app``, also rebuild that app's middleware now."""
-    from ._asgi import ASGIIntegration, instrument_app
+    from ._asgi import instrument_app
 
-    with _runtime.LOCK:
-        _runtime_for().add(ASGIIntegration())
+    _verb("asgi")
     if app is not None:
         instrument_app(app)
 

@@ -193,118 +193,90 @@ class _Field:
     secret: bool = False  # a URL that may carry a password: shown masked in errors
 
 
-_FIELDS: dict[str, _Field] = {
-    "service": _Field(("TELEMETRY_SERVICE_NAME", "OTEL_SERVICE_NAME"), _name, _default_service),
-    "sqlalchemy": _Field(("TELEMETRY_SQLALCHEMY",), _bool, lambda: True),
-    "hold_threshold_seconds": _Field(
-        ("TELEMETRY_DB_HOLD_THRESHOLD_SECONDS",),
-        _number(0.0, None, low_open=True),
-        lambda: thresholds.HOLD_SECONDS_WARNING,
-    ),
-    "critical_usage_ratio": _Field(
-        ("TELEMETRY_DB_CRITICAL_USAGE_RATIO",),
-        _number(0.0, 1.0, low_open=True, high_open=True),  # the event fires above it: 1 never would
-        lambda: thresholds.POOL_USAGE_LOG,
-    ),
-    "critical_log_interval_seconds": _Field(
-        ("TELEMETRY_DB_CRITICAL_LOG_INTERVAL_SECONDS",),
-        _number(0.0, None, low_open=False),
-        lambda: 10.0,
-    ),
-    "multiproc_dir": _Field(
-        ("TELEMETRY_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"), _optional_path, lambda: None
-    ),
-    "flush_interval_seconds": _Field(
-        ("TELEMETRY_FLUSH_INTERVAL_SECONDS",), _number(0.01, 60.0, low_open=False), lambda: 1.0
-    ),
-    "max_owners": _Field(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100),
-    "tracing": _Field(("TELEMETRY_TRACING",), _bool, lambda: True),
-    "otlp_metrics": _Field(("TELEMETRY_OTLP_METRICS", "OTEL_METRICS_EXPORTER"), _metrics_exporter, lambda: False),
-    "trace_sql": _Field(("TELEMETRY_TRACE_SQL",), _bool, lambda: False),
-    "http_spans": _Field(("TELEMETRY_HTTP_SPANS",), _choice("server", "opentelemetry"), lambda: "server"),
-    "celery": _Field(("TELEMETRY_CELERY",), _bool, lambda: True),
-    "redis": _Field(("TELEMETRY_REDIS",), _bool, lambda: True),
-    "fastapi": _Field(("TELEMETRY_FASTAPI",), _bool, lambda: True),
-    "loop_blocked_seconds": _Field(
-        ("TELEMETRY_LOOP_BLOCKED_SECONDS",),
-        _number(0.0, None, low_open=True),
-        lambda: thresholds.LOOP_BLOCKED_SECONDS,
-    ),
-    "metrics_port": _Field(("TELEMETRY_METRICS_PORT",), _port, lambda: None),
-    "metrics_addr": _Field(("TELEMETRY_METRICS_ADDR",), _address, lambda: "127.0.0.1"),
-    "connection_limit": _Field(
-        ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
-    ),
-    "application_name": _Field(("TELEMETRY_APPLICATION_NAME",), _bool, lambda: True),
-    "statement_tag": _Field(("TELEMETRY_STATEMENT_TAG",), _bool, lambda: True),
-    "shared_view_cluster": _Field(("TELEMETRY_SHARED_VIEW_CLUSTER",), _bool, lambda: True),
-    "statement_tag_trace": _Field(("TELEMETRY_STATEMENT_TAG_TRACE",), _bool, lambda: False),
-    "server_view_url": _Field(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True),
-    "pgbouncer_url": _Field(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True),
-    "pooler_metrics_url": _Field(("TELEMETRY_POOLER_METRICS_URL",), _http_url, lambda: None, secret=True),
-    "shared_view_interval_seconds": _Field(
-        ("TELEMETRY_SHARED_VIEW_INTERVAL_SECONDS",), _number(0.2, 300.0, low_open=False), lambda: 1.0
-    ),
-    "shared_view_timeout_seconds": _Field(
-        ("TELEMETRY_SHARED_VIEW_TIMEOUT_SECONDS",), _number(0.05, 60.0, low_open=False), lambda: 2.0
-    ),
-    "lock_wait_event_seconds": _Field(
-        ("TELEMETRY_DB_LOCK_WAIT_EVENT_SECONDS",),
-        _number(0.0, None, low_open=True),
-        lambda: thresholds.LOCK_WAIT_EVENT_SECONDS,
-    ),
-    "celery_backlog_interval_seconds": _Field(
-        ("TELEMETRY_CELERY_BACKLOG_INTERVAL_SECONDS",), _number(0.1, 3600.0, low_open=False), lambda: 5.0
-    ),
-    "pooler_wait_event_seconds": _Field(
-        ("TELEMETRY_DB_POOLER_WAIT_EVENT_SECONDS",),
-        _number(0.0, None, low_open=False),
-        lambda: thresholds.POOLER_WAIT_EVENT_SECONDS,
-    ),
-    "idle_in_transaction_event_seconds": _Field(
-        ("TELEMETRY_DB_IDLE_IN_TRANSACTION_EVENT_SECONDS",),
-        _number(0.0, None, low_open=True),
-        lambda: thresholds.IDLE_IN_TRANSACTION_EVENT_SECONDS,
-    ),
-}
+
+
+def _setting(env: tuple[str, ...], parse: Callable[[Any], Any], default: Callable[[], Any], secret: bool = False) -> Any:
+    """A setting, declared once: its environment variables, parser and default travel with the
+    field (read back into :data:`_FIELDS`)."""
+    return dataclasses.field(metadata={"spec": _Field(env, parse, default, secret)})
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Validated settings. Build with :meth:`Settings.load`."""
 
-    service: str
-    sqlalchemy: bool
-    hold_threshold_seconds: float
-    critical_usage_ratio: float
-    critical_log_interval_seconds: float
-    multiproc_dir: str | None
-    flush_interval_seconds: float
-    max_owners: int
-    tracing: bool
-    otlp_metrics: bool
-    trace_sql: bool
-    http_spans: str
-    celery: bool
-    redis: bool
-    fastapi: bool
-    loop_blocked_seconds: float
-    metrics_port: int | None
-    metrics_addr: str
-    connection_limit: int | None
-    application_name: bool
-    statement_tag: bool
-    shared_view_cluster: bool
-    statement_tag_trace: bool
-    server_view_url: str | None
-    pgbouncer_url: str | None
-    pooler_metrics_url: str | None
-    shared_view_interval_seconds: float
-    shared_view_timeout_seconds: float
-    lock_wait_event_seconds: float
-    celery_backlog_interval_seconds: float
-    pooler_wait_event_seconds: float
-    idle_in_transaction_event_seconds: float
+    service: str = _setting(("TELEMETRY_SERVICE_NAME", "OTEL_SERVICE_NAME"), _name, _default_service)
+    sqlalchemy: bool = _setting(("TELEMETRY_SQLALCHEMY",), _bool, lambda: True)
+    hold_threshold_seconds: float = _setting(
+        ("TELEMETRY_DB_HOLD_THRESHOLD_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.HOLD_SECONDS_WARNING,
+    )
+    critical_usage_ratio: float = _setting(
+        ("TELEMETRY_DB_CRITICAL_USAGE_RATIO",),
+        _number(0.0, 1.0, low_open=True, high_open=True),  # the event fires above it: 1 never would
+        lambda: thresholds.POOL_USAGE_LOG,
+    )
+    critical_log_interval_seconds: float = _setting(
+        ("TELEMETRY_DB_CRITICAL_LOG_INTERVAL_SECONDS",),
+        _number(0.0, None, low_open=False),
+        lambda: 10.0,
+    )
+    multiproc_dir: str | None = _setting(
+        ("TELEMETRY_MULTIPROC_DIR", "PROMETHEUS_MULTIPROC_DIR"), _optional_path, lambda: None
+    )
+    flush_interval_seconds: float = _setting(
+        ("TELEMETRY_FLUSH_INTERVAL_SECONDS",), _number(0.01, 60.0, low_open=False), lambda: 1.0
+    )
+    max_owners: int = _setting(("TELEMETRY_MAX_OWNERS",), _positive_int, lambda: 100)
+    tracing: bool = _setting(("TELEMETRY_TRACING",), _bool, lambda: True)
+    otlp_metrics: bool = _setting(("TELEMETRY_OTLP_METRICS", "OTEL_METRICS_EXPORTER"), _metrics_exporter, lambda: False)
+    trace_sql: bool = _setting(("TELEMETRY_TRACE_SQL",), _bool, lambda: False)
+    http_spans: str = _setting(("TELEMETRY_HTTP_SPANS",), _choice("server", "opentelemetry"), lambda: "server")
+    celery: bool = _setting(("TELEMETRY_CELERY",), _bool, lambda: True)
+    redis: bool = _setting(("TELEMETRY_REDIS",), _bool, lambda: True)
+    fastapi: bool = _setting(("TELEMETRY_FASTAPI",), _bool, lambda: True)
+    loop_blocked_seconds: float = _setting(
+        ("TELEMETRY_LOOP_BLOCKED_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.LOOP_BLOCKED_SECONDS,
+    )
+    metrics_port: int | None = _setting(("TELEMETRY_METRICS_PORT",), _port, lambda: None)
+    metrics_addr: str = _setting(("TELEMETRY_METRICS_ADDR",), _address, lambda: "127.0.0.1")
+    connection_limit: int | None = _setting(
+        ("TELEMETRY_DB_CONNECTION_LIMIT",), _positive_int, lambda: None
+    )
+    application_name: bool = _setting(("TELEMETRY_APPLICATION_NAME",), _bool, lambda: True)
+    statement_tag: bool = _setting(("TELEMETRY_STATEMENT_TAG",), _bool, lambda: True)
+    shared_view_cluster: bool = _setting(("TELEMETRY_SHARED_VIEW_CLUSTER",), _bool, lambda: True)
+    statement_tag_trace: bool = _setting(("TELEMETRY_STATEMENT_TAG_TRACE",), _bool, lambda: False)
+    server_view_url: str | None = _setting(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True)
+    pgbouncer_url: str | None = _setting(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True)
+    pooler_metrics_url: str | None = _setting(("TELEMETRY_POOLER_METRICS_URL",), _http_url, lambda: None, secret=True)
+    shared_view_interval_seconds: float = _setting(
+        ("TELEMETRY_SHARED_VIEW_INTERVAL_SECONDS",), _number(0.2, 300.0, low_open=False), lambda: 1.0
+    )
+    shared_view_timeout_seconds: float = _setting(
+        ("TELEMETRY_SHARED_VIEW_TIMEOUT_SECONDS",), _number(0.05, 60.0, low_open=False), lambda: 2.0
+    )
+    lock_wait_event_seconds: float = _setting(
+        ("TELEMETRY_DB_LOCK_WAIT_EVENT_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.LOCK_WAIT_EVENT_SECONDS,
+    )
+    celery_backlog_interval_seconds: float = _setting(
+        ("TELEMETRY_CELERY_BACKLOG_INTERVAL_SECONDS",), _number(0.1, 3600.0, low_open=False), lambda: 5.0
+    )
+    pooler_wait_event_seconds: float = _setting(
+        ("TELEMETRY_DB_POOLER_WAIT_EVENT_SECONDS",),
+        _number(0.0, None, low_open=False),
+        lambda: thresholds.POOLER_WAIT_EVENT_SECONDS,
+    )
+    idle_in_transaction_event_seconds: float = _setting(
+        ("TELEMETRY_DB_IDLE_IN_TRANSACTION_EVENT_SECONDS",),
+        _number(0.0, None, low_open=True),
+        lambda: thresholds.IDLE_IN_TRANSACTION_EVENT_SECONDS,
+    )
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -339,6 +311,10 @@ class Settings:
     def watchdog_interval_seconds(self) -> float:
         """How often held connections are scanned: fine enough to catch the threshold promptly."""
         return max(0.01, min(0.5, self.hold_threshold_seconds / 4, self.loop_blocked_seconds / 4))
+
+
+#: every setting: name -> its variables, parser and default (from the fields of :class:`Settings`)
+_FIELDS: dict[str, _Field] = {f.name: f.metadata["spec"] for f in dataclasses.fields(Settings)}
 
 
 def service_name(environ: Mapping[str, str] | None = None) -> str:

@@ -223,7 +223,7 @@ class SQLAlchemyIntegration(Integration):
 
     name = "sqlalchemy"
 
-    def __init__(self, *, auto: bool) -> None:
+    def __init__(self, *, auto: bool = True) -> None:
         self.auto = auto
         self.runtime: Any = None
 

@@ -20,7 +20,8 @@ from sqlalchemy.pool.base import _ConnectionFairy
 from starlette.applications import Starlette
 
 import telemetry
-from telemetry import _runtime, _sqlalchemy
+from telemetry import _instrument, _runtime, _sqlalchemy
+from telemetry._settings import Settings
 
 from .conftest import sample
 
@@ -59,7 +60,22 @@ def test_uninstrument_after_everything_leaves_nothing():
     changed = {k for k in before if before[k] != during[k]}
     assert changed == set(before)  # every kind of attachment was made...
     assert _runtime.current() is not None and set(_runtime.current().integrations) == {
-        "sqlalchemy", "asyncio", "tracing", "redis", "celery", "asgi"}  # fmt: skip
+        e.name for e in _instrument.INTEGRATIONS if e.wanted(_runtime.current().settings)}  # fmt: skip
+    telemetry.uninstrument()
+    assert _attached() == before
+    assert _runtime.current() is None
+
+
+@pytest.mark.parametrize("entry", _instrument.INTEGRATIONS, ids=lambda e: e.name)
+def test_each_registered_integration_alone_is_removed_by_uninstrument(entry):
+    """Every integration of the registry, installed by itself, leaves nothing behind: a new one
+    is covered by being registered."""
+    before = _attached()
+    settings = Settings.load(service="api", server_view_url="postgresql://nobody@127.0.0.1:1/none", otlp_metrics=True)
+    with _runtime.LOCK:
+        runtime = _runtime.Runtime.start(settings)
+        assert entry.install(runtime) is not None
+    assert set(runtime.integrations) == {entry.name}
     telemetry.uninstrument()
     assert _attached() == before
     assert _runtime.current() is None
