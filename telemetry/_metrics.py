@@ -149,7 +149,6 @@ _SPECS: list[MetricSpec] = [
         "the wait for a server connection outside the pool, read without the pooler's console "
         "(an upper bound: it includes that statement's own run time). PostgreSQL engines.",
         "", WAIT_BUCKETS,
-        host_wide=True,
     ),
     MetricSpec(
         "db_transaction_end_seconds", HISTOGRAM, POOL, "seconds",
@@ -299,24 +298,20 @@ _SPECS: list[MetricSpec] = [
     MetricSpec(
         "celery_queue_length", GAUGE, ("broker", "queue"), "messages",
         "Messages waiting in the queue at the broker (Redis: the list and kombu's priority lists; "
-        "SQLAlchemy transport: visible rows), polled once per interval per host.",
-        host_wide=True,
+        "SQLAlchemy transport: visible rows), polled once per interval per host.", host_wide=True,
     ),
     MetricSpec(
         "celery_queue_oldest_message_seconds", GAUGE, ("broker", "queue"), "seconds",
         "Age of the oldest waiting message, 0 when none waits (the publish time the package stamps, "
-        "read from the tail of each Redis list or the oldest row of the SQLAlchemy transport).",
-        host_wide=True,
+        "read from the tail of each Redis list or the oldest row of the SQLAlchemy transport).", host_wide=True,
     ),
     MetricSpec(
         "celery_backlog_view_up", GAUGE, (), "boolean",
-        "1 when the last backlog poll succeeded; 0: celery_queue_length is stale.",
-        host_wide=True,
+        "1 when the last backlog poll succeeded; 0: celery_queue_length is stale.", host_wide=True,
     ),
     MetricSpec(
         "celery_backlog_errors_total", COUNTER, ("reason",), "errors",
-        "Backlog polls that failed: timeout, refused, auth, error.",
-        host_wide=True,
+        "Backlog polls that failed: timeout, refused, auth, error.", host_wide=True,
     ),
     MetricSpec(
         "celery_worker_pool_size", GAUGE, ("service", "worker", "pid"), "processes",
@@ -340,167 +335,137 @@ _SPECS: list[MetricSpec] = [
         "db_server_connections", GAUGE, ("application", "state"), "connections",
         "Server client backends (pg_stat_activity) by application (the service part of "
         "application_name service/pid@host) and state: active, idle, idle in transaction, "
-        "idle in transaction (aborted).",
-        host_wide=True,
+        "idle in transaction (aborted).", host_wide=True,
     ),
     MetricSpec(
         "db_server_wait_events", GAUGE, ("application", "wait_event_type"), "connections",
-        "Active server backends waiting, by wait event type (Lock, LWLock, IO, Client, ...).",
-        host_wide=True,
+        "Active server backends waiting, by wait event type (Lock, LWLock, IO, Client, ...).", host_wide=True,
     ),
     MetricSpec(
         "db_server_connections_max", GAUGE, (), "connections",
         "Connections the server accepts from ordinary roles: max_connections minus "
-        "superuser_reserved_connections (and reserved_connections on PostgreSQL 16+).",
-        host_wide=True,
+        "superuser_reserved_connections (and reserved_connections on PostgreSQL 16+).", host_wide=True,
     ),
     MetricSpec(
         "db_server_oldest_transaction_seconds", GAUGE, ("application",), "seconds",
-        "Age of the oldest open transaction of the application's backends.",
-        host_wide=True,
+        "Age of the oldest open transaction of the application's backends.", host_wide=True,
     ),
     MetricSpec(
         "db_server_oldest_idle_in_transaction_seconds", GAUGE, ("application",), "seconds",
-        "Longest time one of the application's backends has sat idle inside a transaction.",
-        host_wide=True,
+        "Longest time one of the application's backends has sat idle inside a transaction.", host_wide=True,
     ),
     MetricSpec(
         "db_server_connections_by_owner", GAUGE, ("service", "owner", "state"), "connections",
         "Server backends joined to the owner (route template, task, db_owner) whose client "
-        "connection holds them right now, by backend state: what no server-side exporter can know.",
-        host_wide=True,
+        "connection holds them right now, by backend state: what no server-side exporter can know.", host_wide=True,
     ),
     MetricSpec(
         "db_server_lock_waiting", GAUGE, ("application",), "connections",
-        "Backends of the application waiting for a lock (pg_locks not granted).",
-        host_wide=True,
+        "Backends of the application waiting for a lock (pg_locks not granted).", host_wide=True,
     ),
     MetricSpec(
         "db_server_lock_wait_longest_seconds", GAUGE, (), "seconds",
-        "The longest current lock wait on the server (pg_locks.waitstart).",
-        host_wide=True,
+        "The longest current lock wait on the server (pg_locks.waitstart).", host_wide=True,
     ),
     MetricSpec(
         "db_server_lock_blocking", GAUGE,
         ("blocker_service", "blocker_owner", "blocked_service", "blocked_owner"), "connections",
         "Backends waiting for a lock, by who blocks them (pg_blocking_pids: the blocker not itself waiting) and who "
-        "waits, each joined to its service and owner (unknown: not on this host or not ours).",
-        host_wide=True,
+        "waits, each joined to its service and owner (unknown: not on this host or not ours).", host_wide=True,
     ),
     MetricSpec(
         "db_server_view_up", GAUGE, (), "boolean",
-        "1 when the last server-view poll succeeded; 0: the db_server_ figures are stale.",
-        host_wide=True,
+        "1 when the last server-view poll succeeded; 0: the db_server_ figures are stale.", host_wide=True,
     ),
     MetricSpec(
         "db_server_view_age_seconds", GAUGE, (), "seconds",
-        "Seconds since the db_server_ figures were last read successfully.",
-        host_wide=True,
+        "Seconds since the db_server_ figures were last read successfully.", host_wide=True,
     ),
     MetricSpec(
         "db_server_view_query_seconds", GAUGE, (), "seconds",
-        "Duration of the last server-view query set (pg_stat_activity, pg_locks, settings).",
-        host_wide=True,
+        "Duration of the last server-view query set (pg_stat_activity, pg_locks, settings).", host_wide=True,
     ),
     MetricSpec(
         "db_server_view_errors_total", COUNTER, ("reason",), "errors",
         "Server-view polls that failed: timeout (no answer within shared_view_timeout_seconds), "
-        "refused, auth, permission, not_found, error.",
-        host_wide=True,
+        "refused, auth, permission, not_found, error.", host_wide=True,
     ),
     MetricSpec(
         "db_server_view_polls_total", COUNTER, (), "polls",
-        "Server-view query sets run (summed over the host's processes: one per interval per host).",
-        host_wide=True,
+        "Server-view query sets run (summed over the host's processes: one per interval per host).", host_wide=True,
     ),
     MetricSpec(
         "db_server_events_total", COUNTER, ("event",), "events",
-        "Shared-view events emitted: db_lock_wait, db_idle_in_transaction, db_pooler_waiting.",
-        host_wide=True,
+        "Shared-view events emitted: db_lock_wait, db_idle_in_transaction, db_pooler_waiting.", host_wide=True,
     ),
     # ---------------------------------------------------------------- pgbouncer view
     MetricSpec(
         "pgbouncer_clients", GAUGE, ("database", "user", "state"), "connections",
         "Client connections of the pool (SHOW POOLS cl_active, cl_waiting): waiting = queued "
-        "for a server connection.",
-        host_wide=True,
+        "for a server connection.", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_servers", GAUGE, ("database", "user", "state"), "connections",
         "Server connections of the pool by state (SHOW POOLS sv_active, sv_idle, sv_used, "
-        "sv_tested, sv_login).",
-        host_wide=True,
+        "sv_tested, sv_login).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_pool_size", GAUGE, ("database",), "connections",
         "Server connections pgbouncer opens per user/database pair (SHOW DATABASES pool_size, else "
-        "SHOW CONFIG default_pool_size).",
-        host_wide=True,
+        "SHOW CONFIG default_pool_size).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_max_client_connections", GAUGE, (), "connections",
-        "Client connections pgbouncer accepts in all (SHOW CONFIG max_client_conn).",
-        host_wide=True,
+        "Client connections pgbouncer accepts in all (SHOW CONFIG max_client_conn).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_client_maxwait_seconds", GAUGE, ("database", "user"), "seconds",
-        "How long the oldest waiting client of the pool has waited (SHOW POOLS maxwait).",
-        host_wide=True,
+        "How long the oldest waiting client of the pool has waited (SHOW POOLS maxwait).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_client_wait_seconds_total", COUNTER, ("database",), "seconds",
         "Time clients spent waiting for a server connection since pgbouncer started "
-        "(SHOW STATS total_wait_time); rate() of it is the pooler's share of request time.",
-        host_wide=True,
+        "(SHOW STATS total_wait_time); rate() of it is the pooler's share of request time.", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_transactions_total", COUNTER, ("database",), "transactions",
-        "Transactions pooled since pgbouncer started (SHOW STATS total_xact_count).",
-        host_wide=True,
+        "Transactions pooled since pgbouncer started (SHOW STATS total_xact_count).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_clients_by_application", GAUGE, ("application", "state"), "connections",
         "Client connections by application (SHOW CLIENTS application_name, service part) and "
-        "state: active (linked to a server connection), waiting, idle.",
-        host_wide=True,
+        "state: active (linked to a server connection), waiting, idle.", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_client_wait_longest_seconds", GAUGE, ("application",), "seconds",
-        "The longest current wait of the application's waiting clients (SHOW CLIENTS wait).",
-        host_wide=True,
+        "The longest current wait of the application's waiting clients (SHOW CLIENTS wait).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_servers_by_application", GAUGE, ("database", "application"), "connections",
         "Server connections held right now, by the application of the client they are linked "
-        "to (SHOW SERVERS link -> SHOW CLIENTS): who holds the pooler's connections.",
-        host_wide=True,
+        "to (SHOW SERVERS link -> SHOW CLIENTS): who holds the pooler's connections.", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_view_up", GAUGE, (), "boolean",
-        "1 when the last pgbouncer poll succeeded; 0: the pgbouncer_ figures are stale.",
-        host_wide=True,
+        "1 when the last pgbouncer poll succeeded; 0: the pgbouncer_ figures are stale.", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_view_age_seconds", GAUGE, (), "seconds",
-        "Seconds since the pgbouncer_ figures were last read successfully.",
-        host_wide=True,
+        "Seconds since the pgbouncer_ figures were last read successfully.", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_view_query_seconds", GAUGE, (), "seconds",
-        "Duration of the last pgbouncer admin query set (SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES/CONFIG).",
-        host_wide=True,
+        "Duration of the last pgbouncer admin query set (SHOW POOLS/STATS/CLIENTS/SERVERS/DATABASES/CONFIG).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_view_polls_total", COUNTER, (), "polls",
-        "pgbouncer query sets run (summed over the host's processes: one per interval per host).",
-        host_wide=True,
+        "pgbouncer query sets run (summed over the host's processes: one per interval per host).", host_wide=True,
     ),
     MetricSpec(
         "pgbouncer_view_errors_total", COUNTER, ("reason",), "errors",
         "pgbouncer polls that failed: timeout, refused, auth, permission, not_found, error; "
         "missing_column: a poll whose SHOW rows lacked columns this version does not have (the rest "
-        "was published).",
-        host_wide=True,
+        "was published).", host_wide=True,
     ),
     # ---------------------------------------------------------------- tracing
     MetricSpec(

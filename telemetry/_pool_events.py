@@ -1,15 +1,14 @@
 """The pools' rare paths: a failed checkout, the timeout and critical-usage events, and the
-long-hold watchdog (the housekeeper's tick) with its release race settled under ``LOCKS.flag``."""
+long-hold watchdog (the housekeeper's tick, ``_holds.HoldTable``)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from . import _stacks
 from ._log import emit, hook_error, suppressed, trace_ids
 from ._owner import ACCOUNT, OWNER
-from ._pool_state import CONFIG, LOCKS, Held, PoolState, _flagged, _held
+from ._pool_state import CONFIG, TABLE, Held, PoolState
 
 _perf = time.perf_counter
 _owner_get = OWNER.get
@@ -34,10 +33,7 @@ def _on_failed(st: PoolState, waited: float, result: str) -> None:
 
 
 def longest_holders(st: PoolState, limit: int = 5) -> list[dict[str, Any]]:
-    now = _perf()
-    rows = [(now - h.since, h.owner) for h in list(_held.values()) if h.state is st]
-    rows.sort(reverse=True)
-    return [{"owner": owner, "held_seconds": round(age, 3)} for age, owner in rows[:limit]]
+    return TABLE.longest(st, _perf(), limit)
 
 
 def _timeout_event(st: PoolState, waited: float) -> None:
@@ -74,43 +70,8 @@ def _critical_usage(st: PoolState, n: int) -> None:
 def scan_long_holds(now: float | None = None) -> int:
     """Report connections held past the threshold while still held. Returns how many were new.
     Runs on the housekeeper thread; the holder's stack is read only for those reported."""
-    now = _perf() if now is None else now
-    threshold = CONFIG.hold_threshold
-    reported = 0
-    for rec, h in list(_held.items()):
-        serial, since = h.serial, h.since
-        if now - since < threshold or rec in _flagged:
-            continue
-        with LOCKS.flag:
-            # flag first, then check it is still the same checkout: a release that popped it
-            # before this check finds no report to follow up, one after it finds the flag (and
-            # waits for the lock, so "released" is always logged after "held")
-            _flagged[rec] = serial
-            if _held.get(rec) is not h or h.serial != serial:
-                del _flagged[rec]
-                continue
-            reported += 1
-            try:
-                frames = _stacks.holder_stack(h.thread, h.task)
-                emit(
-                    "warning", "db_connection_held_too_long",
-                    status="held", pool=h.state.name, owner=h.owner,
-                    held_seconds=round(now - since, 3), threshold_seconds=threshold,
-                    call_site=_stacks.call_site(frames), frames=frames,
-                    **trace_ids(h.context),
-                )  # fmt: skip
-            except Exception as exc:
-                hook_error("pool.long_hold", exc)
-    return reported
+    return TABLE.scan(_perf() if now is None else now, CONFIG.hold_threshold)
 
 
 def _released_after_long_hold(rec: Any, h: Held, held: float) -> None:
-    with LOCKS.flag:
-        if _flagged.get(rec) != h.serial:
-            return  # the report lost the race: it saw the release and was withdrawn
-        del _flagged[rec]
-        emit(
-            "warning", "db_connection_held_too_long",
-            status="released", pool=h.state.name, owner=h.owner, held_seconds=round(held, 3),
-            threshold_seconds=CONFIG.hold_threshold, **trace_ids(h.context),
-        )  # fmt: skip
+    TABLE.released_after_long_hold(rec, h, held, CONFIG.hold_threshold)

@@ -14,62 +14,31 @@ from typing import Any
 
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._holds import Held, HoldTable
 from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
-from ._owner import RequestAccount
 from ._stats import Histogram, Sample, owner_histogram
 
 _ATTR = "_telemetry_state"
 _SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
 
-class Held:
-    """One checked-out connection: who holds it, since when, for which pool and request.
-
-    One instance per connection record, reused at every checkout of that record (allocating a
-    fresh object per checkout costs about 0.15 us, ten times a tuple); ``serial`` tells one
-    checkout from the next. A record cannot be checked out again before its release has run
-    (SQLAlchemy fires ``checkin`` before returning the record; ``detach`` is released before
-    SQLAlchemy hands it back), so a release always reads its own checkout's fields.
-    """
-
-    __slots__ = ("since", "owner", "state", "thread", "task", "context", "account", "serial")
-    since: float  # perf_counter at checkout
-    owner: str
-    state: PoolState
-    thread: int | None  # the holding thread (sync code) ...
-    task: Any  # ... or the holding asyncio task
-    context: Any  # the OpenTelemetry context at checkout (trace ids in events)
-    account: RequestAccount | None  # the HTTP request's wait/hold totals, when in one
-    serial: int
-
-    def __init__(self) -> None:
-        self.serial = 0
-
-    def copy(self) -> Held:
-        other = Held()
-        for name in Held.__slots__:
-            setattr(other, name, getattr(self, name))
-        return other
-
-
 _HELD_ATTR = "_telemetry_held"
-#: ConnectionPoolEntry (or a StaticPool checkout's token) -> the Held record of its holder
-_held: dict[Any, Held] = {}
+#: the SQLAlchemy pools' connections held right now (``_holds``): the hot path reads ``_held`` and
+#: ``_flagged``, the same dicts (never rebound: cleared)
+TABLE = HoldTable("db_connection_held_too_long")
+_held: dict[Any, Held] = TABLE.held
+_flagged: dict[Any, int] = TABLE.flagged
+
+
 def _no_loop() -> None:
     return None
 
 
-#: records reported by the long-hold watchdog -> the serial of the checkout reported (still held);
-#: changed under ``LOCKS.flag`` only, so a release racing a report is seen by one side or the
-#: other
-_flagged: dict[Any, int] = {}
-
-
 class _Locks:
-    """The locks of the pool state, as attributes: a forked child replaces them (a parent thread
-    may have held one at fork time), and every module reads them here at call time."""
+    """The pool registration lock, as an attribute: a forked child replaces it (a parent thread
+    may have held it at fork time), and every module reads it here at call time. (The long-hold
+    flags have their own, ``TABLE.lock``.)"""
 
     registry = threading.RLock()  # pool registration (first checkout of a pool, install)
-    flag = threading.Lock()  # the long-hold flags (see ``_flagged``)
 
 
 LOCKS = _Locks()
@@ -163,10 +132,7 @@ class PoolState:
         pool = self.pool_ref() if self.pool_ref is not None else None
         yield "db_pool_connections_in_use", lb, self.in_use
         yield "db_pool_pending_requests", lb, self.pending
-        flagged = sum(
-            1 for rec, serial in list(_flagged.items())
-            if (h := _held.get(rec)) is not None and h.state is self and h.serial == serial
-        )  # fmt: skip
+        flagged = TABLE.flagged_of(self)
         yield "db_pool_connections_held_too_long", lb, flagged
         if isinstance(pool, QueuePool):
             yield "db_pool_connections_idle", lb, pool.checkedin()

@@ -42,10 +42,9 @@ from ._pool_state import (
     _SKIP,
     CONFIG,
     LOCKS,
+    TABLE,
     PoolState,
     _explicit,
-    _flagged,
-    _held,
     _names_by_dialect,
     _no_loop,
     _seen_pools,
@@ -193,8 +192,7 @@ def uninstall() -> None:
         if "_telemetry_state" in Pool.__dict__:
             del Pool._telemetry_state  # type: ignore[attr-defined]
         _pool._last_loop = _no_loop
-        _held.clear()
-        _flagged.clear()
+        TABLE.clear()
         _states.clear()
         _names_by_dialect.clear()
         _explicit.clear()
@@ -206,10 +204,8 @@ def after_fork_in_child() -> None:
     """The parent's held connections are not the child's (the counts are reset with every
     other source by the runtime)."""
     LOCKS.registry = threading.RLock()
-    LOCKS.flag = threading.Lock()
     _pool._last_loop = _no_loop
-    _held.clear()
-    _flagged.clear()
+    TABLE.after_fork()
     _sqltag.CONFIG.application = application_name()  # the child's own pid in its tags
     _sqltag.reset()
 

@@ -435,8 +435,8 @@ def test_release_racing_the_long_hold_report(tmp_path, monkeypatch):
             return super().__contains__(key)
 
     flagged = ReleaseWhileScanning()
-    for module in (_pool, _pool_events, _pool_state):  # each module that reads the flags
-        monkeypatch.setattr(module, "_flagged", flagged)
+    monkeypatch.setattr(_pool_state.TABLE, "flagged", flagged)  # the watchdog's flags
+    monkeypatch.setattr(_pool, "_flagged", flagged)  # the hot path's alias of them
     with capture_logs() as logs:
         _pool_events.scan_long_holds(now=time.perf_counter() + 1000)
     assert [e for e in logs if e["event"] == "db_connection_held_too_long"] == []

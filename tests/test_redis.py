@@ -220,7 +220,7 @@ def test_celerys_own_long_lived_connections_are_named_and_never_flagged(redis_se
         thread.start()
 
         def owners() -> set[str]:
-            return {entry[1] for entry in list(_redis._held.values())}
+            return {h.owner for h in list(_redis._held.values())}
 
         assert hostview.wait_for(lambda: {"celery-broker", "celery-result-backend", "POST /generate"} <= owners()), owners()
         _redis.scan_long_holds(now=time.perf_counter() + 60)  # a scan a minute later
