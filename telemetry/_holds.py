@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _stacks
 from ._log import emit, hook_error, trace_ids
+from ._metrics import HOLD_BUCKETS
+from ._stats import Histogram, owner_histogram
 
 
 class Held:
@@ -48,6 +50,36 @@ class Held:
         for name in Held.__slots__:
             setattr(other, name, getattr(self, name))
         return other
+
+
+def owner_hold(figures: Any, owner: str, limit: int) -> Histogram:
+    """The hold histogram of ``owner`` in a pool's figures (``figures.hold``); past ``limit``
+    owners a new one folds into ``other``, counted in ``figures.owner_overflow``."""
+    hist, overflow = owner_histogram(figures.hold, owner, HOLD_BUCKETS, limit)
+    if overflow:
+        figures.owner_overflow += 1
+    return hist
+
+
+class OwnerRow(NamedTuple):
+    """A connection held right now whose server identity is known: what a process publishes in
+    its file (a JSON array) and the shared view joins server and pooler rows on."""
+
+    backend_pid: int | None  # the server backend's pid (through a pooler: the pooler's)
+    local_port: int | None  # the client side's TCP port
+    service: str
+    owner: str
+    since: float  # epoch seconds the hold began
+    trace_id: str
+    local_address: str = ""  # the client side's address (rows of older versions lack it)
+
+    @classmethod
+    def read(cls, row: Any) -> OwnerRow | None:
+        """A row as a process file holds it (a list), or None when it is not one."""
+        try:
+            return row if isinstance(row, cls) else cls(*row[:7])
+        except TypeError:
+            return None
 
 
 class HoldTable:

@@ -9,6 +9,7 @@ import socket
 import time
 from typing import Any
 
+from ._holds import OwnerRow
 from ._log import hook_error, trace_ids
 from ._metrics import WAIT_BUCKETS
 from ._pool_state import CONFIG, _held
@@ -105,12 +106,11 @@ def peer_of(dbapi_connection: Any) -> tuple[int | None, int | None, str] | None:
     return None
 
 
-def owner_table() -> list[list[Any]]:
-    """The connections held right now whose server identity is known:
-    ``[backend_pid, local_port, service, owner, since (epoch s), trace_id, local_address]``
-    (``_shared.Owners`` reads it); the shared view joins server and pooler rows to owners through
-    it (written to the process file)."""
-    out: list[list[Any]] = []
+def owner_table() -> list[OwnerRow]:
+    """The connections held right now whose server identity is known, as :class:`OwnerRow`
+    records (written to the process file; ``_shared_model.Owners`` joins server and pooler rows
+    to owners through them)."""
+    out: list[OwnerRow] = []
     now_wall, now = time.time(), _perf()
     for rec, h in list(_held.items()):
         peer = getattr(rec, "_telemetry_peer", None)
@@ -119,6 +119,6 @@ def owner_table() -> list[list[Any]]:
         trace_id = ""
         if h.context is not None:
             trace_id = trace_ids(h.context).get("trace_id", "")
-        out.append([peer[0], peer[1], CONFIG.service, h.owner, round(now_wall - (now - h.since), 3),
-                    trace_id, peer[2] if len(peer) > 2 else ""])  # fmt: skip
+        out.append(OwnerRow(peer[0], peer[1], CONFIG.service, h.owner, round(now_wall - (now - h.since), 3),
+                            trace_id, peer[2] if len(peer) > 2 else ""))  # fmt: skip
     return out

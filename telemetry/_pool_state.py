@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy.pool import Pool, QueuePool
 
-from ._holds import Held, HoldTable
-from ._metrics import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
-from ._stats import Histogram, Sample, owner_histogram
+from ._holds import Held, HoldTable, owner_hold
+from ._metrics import CONNECT_BUCKETS, WAIT_BUCKETS
+from ._stats import Histogram, Sample
 
 _ATTR = "_telemetry_state"
 _SKIP = object()  # cached on pools that are not instrumented (explicit-only mode)
@@ -122,10 +122,7 @@ class PoolState:
             self.critical_at = n
 
     def hold_histogram(self, owner: str) -> Histogram:
-        hist, overflow = owner_histogram(self.hold, owner, HOLD_BUCKETS, CONFIG.max_owners)
-        if overflow:
-            self.owner_overflow += 1
-        return hist
+        return owner_hold(self, owner, CONFIG.max_owners)
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels

@@ -26,12 +26,12 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-from ._holds import Held, HoldTable
+from ._holds import Held, HoldTable, owner_hold
 from ._integration import Integration
 from ._log import hook_error
 from ._metrics import HOLD_BUCKETS, WAIT_BUCKETS
 from ._owner import OWNER
-from ._stats import REGISTRY, Histogram, Sample, owner_histogram
+from ._stats import REGISTRY, Histogram, Sample
 
 _perf = time.perf_counter
 _owner_get = OWNER.get
@@ -74,10 +74,7 @@ class RedisPoolState:
         self.hold: dict[str, Histogram] = {}
 
     def hold_histogram(self, owner: str) -> Histogram:
-        hist, overflow = owner_histogram(self.hold, owner, HOLD_BUCKETS, CONFIG.max_owners)
-        if overflow:
-            self.owner_overflow += 1
-        return hist
+        return owner_hold(self, owner, CONFIG.max_owners)
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels

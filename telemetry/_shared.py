@@ -39,9 +39,6 @@ from ._log import emit, hook_error
 from ._settings import ConfigError, mask_url
 from ._shared_events import EventDetector
 from ._shared_model import (
-    OWNER,
-    SERVICE,
-    TRACE,
     Columns,
     Owners,
     app_label,
@@ -66,7 +63,7 @@ from ._shared_queries import (
 from ._stats import OWNER_SOURCES, Sample, owner_rows
 
 
-def _host_owners(directory: str | None) -> list[list[Any]]:
+def _host_owners(directory: str | None) -> list[Any]:
     """This process's owner rows and those the host's other live processes last wrote."""
     rows = owner_rows()
     if not directory:
@@ -362,7 +359,7 @@ class _Poller(EventDetector):
                 known = owners.peer(row.get("client_addr"), row.get("client_port"))
             if known is None:
                 return service, "", host, ""
-            return str(known[SERVICE]), str(known[OWNER]), host, str(known[TRACE] or "")
+            return str(known.service), str(known.owner), host, str(known.trace_id or "")
 
         out: list[Sample] = [("db_server_connections_max", (), int(usable))]
         count: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}

@@ -11,7 +11,6 @@ from typing import Any
 
 from ._log import emit
 from ._shared_model import (
-    OWNER,
     Columns,
     Owners,
     app_label,
@@ -131,7 +130,7 @@ class EventDetector:
                     continue
                 service = app_label(client.get("application_name") or "")
                 known = owners.peer(client.get("addr"), client.get("port"))
-                owner = str(known[OWNER]) if known else ""
+                owner = str(known.owner) if known else ""
                 holders[(service, owner)] = holders.get((service, owner), 0) + 1
             waiting: dict[str, int] = {}
             for c in pooler["clients"]:

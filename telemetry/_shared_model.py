@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from . import _bounds
+from ._holds import OwnerRow
 
 _APP_RE = re.compile(r"^(?P<service>.+)/(?P<pid>\d+)@(?P<host>.*)$")
 
@@ -66,27 +67,25 @@ def chain_root(blockers: list[int], chain: dict[int, list[int]]) -> int:
     return blockers[0]
 
 
-#: owner rows (``_pool.owner_table``): [backend pid, local port, service, owner, since,
-#: trace id, local address]
-PID, PORT, SERVICE, OWNER, SINCE, TRACE, ADDR = range(7)
-
-
 class Owners:
     """The host's held connections, joined by the keys a server or pooler row carries: the
     backend pid (a direct connection) or the client's address *and* port (the pooler's
     ``SHOW CLIENTS addr/port``, the server's ``client_addr/client_port``). Never by port alone:
     another host, or a psql session on another address, can use the same port number."""
 
-    def __init__(self, rows: list[list[Any]]) -> None:
-        self.by_pid: dict[Any, list[Any]] = {}
-        self.by_peer: dict[tuple[str, int], list[Any]] = {}
-        for row in rows:
-            if row[PID]:
-                self.by_pid[row[PID]] = row
-            if row[PORT] and len(row) > ADDR and row[ADDR]:
-                self.by_peer[(str(row[ADDR]), int(row[PORT]))] = row
+    def __init__(self, rows: list[Any]) -> None:
+        self.by_pid: dict[Any, OwnerRow] = {}
+        self.by_peer: dict[tuple[str, int], OwnerRow] = {}
+        for raw in rows:
+            row = OwnerRow.read(raw)
+            if row is None:
+                continue
+            if row.backend_pid:
+                self.by_pid[row.backend_pid] = row
+            if row.local_port and row.local_address:
+                self.by_peer[(str(row.local_address), int(row.local_port))] = row
 
-    def peer(self, addr: Any, port: Any) -> list[Any] | None:
+    def peer(self, addr: Any, port: Any) -> OwnerRow | None:
         if not addr or not port:
             return None
         try:

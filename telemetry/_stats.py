@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from ._metrics import CATALOGUE
@@ -99,12 +99,12 @@ class _Registry:
 REGISTRY = _Registry()
 
 #: owner-table providers (the SQLAlchemy integration registers one), written to the process
-#: file and joined by the shared view: ``[backend_pid, local_port, service, owner, since, trace_id]``
-OWNER_SOURCES: list[Callable[[], list[list[Any]]]] = []
+#: file and joined by the shared view: ``_holds.OwnerRow`` records (JSON arrays in the file)
+OWNER_SOURCES: list[Callable[[], Sequence[Sequence[Any]]]] = []
 
 
-def owner_rows() -> list[list[Any]]:
-    rows: list[list[Any]] = []
+def owner_rows() -> list[Sequence[Any]]:
+    rows: list[Sequence[Any]] = []
     for source in list(OWNER_SOURCES):
         try:
             rows.extend(source())

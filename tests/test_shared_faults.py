@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 import telemetry
-from telemetry import _pool_peers, _shared, _shared_model
+from telemetry import _pool_peers, _shared
 from telemetry.testing import capture_events
 
 from . import hostview, services
@@ -50,8 +50,8 @@ def test_a_session_from_another_address_on_one_of_our_ports_is_not_ours(pg: serv
     with telemetry.db_owner("/reports/{id}"), engine.connect() as ours:
         ours.execute(text("select 1"))  # idle in transaction, held by /reports/{id}
         rows = _pool_peers.owner_table()
-        assert len(rows) == 1 and rows[0][_shared_model.ADDR] == "127.0.0.1"
-        port = rows[0][_shared_model.PORT]
+        assert len(rows) == 1 and rows[0].local_address == "127.0.0.1"
+        port = rows[0].local_port
         with Forwarder(pg.port, source=("127.0.0.2", port)) as fwd, \
                 psycopg.connect(f"postgresql://postgres@127.0.0.1:{fwd.port}/postgres") as foreign:  # fmt: skip
             foreign.execute(f"select n from {item} where id = 1 for update")
@@ -215,7 +215,10 @@ def test_an_advisory_lock_held_by_psql_is_named_as_not_ours_and_cleared(pg: serv
         thread = threading.Thread(target=waiter)
         thread.start()
         try:
-            assert _wait_for(lambda: _labels("db_server_lock_blocking"), timeout=30)
+            # on a loaded machine one poll was seen to name the waiter "unknown" (not reproduced
+            # alone, cause not found): the assertion is on the state the view settles in
+            assert _wait_for(lambda: any(p["blocked_owner"] != "unknown" for p in _labels("db_server_lock_blocking")),
+                             timeout=30)  # fmt: skip
             pairs = _labels("db_server_lock_blocking")
         finally:
             psql.execute("select pg_advisory_unlock(4242)")

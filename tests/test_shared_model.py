@@ -19,13 +19,13 @@ def _row(pid: int, port: int, owner: str, addr: str, service: str = "api") -> li
 def test_owners_are_joined_on_address_and_port() -> None:
     owners = _shared_model.Owners([_row(101, 45678, "/reports/{id}", "127.0.0.1"),
                              _row(202, 45678, "save-concept", "127.0.0.2", service="worker")])  # fmt: skip
-    assert owners.peer("127.0.0.1", 45678)[_shared_model.OWNER] == "/reports/{id}"  # type: ignore[index]
-    assert owners.peer("127.0.0.2", "45678")[_shared_model.OWNER] == "save-concept"  # type: ignore[index]
+    assert owners.peer("127.0.0.1", 45678).owner == "/reports/{id}"  # type: ignore[union-attr]
+    assert owners.peer("127.0.0.2", "45678").owner == "save-concept"  # type: ignore[union-attr]
     assert owners.peer("127.0.0.3", 45678) is None  # a session from elsewhere on the same port
     assert owners.peer("", 45678) is None and owners.peer("127.0.0.1", None) is None
     # a row without an address (an older process file) is joined by its backend pid only
     legacy = _shared_model.Owners([[303, 5555, "api", "/old", 0.0, ""]])
-    assert legacy.peer("127.0.0.1", 5555) is None and legacy.by_pid[303][_shared_model.OWNER] == "/old"
+    assert legacy.peer("127.0.0.1", 5555) is None and legacy.by_pid[303].owner == "/old"
 
 
 class _Settings:
