@@ -167,15 +167,17 @@ def mask_url(text: str) -> str:
 
 
 def _metrics_exporter(raw: Any) -> bool:
-    """``OTEL_METRICS_EXPORTER`` (otlp, prometheus, none: a comma list) or a boolean."""
+    """``OTEL_METRICS_EXPORTER`` (a comma list of OpenTelemetry's values; only ``otlp`` turns the
+    package's export on) or a boolean."""
     if isinstance(raw, bool):
         return raw
     text = str(raw).strip().lower()
     if text in _TRUE | _FALSE:
         return text in _TRUE
     kinds = {k.strip() for k in text.split(",") if k.strip()}
-    if not kinds or not kinds <= {"otlp", "prometheus", "none"}:
-        raise ValueError("otlp, prometheus or none (comma-separated), or true/false")
+    # the values OpenTelemetry defines: an app's own SDK may export to the console meanwhile
+    if not kinds or not kinds <= {"otlp", "prometheus", "console", "logging", "none"}:
+        raise ValueError("otlp, prometheus, console, logging or none (comma-separated), or true/false")
     return "otlp" in kinds
 
 

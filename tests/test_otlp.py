@@ -111,8 +111,9 @@ def test_otlp_values_equal_prometheus_under_uvicorn_workers(pg, tmp_path):
 
 
 def test_bad_otlp_settings_fail_at_start_up(monkeypatch):
-    with pytest.raises(ConfigError, match="OTEL_METRICS_EXPORTER='zipkin': expected otlp, prometheus or none"):
+    with pytest.raises(ConfigError, match="OTEL_METRICS_EXPORTER='zipkin': expected otlp, prometheus, console"):
         Settings.load({"OTEL_METRICS_EXPORTER": "zipkin"})
+    assert not Settings.load({"OTEL_METRICS_EXPORTER": "console"}).otlp_metrics  # the app's own SDK's choice
     assert Settings.load({"OTEL_METRICS_EXPORTER": "prometheus,otlp"}).otlp_metrics
     assert not Settings.load({"OTEL_METRICS_EXPORTER": "none"}).otlp_metrics
     assert not Settings.load({}).otlp_metrics  # off by default
