@@ -277,8 +277,9 @@ class Chain:
             time.sleep(0.25)
 
     def alerts(self, t0: float, end: float) -> list[dict[str, Any]]:
-        """Prometheus' own ``ALERTS`` over the run: each alert that fired, when, and whether it
-        resolved before the end (seconds since the load started)."""
+        """Prometheus' own ``ALERTS`` over the run: each firing episode of each alert, when it
+        fired, and when it resolved if before the end (seconds since the load started). An alert
+        that fired, resolved and fired again is two episodes."""
         data = self._api("query_range", query='ALERTS{alertstate="firing"}', start=f"{t0 - 5:.3f}",
                          end=f"{end:.3f}", step="1s") or {}  # fmt: skip
         out = []
@@ -289,9 +290,16 @@ class Chain:
             severity = labels.pop("severity", "")
             labels.pop("alertstate", None)
             labels.pop("__name__", None)
-            out.append({"alert": name, "severity": severity, "labels": labels,
-                        "fired_at_seconds": round(min(stamps) - t0, 1),
-                        "resolved_at_seconds": round(max(stamps) - t0 + 1, 1) if max(stamps) < end - 2 else None})  # fmt: skip
+            episodes: list[list[float]] = []
+            for t in sorted(stamps):  # a gap of more than a step: resolved, then fired again
+                if episodes and t - episodes[-1][-1] <= 1.5:
+                    episodes[-1].append(t)
+                else:
+                    episodes.append([t])
+            for ep in episodes:
+                out.append({"alert": name, "severity": severity, "labels": dict(labels),
+                            "fired_at_seconds": round(ep[0] - t0, 1),
+                            "resolved_at_seconds": round(ep[-1] - t0 + 1, 1) if ep[-1] < end - 2 else None})  # fmt: skip
         return sorted(
             out, key=lambda a: (a["fired_at_seconds"], a["alert"], sorted(a["labels"].items()))
         )
