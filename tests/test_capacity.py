@@ -180,3 +180,18 @@ def test_budget_names_the_holder_to_release_on_a_real_workload(pg):
         _stop(proc)
     assert code == 1, text
     assert "release it, do not grow the pool: 'GET /stream' holds" in text, text
+
+
+def test_a_full_pool_the_load_needs_no_more_of_is_not_resized():
+    """Full at moments (a blocked event loop stretching holds), yet the measured load needs fewer
+    connections than it has: no shrinking advice called "cannot carry", no re-run with sizes."""
+    from telemetry.tools import demo_advice
+
+    first = _page({"1": 0, "2": 0}, 0, {"GET /roadmaps": (0, 0, {"0.25": 0, "+Inf": 0})})
+    full = _page({"1": 4, "2": 0}, 50, {"GET /roadmaps": (50, 2, {"0.25": 50, "+Inf": 50})}, timeouts=3)
+    idle = [_page({"1": 0, "2": 0}, 50, {"GET /roadmaps": (50, 2, {"0.25": 50, "+Inf": 50})}, timeouts=3) for _ in range(8)]
+    a = capacity.advise(_window([first, full, *idle], every=1.0))
+    p = a.pools[0]
+    assert p.saturated and not p.grow and not p.carries and p.release is None
+    assert "size is not the answer" in "\n".join(capacity.render(a))
+    assert demo_advice.overrides(a) == {}

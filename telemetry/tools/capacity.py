@@ -181,6 +181,11 @@ class PoolAdvice:
     holders: tuple[Holder, ...]
 
     @property
+    def grow(self) -> bool:
+        """The advised pool is larger than the current one: size is (part of) the answer."""
+        return self.now_max is None or self.pool_size + self.max_overflow > self.now_max
+
+    @property
     def carries(self) -> bool:
         """The current configuration carries the measured load (and no owner must be released)."""
         if self.release is not None:
@@ -326,6 +331,10 @@ def render(a: Advice) -> list[str]:
             out.append(f"{head}: release it, do not grow the pool: {p.release.owner!r} holds {p.release.share * 100:.0f}% of the "
                        f"hold time, p95 {_s(p.release.p95)} (over {DOMINANT_HOLD_FACTOR:g} x the hold threshold); keep its session "
                        "only around its queries (a bigger pool would only be held too).")  # fmt: skip
+        elif not p.carries and not p.grow:
+            out.append(f"{head}: the pool ran full, but the measured load needs only {p.pool_size + p.max_overflow} "
+                       f"({now}): size is not the answer; what stretches the holds is (a blocked event loop, "
+                       "lock waits, a slow server: see telemetry diagnose)")  # fmt: skip
         else:
             verdict = "carries the load" if p.carries else "cannot carry the measured load"
             out.append(f"{head}: pool_size={p.pool_size} max_overflow={p.max_overflow} ({now}: {verdict})")

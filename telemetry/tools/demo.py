@@ -135,7 +135,7 @@ def run(args: Any) -> int:
             if entry["overrides"] and args.prove_advice:
                 console.print(f"[bold]scenario {scenario}, re-run with the advised sizes[/]: {entry['overrides']}")
                 _rerun, again = _run_one(scenario, args, workdir, stack, console, entry["overrides"], f"{scenario}+advised")
-                entry["proof"] = _demo_advice.held(again, args.pool_timeout)
+                entry["proof"] = _demo_advice.held(again, args.pool_timeout, set(entry["overrides"]))
                 entry["rerun"] = {k: again[k] for k in ("api", "checkout_wait_p95_seconds", "pool_usage_peak", "alerts")}
             elif any(p.release is not None for p in got.pools):
                 remedy = f"{scenario}-remedy"
