@@ -163,7 +163,7 @@ class Chain:
         for route in [cfg["route"], *cfg["route"].get("routes", [])]:
             for key in ("group_wait", "group_interval", "repeat_interval"):
                 if key in route:
-                    route[key] = max(_rules.scaled(route[key], FOR_SCALE), "1s", key=seconds)
+                    route[key] = max(_rules.scaled(route[key], FOR_SCALE), "1s", key=_rules.seconds)
         cfg["global"]["resolve_timeout"] = _rules.scaled(
             cfg["global"]["resolve_timeout"], FOR_SCALE
         )
@@ -352,11 +352,3 @@ class Chain:
 def _named(n: dict[str, Any], names: set[str] | frozenset[str]) -> set[str]:
     """The alert names a notification's summary mentions (Alertmanager puts them in the title)."""
     return {name for name in names if name in n["summary"]}
-
-
-def seconds(duration: str) -> float:
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    for unit in ("ms", "s", "m", "h", "d"):
-        if duration.endswith(unit) and duration[: -len(unit)].replace(".", "", 1).isdigit():
-            return float(duration[: -len(unit)]) * units[unit]
-    raise ValueError(f"not a duration: {duration!r}")

@@ -159,7 +159,7 @@ def _blocking_site(events: list[dict[str, Any]]) -> str | None:
 
 
 #: the critical usage alert's ``for:`` on the demo's clock (2m in production: 2 s)
-SUSTAINED_SECONDS = _alerting.seconds(_rules.scaled(T.FOR_USAGE_CRITICAL, _alerting.FOR_SCALE))
+SUSTAINED_SECONDS = _rules.seconds(_rules.scaled(T.FOR_USAGE_CRITICAL, _alerting.FOR_SCALE))
 
 
 def verdict(r: dict[str, Any]) -> dict[str, Any]:

@@ -114,15 +114,22 @@ def logs_url(event: str, cfg: RulesConfig = DEFAULT) -> str:
     return f"{cfg.grafana_url.rstrip('/')}/explore?orgId=1&left={quoted}"
 
 
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration in seconds (``"5m"`` -> 300.0)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
+    if match is None:
+        raise ValueError(f"not a Prometheus duration: {duration!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
 def scaled(duration: str, factor: float) -> str:
     """A Prometheus duration times ``factor`` (``"5m"``, 0.1 -> ``"30s"``)."""
     if factor == 1:
         return duration
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
-    if match is None:
-        raise ValueError(f"not a Prometheus duration: {duration!r}")
-    millis = max(1, round(float(match.group(1)) * units[match.group(2)] * factor * 1000))
+    millis = max(1, round(seconds(duration) * factor * 1000))
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
@@ -139,8 +146,7 @@ def windows(expr: str, factor: float) -> str:
 
     def one(m: re.Match[str]) -> str:
         window = scaled(m.group(1), factor)
-        millis = int(window[:-2]) if window.endswith("ms") else int(window[:-1]) * 1000
-        return f"[{window}]" if millis >= MIN_WINDOW_SECONDS * 1000 else f"[{MIN_WINDOW_SECONDS}s]"
+        return f"[{window}]" if seconds(window) >= MIN_WINDOW_SECONDS else f"[{MIN_WINDOW_SECONDS}s]"
 
     return re.sub(r"\[(\d+(?:\.\d+)?(?:ms|s|m|h|d))\]", one, expr)
 
