@@ -476,6 +476,11 @@ _SPECS: list[MetricSpec] = [
         "telemetry_otlp_metric_exports_total", COUNTER, ("service", "result"), "exports",
         "OTLP metric exports of this process (OTEL_METRICS_EXPORTER=otlp) by result: ok, failed.",
     ),
+    MetricSpec(
+        "telemetry_exit_flush_timeouts_total", COUNTER, ("service",), "exits",
+        "Process exits whose last export (spans, OTLP metrics) did not finish within the exit bound "
+        "(0.3 s): what it carried was dropped rather than hold the exit up.",
+    ),
 ]  # fmt: skip
 
 #: host-wide figures published by one polling process per host (the shared view, the Celery

@@ -15,6 +15,7 @@ One :class:`Runtime` per process, created by the first public verb (``instrument
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -242,33 +243,46 @@ def _make_finalizer(util: Any) -> Any:
     return register
 
 
-#: the longest a process's exit waits for its last flush (spans, the process file)
-EXIT_FLUSH_SECONDS = 5.0
+#: the longest a process's exit waits for its last export (spans, OTLP metrics): uvicorn's and
+#: Celery's restarts wait on every exit, so an unreachable endpoint costs at most this
+EXIT_FLUSH_SECONDS = 0.3
+EXIT_STATS = _stats.LabeledStats()
+_stats.REGISTRY.add(EXIT_STATS)
 
 
 def _at_exit() -> None:
-    """The last flush, bounded: an exporter that does not honour its timeout (the OpenTelemetry
-    SDK's ``force_flush`` ignores it) must not keep a worker process from exiting."""
+    """The last flush, bounded. This process's own figures are written first, in this thread
+    (a local file: the counts are safe whatever an exporter does). The exports run in a thread
+    joined for at most ``EXIT_FLUSH_SECONDS``: an exporter retrying a refusing endpoint or
+    waiting on a black hole is left behind, counted (``telemetry_exit_flush_timeouts_total``,
+    written to the process file) and logged, and the process exits."""
     runtime = _current
     if runtime is None:
         return
+    started = time.monotonic()
+    with contextlib.suppress(Exception):
+        if runtime.process_file is not None:
+            runtime.process_file.flush()
 
-    def flush() -> None:
-        try:
-            runtime.flush()
-        except Exception:
-            pass
+    def export() -> None:
+        with contextlib.suppress(Exception):
+            runtime._each("flush")
 
-    done = threading.Thread(target=flush, name="telemetry-exit-flush", daemon=True)
+    done = threading.Thread(target=export, name="telemetry-exit-flush", daemon=True)
     try:
         done.start()
-    except RuntimeError:  # interpreter already finalizing: flush inline
-        flush()
-        return
-    done.join(EXIT_FLUSH_SECONDS)
-    if done.is_alive():
-        _log.emit("warning", "telemetry_exit_flush_timeout", seconds=EXIT_FLUSH_SECONDS,
-                  message="the last flush did not finish; the process exits without waiting")  # fmt: skip
+        done.join(max(0.0, EXIT_FLUSH_SECONDS - (time.monotonic() - started)))
+        finished = not done.is_alive()
+    except RuntimeError:  # interpreter already finalizing: no thread to bound it, so no export
+        finished = False
+    with contextlib.suppress(Exception):
+        if not finished:
+            EXIT_STATS.inc("telemetry_exit_flush_timeouts_total", (("service", _log.INTERNAL.service),))
+            _log.emit("warning", "telemetry_exit_flush_timeout", seconds=EXIT_FLUSH_SECONDS,
+                      message="the last export did not finish; the process exits without it (counted in "
+                      "telemetry_exit_flush_timeouts_total)")  # fmt: skip
+        if runtime.process_file is not None:  # with the spans' own counts, or the timeout's
+            runtime.process_file.flush()
 
 
 def _register_fork_hook() -> None:

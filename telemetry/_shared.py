@@ -54,6 +54,8 @@ from ._shared_queries import (
     LIMIT_SQL,
     LOCKS_SQL,
     REASONS,
+    SNAPSHOT_BEGIN,
+    SNAPSHOT_END,
     Deadline,
     connect,
     driver_available,
@@ -331,8 +333,9 @@ class _Poller(EventDetector):
     def _server(self, owners: Owners, pooler: dict[str, Any] | None) -> None:
         s = self.settings
         t0 = time.perf_counter()
-        activity, locks, limit = self._query("db_server", s.server_view_url,
-                                             [ACTIVITY_SQL, LOCKS_SQL, LIMIT_SQL], admin=False)  # fmt: skip
+        _begin, activity, locks, limit, _end = self._query(
+            "db_server", s.server_view_url,
+            [SNAPSHOT_BEGIN, ACTIVITY_SQL, LOCKS_SQL, LIMIT_SQL, SNAPSHOT_END], admin=False)  # fmt: skip
         usable = limit[0]["usable"]
         PUBLISHED.server_seconds = round(time.perf_counter() - t0, 6)
         self.logged_failure.discard("db_server")

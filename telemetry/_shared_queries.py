@@ -56,6 +56,8 @@ def fetch_rows(conn: Any, sql: str) -> list[dict[str, Any]]:
     cur = conn.cursor()
     try:
         cur.execute(sql)
+        if cur.description is None:  # begin / commit
+            return []
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
@@ -88,6 +90,11 @@ where w.wait_event_type = 'Lock'
 #: the deployment's one poller holds this advisory lock (two keys: ``pg_locks.classid/objid``)
 CLUSTER_LOCK = (1952804205, 1)
 CLUSTER_SQL = f"select pg_try_advisory_lock({CLUSTER_LOCK[0]}, {CLUSTER_LOCK[1]}) as held"
+#: the server's query set runs in one read-only transaction: ``pg_stat_activity`` is then one
+#: snapshot for every statement of the set, so a backend that started waiting on a lock between
+#: the activity read and the locks read is never a waiter without its row (it was named
+#: "unknown" on a loaded machine); the next round sees it whole
+SNAPSHOT_BEGIN, SNAPSHOT_END = "begin transaction read only", "commit"
 LIMIT_SQL = """
 select current_setting('max_connections')::int
      - current_setting('superuser_reserved_connections')::int

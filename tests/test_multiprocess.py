@@ -209,15 +209,19 @@ def test_real_prometheus_scraping_through_worker_churn(tmp_path):
         host.stdin.flush()
         line = host.stdout.readline().strip()
         assert line == "done 300", line
-        time.sleep(1.5)  # a few more scrapes after the last child died
-
-        scrapes = query("count_over_time(up[1m])")
-        assert scrapes and float(scrapes[0]["value"][1]) >= 10
+        # until a scrape after the last child died shows every checkout, and enough scrapes were
+        # taken to judge (a fixed sleep here flaked on a loaded machine)
+        deadline = time.monotonic() + 60
+        while True:
+            final = query('sum(db_pool_checkouts_total{result="ok"})')
+            scrapes = query("count_over_time(up[1m])")
+            if final and float(final[0]["value"][1]) == 300 and scrapes and float(scrapes[0]["value"][1]) >= 10:
+                break
+            assert time.monotonic() < deadline, f"never scraped the final total of 300: {final}, scrapes {scrapes}"
+            time.sleep(0.2)
         assert float(query("min_over_time(up[1m])")[0]["value"][1]) == 1  # no failed scrape
         resets = query('resets(db_pool_checkouts_total{result="ok"}[1m])')
         assert resets and all(float(r["value"][1]) == 0 for r in resets)  # never went backwards
-        final = query('sum(db_pool_checkouts_total{result="ok"})')
-        assert float(final[0]["value"][1]) == 300
     finally:
         if host.stdin is not None:
             host.stdin.close()

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from . import services
 
@@ -73,3 +76,48 @@ def test_bad_exporter_setting_is_refused():
     assert out.returncode != 0
     assert "OTEL_TRACES_EXPORTER='zipkin': expected one of otlp, console, none" in out.stderr
 
+
+
+EXIT_SCRIPT = r"""
+import os, sys
+import telemetry
+from opentelemetry import trace
+telemetry.instrument(service="api", sqlalchemy=False, multiproc_dir=sys.argv[1])
+with trace.get_tracer("t").start_as_current_span("last"):
+    pass
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.matrix("tracing")
+@pytest.mark.parametrize("endpoint", ["refusing", "black-hole"])
+def test_exit_is_not_held_up_by_an_unreachable_endpoint(endpoint, tmp_path):
+    """A process whose OTLP endpoint refuses, or accepts and never answers, still exits: the
+    last export is left behind after the exit bound, counted in the process file and logged.
+    (The time it takes is measured by benchmarks/exit_time.py; here the bound is shown to act.)"""
+    from telemetry import _exposition
+
+    if endpoint == "refusing":
+        port = services.free_port()  # nothing listens there
+        hole = None
+    else:
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # the kernel accepts into the backlog; nobody ever answers
+        port = hole.getsockname()[1]
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}", OTEL_METRICS_EXPORTER="otlp")
+    try:
+        out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(directory)], capture_output=True,
+                             text=True, env=env, timeout=60)  # fmt: skip
+    finally:
+        if hole is not None:
+            hole.close()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exiting" in out.stdout
+    logged = out.stdout + out.stderr
+    assert "telemetry_exit_flush_timeout" in logged, logged[-3000:]
+    host = {s.name: s.value for fam in _exposition.host_registry(str(directory)).collect() for s in fam.samples}
+    assert host.get("telemetry_exit_flush_timeouts_total") == 1, host
