@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +12,17 @@ import pytest
 
 import telemetry
 from telemetry.testing import sample  # noqa: F401 - re-exported for the tests
+from telemetry.tools._proc import PORT_RANGE_ENV
 
 from . import services
+
+# Parallel workers (pytest-xdist) each take free ports from a range of their own, below the
+# kernel's ephemeral range: two workers never pick one port between choosing it and a server
+# binding it. The demo's processes started by a test inherit the range.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    _base = int(os.environ.get("TELEMETRY_TEST_PORT_BASE", "20000")) + 1000 * _worker
+    os.environ[PORT_RANGE_ENV] = f"{_base}-{_base + 1000}"
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import telemetry
 from . import asgi_driver
 from .conftest import sample
 
+pytestmark = pytest.mark.matrix("asgi")
+
 EXPECTED = {
     ("GET", "/api/v1/items/7"): "/api/v1/items/{item_id}",
     ("POST", "/api/v1/items/"): "/api/v1/items/",

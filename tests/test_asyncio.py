@@ -18,6 +18,8 @@ from telemetry import _asyncio
 
 from .conftest import sample
 
+pytestmark = pytest.mark.matrix("asyncio")
+
 
 async def test_semaphore_numbers_are_exact():
     telemetry.instrument(service="worker")

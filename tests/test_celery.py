@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import create_engine
@@ -15,6 +16,8 @@ from sqlalchemy.pool import QueuePool
 import telemetry
 
 from .conftest import sample
+
+pytestmark = pytest.mark.matrix("celery")
 
 
 def test_task_outcomes_queue_wait_and_owner(tmp_path):

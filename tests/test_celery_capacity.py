@@ -23,7 +23,7 @@ from telemetry.tools import diagnose, report
 
 from . import hostview, services
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("celery")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

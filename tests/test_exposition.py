@@ -4,12 +4,15 @@ with +Inf; the metrics ASGI app answers lifespan and serves text."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.core import Metric
 
 from telemetry import _exposition
 from telemetry._metrics import WAIT_BUCKETS
 
 from . import asgi_driver
+
+pytestmark = pytest.mark.matrix("prometheus_client")
 
 LB = [["service", "api"], ["pool", "p"]]
 

@@ -25,6 +25,8 @@ from telemetry import _exposition, _log, _pool_state
 from . import services
 from .conftest import sample, starve
 
+pytestmark = pytest.mark.matrix("sqlalchemy")
+
 
 def _state(engine) -> _pool_state.PoolState:  # type: ignore[no-untyped-def]
     pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool

@@ -22,7 +22,7 @@ from telemetry.testing import capture_events
 from . import hostview, services
 from .renaming_proxy import RenamingProxy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("shared_view", "sqlalchemy")]
 _host, _value, _wait_for = hostview.host, hostview.value, hostview.wait_for
 
 _NEIGHBOUR = textwrap.dedent(

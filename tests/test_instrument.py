@@ -52,6 +52,7 @@ def _attached() -> dict[str, object]:
     }  # fmt: skip
 
 
+@pytest.mark.matrix(*(e.name for e in _instrument.INTEGRATIONS))
 def test_uninstrument_after_everything_leaves_nothing():
     before = _attached()
     create_engine("sqlite://")  # an engine that exists before (trace_sql instruments it)
@@ -66,6 +67,7 @@ def test_uninstrument_after_everything_leaves_nothing():
     assert _runtime.current() is None
 
 
+@pytest.mark.matrix(*(e.name for e in _instrument.INTEGRATIONS))
 @pytest.mark.parametrize("entry", _instrument.INTEGRATIONS, ids=lambda e: e.name)
 def test_each_registered_integration_alone_is_removed_by_uninstrument(entry):
     """Every integration of the registry, installed by itself, leaves nothing behind: a new one

@@ -14,6 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import telemetry
 
+pytestmark = pytest.mark.matrix("structlog")
+
 
 @pytest.fixture
 def stream():

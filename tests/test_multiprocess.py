@@ -24,6 +24,9 @@ from telemetry import _exposition, _multiprocess
 
 from . import services
 
+# fork, exit and multiprocess exposition: their behaviour moves with Python and prometheus-client
+pytestmark = pytest.mark.matrix("python", "prometheus_client")
+
 
 def _host(directory: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the host aggregate, as {(name, sorted labels): value}."""

@@ -5,11 +5,14 @@ process."""
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry import context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
 from telemetry import _otel_private, _pool
+
+pytestmark = pytest.mark.matrix("tracing")
 
 
 def test_the_fast_context_read_is_the_current_context():

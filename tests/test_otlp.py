@@ -21,6 +21,8 @@ from telemetry._settings import ConfigError, Settings
 from . import services
 from .otlp import OtlpReceiver
 
+pytestmark = pytest.mark.matrix("otlp_metrics")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUTE = "/work/{n}"
 

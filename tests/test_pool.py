@@ -19,6 +19,8 @@ from telemetry import _pool, _pool_events, _pool_state, _sqlalchemy
 
 from .conftest import sample, starve
 
+pytestmark = pytest.mark.matrix("sqlalchemy")
+
 
 def _state(engine) -> _pool_state.PoolState:
     pool = engine.sync_engine.pool if hasattr(engine, "sync_engine") else engine.pool

@@ -22,7 +22,7 @@ from telemetry.testing import capture_events
 from . import hostview, services
 from .conftest import sample
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("redis")]
 
 
 async def test_streams_holding_subscriptions_starve_the_publishers(redis_server):

@@ -16,6 +16,9 @@ import telemetry
 
 from . import services
 
+# what drivers and frameworks put in their errors and labels moves with their versions
+pytestmark = pytest.mark.matrix("sqlalchemy", "asgi")
+
 SECRETS = ["s3cr3t-pw", "qry-s3cret", "param-s3cret", "hdr-s3cret", "cookie-s3cret"]
 
 SCRIPT = r"""

@@ -27,7 +27,7 @@ from telemetry.tools import cli, diagnose, report
 
 from . import hostview, services
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("shared_view")]
 
 
 @pytest.fixture(scope="module")

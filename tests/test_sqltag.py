@@ -18,7 +18,7 @@ from telemetry import _sqltag
 
 from . import services
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("sqlalchemy")]
 
 OWNER = "GET /a/{id}' or 1=1 */ -- 100% ;\n"
 OWN_QUERY = "select query from pg_stat_activity where pid = pg_backend_pid()"

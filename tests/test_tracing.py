@@ -14,6 +14,8 @@ import pytest
 
 from . import services
 
+pytestmark = pytest.mark.matrix("tracing")
+
 SCRIPT = r"""
 import json, os, time
 import telemetry
@@ -89,7 +91,6 @@ print("exiting", flush=True)
 """
 
 
-@pytest.mark.matrix("tracing")
 @pytest.mark.parametrize("endpoint", ["refusing", "black-hole"])
 def test_exit_is_not_held_up_by_an_unreachable_endpoint(endpoint, tmp_path):
     """A process whose OTLP endpoint refuses, or accepts and never answers, still exits: the

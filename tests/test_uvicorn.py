@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import services
 
+pytestmark = pytest.mark.matrix("asgi")
+
 
 def _scrape(port: int) -> list:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
