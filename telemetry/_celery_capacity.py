@@ -33,6 +33,7 @@ import time
 import weakref
 from typing import Any
 
+from . import _urls
 from ._leader import Leader
 from ._log import emit, hook_error
 from ._settings import mask_url
@@ -78,12 +79,13 @@ REGISTRY.add(SLOTS)
 
 
 def broker_name(url: str) -> str:
-    """``redis://:pw@host:6379/0`` -> ``redis://host:6379/0``: no user, no password."""
-    masked = mask_url(url)
-    scheme, sep, rest = masked.partition("://")
-    if sep and "@" in rest:
-        rest = rest.rpartition("@")[2]
-    return f"{scheme}://{rest}" if sep else masked
+    """``redis://:pw@host:6379/0`` -> ``redis://host:6379/0``: no user, no password (whatever
+    characters it holds), no query."""
+    try:
+        u = _urls.parse(url)
+    except ValueError:
+        return mask_url(url)
+    return f"{u.scheme}://{u.netloc()}{u.path}"
 
 
 class _Queue:

@@ -463,7 +463,7 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "pgbouncer_view_errors_total", COUNTER, ("reason",), "errors",
-        "pgbouncer polls that failed: timeout, refused, auth, permission, not_found, error; "
+        "pgbouncer polls that failed: timeout, refused, auth, permission, not_found, redirect (to another origin: not followed), error; "
         "missing_column: a poll whose SHOW rows lacked columns this version does not have (the rest "
         "was published).", host_wide=True,
     ),

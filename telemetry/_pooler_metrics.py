@@ -27,10 +27,14 @@ A family that is absent is left out, never fatal. Credentials: ``user:password@`
 from __future__ import annotations
 
 import base64
+import contextlib
+import socket
+import threading
+import time
 import urllib.parse
-import urllib.request
 from typing import Any
 
+from . import _urls
 from ._stats import Sample
 
 _POOLS = {  # family (after an optional "neon_" prefix) -> (our metric, extra label)
@@ -52,20 +56,87 @@ _PGCAT = {
 SUPAVISOR_CHECKOUT = ("supavisor_pool_checkout_duration_local_sum", "supavisor_pool_checkout_duration_remote_sum")
 
 
+#: redirects followed within the pooler's own origin (a login or a trailing-slash redirect)
+MAX_REDIRECTS = 3
+
+
+class RedirectRefused(Exception):
+    """The endpoint redirected to another origin: credentials never follow, and neither do we."""
+
+
 def fetch(url: str, timeout: float) -> str:
-    """GET the exposition; ``user:password@`` in the URL becomes basic auth."""
-    parts = urllib.parse.urlsplit(url)
-    headers = {"Accept": "text/plain"}
-    if parts.username is not None:
-        secret = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    """GET the exposition within ``timeout`` seconds in all: connecting, the headers and the
+    body share one deadline (a server that drips a byte every half second is cut off there, not
+    at each read's socket timeout). ``user:password@`` in the URL becomes basic auth, sent to
+    that origin only: a redirect within it is followed, one to another origin is refused."""
+    target = _urls.parse(url)
+    headers = {"Accept": "text/plain", "Accept-Encoding": "identity"}
+    if target.user is not None:
+        secret = f"{target.user}:{target.password or ''}"
         headers["Authorization"] = "Basic " + base64.b64encode(secret.encode()).decode()
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked in settings
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-        return str(response.read().decode("utf-8", "replace"))
+    deadline = time.monotonic() + timeout
+    current = target
+    for _ in range(MAX_REDIRECTS + 1):
+        status, location, body = _get(current, headers, deadline, timeout)
+        if status in (301, 302, 303, 307, 308) and location:
+            following = _urls.parse(urllib.parse.urljoin(current.without_credentials(), location))
+            if following.origin() != target.origin():
+                raise RedirectRefused(f"the endpoint redirected to another origin ({following.shown()}): not followed, "
+                                      "credentials are sent to the configured origin only")  # fmt: skip
+            current = following
+            continue
+        if status != 200:
+            raise OSError(f"HTTP {status}" + (" (unauthorized: check the credentials)" if status in (401, 403) else ""))
+        return body.decode("utf-8", "replace")
+    raise OSError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def _get(url: _urls.Url, headers: dict[str, str], deadline: float, timeout: float) -> tuple[int, str, bytes]:
+    """One GET under the shared deadline: past it a timer shuts the socket down, whatever the
+    server is doing."""
+    import http.client
+
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"no answer within {timeout:g} s (read timeout)")
+    cls = http.client.HTTPSConnection if url.scheme.lower() == "https" else http.client.HTTPConnection
+    conn = cls(url.host.strip("[]"), url.port, timeout=remaining)
+    fired = threading.Event()
+    held: list[socket.socket] = []  # the socket itself: http.client drops its own reference
+    # to it once a response that closes the connection is under way, and reads on through a file
+
+    def cut() -> None:
+        fired.set()
+        for sock in held:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(remaining, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.connect()  # bounded by the connection's own timeout: the time left
+        if conn.sock is not None:
+            held.append(conn.sock)
+        if fired.is_set():
+            cut()
+        target = url.path or "/"
+        if url.query:
+            target += "?" + url.query
+        conn.request("GET", target, headers={**headers, "Host": url.netloc()})
+        response = conn.getresponse()
+        body = response.read()
+        status, location = response.status, response.getheader("Location") or ""
+    except (OSError, http.client.HTTPException) as exc:
+        if fired.is_set():
+            raise TimeoutError(f"no answer within {timeout:g} s (read timeout)") from None
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        timer.cancel()
+        conn.close()
+    if fired.is_set():  # the socket was shut at the deadline: whatever came back is partial
+        raise TimeoutError(f"no answer within {timeout:g} s (read timeout)")
+    return status, location, body
 
 
 def samples(text: str) -> tuple[list[Sample], int]:
@@ -114,6 +185,5 @@ def samples(text: str) -> tuple[list[Sample], int]:
 
 
 def describe(url: str) -> dict[str, Any]:
-    """What the settings error and logs may show of the URL: never its credentials."""
-    parts = urllib.parse.urlsplit(url)
-    return {"url": urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))}
+    """What the settings error and logs may show of the URL: the password masked, the port kept."""
+    return {"url": _urls.shown(url)}

@@ -10,12 +10,11 @@ import dataclasses
 import ipaddress
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import thresholds
+from . import _urls, thresholds
 
 
 class ConfigError(ValueError):
@@ -135,6 +134,10 @@ def _dsn(raw: Any) -> str | None:
     base = scheme.split("+", 1)[0].lower()
     if not sep or base not in ("postgresql", "postgres") or not rest:
         raise ValueError("a URL postgresql://user[:password]@host[:port]/database (or empty: off)")
+    try:
+        _urls.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"a URL postgresql://user[:password]@host[:port]/database (or empty: off): {exc}") from None
     return "postgresql://" + rest
 
 
@@ -145,25 +148,19 @@ def _http_url(raw: Any) -> str | None:
         return None
     if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) < 1:
         raise ValueError("an http:// or https:// URL of a Prometheus-format endpoint (or empty: off)")
+    try:
+        if not _urls.parse(text).host:
+            raise ValueError("no host")
+    except ValueError as exc:
+        raise ValueError(f"an http:// or https:// URL of a Prometheus-format endpoint (or empty: off): {exc}") from None
     return text
 
 
-#: ``password=...`` (and ``sslpassword=``) in a URL's query or a libpq key/value string, quoted
-#: or not: libpq accepts a password in either place
-_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:\w*password|passwd)\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s;]*)")
-
-
 def mask_url(text: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host``, and ``?password=secret`` or
-    ``password=secret`` (key/value form) -> ``password=***``: never log a password."""
-    text = _PASSWORD_PARAM.sub(r"\1***", str(text))
-    scheme, sep, rest = text.partition("://")
-    if not sep or "@" not in rest.split("?", 1)[0].split("/", 1)[0]:
-        return text
-    netloc, slash, path = rest.partition("/")
-    auth, _, host = netloc.rpartition("@")
-    user, colon, _password = auth.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}{slash}{path}"
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host`` (whatever characters the
+    secret holds), and ``?password=secret`` or ``password=secret`` (key/value form) ->
+    ``password=***``: never log a password (``telemetry/_urls.py``)."""
+    return _urls.mask_text(text)
 
 
 def _metrics_exporter(raw: Any) -> bool:

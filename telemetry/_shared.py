@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _bounds, _pooler_metrics, _sqltag
+from . import _bounds, _pooler_metrics, _sqltag, _urls
 from ._integration import Integration
 from ._leader import Leader
 from ._log import emit, hook_error
-from ._settings import ConfigError, mask_url
+from ._settings import ConfigError
 from ._shared_events import EventDetector
 from ._shared_model import (
     Columns,
@@ -157,7 +157,7 @@ class _Poller(EventDetector):
             try:
                 self._pooler_metrics()
             except Exception as exc:
-                self._fail("pgbouncer", exc, _pooler_metrics.describe(s.pooler_metrics_url)["url"])
+                self._fail("pgbouncer", exc, s.pooler_metrics_url)
             PUBLISHED.polls["pgbouncer"] = PUBLISHED.polls.get("pgbouncer", 0) + 1
         if s.pgbouncer_url:
             try:
@@ -173,7 +173,8 @@ class _Poller(EventDetector):
                 self._fail("db_server", exc, s.server_view_url)
             PUBLISHED.polls["db_server"] = PUBLISHED.polls.get("db_server", 0) + 1
 
-    def _fail(self, target: str, exc: BaseException, url: str) -> None:
+    def _fail(self, target: str, exc: BaseException, url: str | None) -> None:
+        s = self.settings
         reason = failure_reason(exc)
         PUBLISHED.count_error(target, reason)
         if target == "db_server":
@@ -189,9 +190,12 @@ class _Poller(EventDetector):
                 conn.close()
         if target not in self.logged_failure:  # once per outage
             self.logged_failure.add(target)
-            error = mask_url(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
+            # the error without any form or piece of any configured password (a driver quotes
+            # what it was given), and the URL with its password masked and its port kept
+            error = _urls.redact(str(exc).splitlines()[0][:300], s.server_view_url, s.pgbouncer_url,
+                                 s.pooler_metrics_url) if str(exc) else type(exc).__name__  # fmt: skip
             emit("warning", "telemetry_shared_view_failed", target=target, reason=reason,
-                 url=mask_url(url), error=error,
+                 url=_urls.shown(url), error=error,
                  message="the figures keep their last good values and are marked stale "
                  f"({target}_view_up 0, {target}_view_age_seconds grows)")  # fmt: skip
 

@@ -7,14 +7,17 @@ import contextlib
 import os
 import socket
 import threading
+import urllib.parse
 from typing import Any
 
-REASONS = ("timeout", "refused", "auth", "permission", "not_found", "missing_column", "error")
+from . import _urls
+
+REASONS = ("timeout", "refused", "auth", "permission", "not_found", "redirect", "missing_column", "error")
 
 
 def failure_reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}".lower()
-    for needle, reason in (("timeout", "timeout"), ("canceling statement", "timeout"),
+    for needle, reason in (("another origin", "redirect"), ("timeout", "timeout"), ("canceling statement", "timeout"),
                            ("refused", "refused"), ("password", "auth"), ("authentication", "auth"),
                            ("401", "auth"), ("unauthorized", "auth"),
                            ("permission", "permission"), ("not allowed", "permission"),
@@ -24,22 +27,43 @@ def failure_reason(exc: BaseException) -> str:
     return "error"
 
 
+def conninfo(url: str) -> dict[str, Any]:
+    """libpq's keywords from a ``postgresql://`` URL, parsed by us (``telemetry/_urls.py``): a
+    password holding ``/ ? # @ % :`` as typed reaches the server whole, and never passes through
+    a parser whose error would quote it."""
+    u = _urls.parse(url)
+    kw: dict[str, Any] = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True))
+    if u.host:
+        kw["host"] = urllib.parse.unquote(u.host.strip("[]"))
+    if u.port is not None:
+        kw["port"] = u.port
+    if u.user:
+        kw["user"] = u.user
+    if u.password is not None:
+        kw["password"] = u.password
+    database = urllib.parse.unquote(u.path.lstrip("/"))
+    if database:
+        kw["dbname"] = database
+    return kw
+
+
 def connect(url: str, timeout: float, *, admin: bool) -> Any:
     """One autocommit connection outside every pool (psycopg 3, else psycopg2)."""
     # named as ours (service/pid@host): other hosts' pollers then share one application label
     app = f"telemetry-shared-view/{os.getpid()}@{socket.gethostname()}"[:63]
-    options: dict[str, Any] = {} if admin else {"options": f"-c statement_timeout={int(timeout * 1000)}"}
+    kw = conninfo(url)
+    if not admin:  # pgbouncer's console takes no options
+        kw["options"] = f"{kw.get('options', '')} -c statement_timeout={int(timeout * 1000)}".strip()
+    kw.update(application_name=app, connect_timeout=max(1, round(timeout)))
     try:
         import psycopg
 
         # prepare_threshold=None: never prepared statements (pgbouncer admin console, transaction mode)
-        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, round(timeout)), prepare_threshold=None,
-                               application_name=app, **options)  # fmt: skip
+        return psycopg.connect(autocommit=True, prepare_threshold=None, **kw)
     except ImportError:
         import psycopg2
 
-        conn = psycopg2.connect(url, connect_timeout=max(1, round(timeout)), application_name=app,
-                                **options)  # fmt: skip
+        conn = psycopg2.connect(**kw)
         conn.autocommit = True
         return conn
 

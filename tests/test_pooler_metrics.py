@@ -126,3 +126,97 @@ def test_a_bad_url_is_refused_at_start_up() -> None:
     with pytest.raises(telemetry.ConfigError) as info:
         telemetry.instrument(service="api", pooler_metrics_url="ftp://user:hunter2@host/metrics")
     assert "pooler_metrics_url" in str(info.value) and "hunter2" not in str(info.value)
+
+
+SPECIAL = ["/", "?", "#", "@", "%", ":"]
+
+
+@pytest.mark.parametrize("char", SPECIAL)
+def test_a_password_with_any_character_authenticates_and_never_reaches_a_log(char: str) -> None:
+    """The password as typed in the URL, holding any of ``/ ? # @ % :``: the endpoint receives
+    it whole in basic auth; with the endpoint refusing it, the log shows the URL with its port
+    and without any piece of the password."""
+    password = f"eyJhbGci{char}OiJIUzI1{char}NiJ9"
+    expected = "Basic " + base64.b64encode(f"service_role:{password}".encode()).decode()
+    state = {"accept": True, "seen": []}
+
+    def answer(_path: str, headers: object) -> tuple[int, str]:
+        got = headers.get("Authorization")  # type: ignore[attr-defined]
+        state["seen"].append(got)
+        return (200, PGBOUNCER_EXPORTER) if state["accept"] and got == expected else (401, "")
+
+    with http_stub.serving(answer) as port:
+        url = f"http://service_role:{password}@127.0.0.1:{port}/metrics"
+        telemetry.instrument(service="api", shared_view_interval_seconds=0.2, pooler_metrics_url=url)
+        assert _wait_for(lambda: _value(_host(None), "pgbouncer_view_up") == 1), state["seen"][:3]
+        telemetry.uninstrument()
+        state["accept"] = False
+        with capture_events("telemetry_shared_view_failed") as events:
+            telemetry.instrument(service="api", shared_view_interval_seconds=0.2, pooler_metrics_url=url)
+            assert _wait_for(lambda: (_value(_host(None), "pgbouncer_view_errors_total", reason="auth") or 0) >= 1)
+    assert events and events[0]["url"] == f"http://service_role:***@127.0.0.1:{port}/metrics", events
+    logged = json.dumps(events)
+    for piece in ("eyJhbGci", "OiJIUzI1", "NiJ9", password):
+        assert piece not in logged, logged
+
+
+def test_credentials_never_follow_a_redirect_to_another_origin() -> None:
+    """A 302 to another port: the other origin never receives a request, let alone the
+    credentials; the view fails, named, and the log shows no secret. A redirect within the
+    origin is followed with them."""
+    elsewhere: list = []
+
+    def other(_path: str, headers: object) -> tuple[int, str]:
+        elsewhere.append(headers.get("Authorization"))  # type: ignore[attr-defined]
+        return 200, PGBOUNCER_EXPORTER
+
+    with http_stub.serving(other) as other_port:
+        target = {"location": f"http://127.0.0.1:{other_port}/metrics"}
+
+        def redirecting(path: str, headers: object) -> tuple[int, str]:
+            if path == "/metrics":
+                auth = headers.get("Authorization")  # type: ignore[attr-defined]
+                return (200, PGBOUNCER_EXPORTER) if auth else (401, "")
+            return 302, target["location"]
+
+        with http_stub.serving(redirecting) as port:
+            url = f"http://service_role:TopSecretKey@127.0.0.1:{port}/old"
+            with capture_events("telemetry_shared_view_failed") as events:
+                telemetry.instrument(service="api", shared_view_interval_seconds=0.2, pooler_metrics_url=url)
+                assert _wait_for(lambda: (_value(_host(None), "pgbouncer_view_errors_total", reason="redirect") or 0) >= 3)
+            telemetry.uninstrument()
+            assert elsewhere == []
+            assert events and "another origin" in events[0]["error"] and "TopSecretKey" not in json.dumps(events)
+            target["location"] = "/metrics"  # within the origin: followed, with the credentials
+            telemetry.instrument(service="api", shared_view_interval_seconds=0.2, pooler_metrics_url=url)
+            assert _wait_for(lambda: _value(_host(None), "pgbouncer_view_up") == 1)
+    assert elsewhere == []
+
+
+def test_a_dripping_endpoint_times_out_as_a_whole_before_and_after_a_healthy_phase(pg) -> None:
+    """An endpoint that sends a byte every 0.5 s never trips a per-read timeout: the whole read
+    has one deadline. Dripping from the start, then healthy, then dripping again: the pooler side
+    reads up 0 with reason timeout while it drips, up 1 while healthy, and the server view polls
+    all along."""
+    with http_stub.switchable(lambda _p, _h: (200, PGBOUNCER_EXPORTER)) as (port, state):
+        state["drip"] = True
+        telemetry.instrument(service="api", shared_view_interval_seconds=0.2, shared_view_timeout_seconds=1,
+                             server_view_url=pg.url(), pooler_metrics_url=f"http://127.0.0.1:{port}/metrics")  # fmt: skip
+
+        def timeouts() -> float:
+            return _value(_host(None), "pgbouncer_view_errors_total", reason="timeout") or 0
+
+        def server_polls() -> float:
+            return _value(_host(None), "db_server_view_polls_total") or 0
+
+        assert _wait_for(lambda: timeouts() >= 2, timeout=30)
+        assert _value(_host(None), "pgbouncer_view_up") == 0
+        assert _value(_host(None), "db_server_view_up") == 1
+        state["drip"] = False
+        assert _wait_for(lambda: _value(_host(None), "pgbouncer_view_up") == 1, timeout=30)
+        before, polls = timeouts(), server_polls()
+        state["drip"] = True
+        assert _wait_for(lambda: timeouts() >= before + 2, timeout=30)
+        assert _value(_host(None), "pgbouncer_view_up") == 0
+        assert server_polls() >= polls + 2  # the server view kept polling through the drip
+        assert (_value(_host(None), "db_server_view_age_seconds") or 0) < 3

@@ -118,3 +118,54 @@ def test_metrics_server_loopback_and_auth():
         server.server_close()
     with pytest.raises(telemetry.ConfigError, match="not both"):
         telemetry.start_metrics_server(port, basic_auth=("a", "b"), bearer_token="c")
+
+
+@pytest.fixture(scope="module")
+def password_roles(pg):
+    """Roles that must log in with their password (scram), whatever characters it holds: a line
+    of pg_hba.conf for each, ahead of the suite's trust lines."""
+    roles = {}
+    for char in SPECIAL:
+        role, password = f"pw_{ord(char)}", f"Tr0ub4{char}dor{char}Horse"
+        pg.psql(f"create role {role} login password '{password}'")
+        roles[char] = (role, password)
+    hba = os.path.join(pg.datadir, "pg_hba.conf")
+    with open(hba) as fh:
+        kept = fh.read()
+    with open(hba, "w") as fh:
+        fh.writelines(f"host all {role} 127.0.0.1/32 scram-sha-256\n" for role, _ in roles.values())
+        fh.write(kept)
+    pg.psql("select pg_reload_conf()")
+    yield roles
+    with open(hba, "w") as fh:
+        fh.write(kept)
+    pg.psql("select pg_reload_conf()")
+
+
+SPECIAL = ["/", "?", "#", "@", "%", ":"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("char", SPECIAL)
+def test_a_database_password_with_any_character_logs_in_and_never_shows(pg, password_roles, char):
+    """The server view's URL with the password as typed, holding any of ``/ ? # @ % :``: it
+    logs in (scram: the password reached the server whole). With a wrong one, the failure is
+    logged with the URL masked and its port kept, and no piece of the password anywhere."""
+    from telemetry.testing import capture_events
+
+    from .hostview import host, value, wait_for
+
+    role, password = password_roles[char]
+    url = f"postgresql://{role}:{password}@127.0.0.1:{pg.port}/postgres"
+    telemetry.instrument(service="api", server_view_url=url, shared_view_interval_seconds=0.2)
+    assert wait_for(lambda: value(host(None), "db_server_view_up") == 1, timeout=30)
+    telemetry.uninstrument()
+    wrong = password.replace("Horse", "Zebra")
+    with capture_events("telemetry_shared_view_failed") as events:
+        telemetry.instrument(service="api", server_view_url=url.replace(password, wrong),
+                             shared_view_interval_seconds=0.2)  # fmt: skip
+        assert wait_for(lambda: (value(host(None), "db_server_view_errors_total", reason="auth") or 0) >= 1, timeout=30)
+    assert events and events[0]["url"] == f"postgresql://{role}:***@127.0.0.1:{pg.port}/postgres", events
+    logged = repr(events)
+    for piece in (wrong, "Tr0ub4", "Zebra"):
+        assert piece not in logged, logged
