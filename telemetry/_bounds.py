@@ -98,8 +98,36 @@ FOREIGN = Capped("application", 20)
 ALL = (ROUTES, TASKS, QUEUES, SERVICES, FOREIGN)
 
 
+class ServerOwners:
+    """The owners the server view names (read from statement tags and the processes' owner
+    rows): at most ``cap`` per service, as a pool's owner label is (``TELEMETRY_MAX_OWNERS``),
+    later new ones read ``other``, counted as folds of the label ``owner``."""
+
+    def __init__(self, cap: int = 100) -> None:
+        self.cap = cap
+        self.by_service: dict[str, Capped] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, service: str, owner: str) -> str:
+        if not owner:
+            return owner
+        capped = self.by_service.get(service)
+        if capped is None:
+            with self._lock:  # services are capped themselves (SERVICES): a bounded dict
+                capped = self.by_service.setdefault(service, Capped("owner", self.cap))
+        return capped(owner)
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self.by_service = {}
+
+
+SERVER_OWNERS = ServerOwners()
+
+
 def reset() -> None:
     """Forget what was seen (uninstrument, and a forked child starts clean)."""
     for cap in ALL:
         cap.reset()
+    SERVER_OWNERS.reset()
     FOLDED.reset()

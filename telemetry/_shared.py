@@ -354,7 +354,8 @@ class _Poller(EventDetector):
                 if tag:
                     t_service, _tpid, t_host = parse_application(tag["application"])
                     trace = tag.get("traceparent", "").split("-")
-                    return (_bounds.SERVICES(t_service), tag.get("owner", ""), t_host,
+                    t_service = _bounds.SERVICES(t_service)
+                    return (t_service, _bounds.SERVER_OWNERS(t_service, tag.get("owner", "")), t_host,
                             trace[1] if len(trace) == 4 else "")  # fmt: skip
             _name, _pid, host = parse_application(row["app"])
             service = app_label(row["app"])
@@ -366,7 +367,8 @@ class _Poller(EventDetector):
                 known = owners.peer(row.get("client_addr"), row.get("client_port"))
             if known is None:
                 return service, "", host, ""
-            return str(known.service), str(known.owner), host, str(known.trace_id or "")
+            return (str(known.service), _bounds.SERVER_OWNERS(str(known.service), str(known.owner)), host,
+                    str(known.trace_id or ""))  # fmt: skip
 
         out: list[Sample] = [("db_server_connections_max", (), int(usable))]
         count: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -439,6 +441,7 @@ class SharedViewIntegration(Integration):
                 "invalid TELEMETRY_SERVER_VIEW_URL / TELEMETRY_PGBOUNCER_URL: the server and pooler "
                 "view need the psycopg (3) or psycopg2 driver installed (pip install psycopg)"
             )
+        _bounds.SERVER_OWNERS.cap = s.max_owners  # the owners it names: capped as a pool's are
         self.leader = Leader(s.multiproc_dir)
         self._start()
 

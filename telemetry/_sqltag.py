@@ -64,13 +64,39 @@ def _quote(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+#: the longest tag: PostgreSQL keeps the first ``track_activity_query_size`` bytes (1024 by
+#: default) of a statement in ``pg_stat_activity.query``, and a tag cut there loses its ``*/``
+#: and with it the owner; half of it leaves the statement's start readable too
+MAX_TAG_BYTES = 512
+#: ends an owner cut to fit (URL-encoded: 9 bytes)
+CUT = "\u2026"
+
+
+def _fit(owner: str, room: int) -> str:
+    """``owner``, or its longest start whose encoding (with the cut mark) takes at most
+    ``room`` bytes: a character is never split, an escape never cut."""
+    if len(_quote(owner)) <= room:
+        return owner
+    lo, hi = 0, len(owner)
+    while lo < hi:  # the longest prefix that fits
+        mid = (lo + hi + 1) // 2
+        if len(_quote(owner[:mid] + CUT)) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return owner[:lo] + CUT
+
+
 def _make(owner: str) -> tuple[str, str]:
-    """(tag, the same with ``%`` doubled) for ``owner``, cached (rare path)."""
+    """(tag, the same with ``%`` doubled) for ``owner``, cached (rare path). The process's
+    ``service/pid@host`` is kept whole; an owner too long for ``MAX_TAG_BYTES`` is cut to fit
+    (never dropped: the server view still names it, by its start)."""
     with _lock:
         key = owner if (owner in _tags or len(_tags) < MAX_TAGGED_OWNERS) else "other"
         tag = _tags.get(key)
         if tag is None:
-            text = f"/*application='{_quote(CONFIG.application)}',owner='{_quote(key)}'*/ "
+            head, tail = f"/*application='{_quote(CONFIG.application)}',owner='", "'*/ "
+            text = head + _quote(_fit(key, MAX_TAG_BYTES - len(head) - len(tail))) + tail
             tag = _tags[key] = (text, text.replace("%", "%%"))
         return tag
 

@@ -25,6 +25,18 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     os.environ[PORT_RANGE_ENV] = f"{_base}-{_base + 1000}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first, so that parallel workers (pytest-xdist) start them at once and
+    finish together: the demo group and the slow tests (real alert ``for:`` durations), then the
+    rest in their usual order."""
+
+    def long(item: pytest.Item) -> bool:
+        return item.get_closest_marker("slow") is not None or any(
+            m.args[:1] == ("demo",) for m in item.iter_markers("xdist_group"))
+
+    items.sort(key=lambda item: 0 if long(item) else 1)
+
+
 @pytest.fixture(scope="session")
 def pg() -> Iterator[services.Postgres]:
     """A throwaway PostgreSQL cluster on a free loopback port (max_connections=40)."""

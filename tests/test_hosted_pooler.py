@@ -280,3 +280,70 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
     assert "Server connections: api's checked-out connections spent" in said, findings
     assert "worker 'save-concept' (3)" in said and "not api's pool" in said
     assert not [f for f in findings if f.startswith("Pool: the busiest api")], findings
+
+
+def _hold_each(url: str, owners: list[str]) -> tuple[list[threading.Thread], threading.Event, object]:
+    """One connection per owner, each in a transaction that ran one tagged statement, until
+    the returned event is set."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url, pool_size=len(owners), max_overflow=0)
+    ready = threading.Barrier(len(owners) + 1)
+    release = threading.Event()
+
+    def hold(owner: str) -> None:
+        with telemetry.db_owner(owner), engine.begin() as conn:
+            conn.execute(text("select 1"))
+            ready.wait(30)
+            release.wait(60)
+
+    threads = [threading.Thread(target=hold, args=(o,)) for o in owners]
+    for t in threads:
+        t.start()
+    ready.wait(30)
+    return threads, release, engine
+
+
+def _server_owners(service: str) -> dict[str, float]:
+    return {dict(lb)["owner"]: v for (n, lb), v in _host(None).items()
+            if n == "db_server_connections_by_owner" and dict(lb).get("service") == service}  # fmt: skip
+
+
+def test_long_owners_are_cut_to_fit_the_tag_and_still_named(pg: services.Postgres, supavisor: RenamingProxy) -> None:
+    """Owners whose tag would pass what PostgreSQL keeps of a statement (1,024 bytes): a
+    127-character Japanese route and a 1,000-character ``db_owner``. Behind the renaming pooler
+    the tag is the only join: each is named by its start, cut to fit, never dropped."""
+    route, long_owner = "GET /" + "日本語のルート" * 18 + "ab", "x" * 1000
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    threads, release, engine = _hold_each(supavisor.url(), [route, long_owner])
+    try:
+        assert _wait_for(lambda: sum(_server_owners("api").values()) >= 2, timeout=30), _server_owners("api")
+        named = _server_owners("api")
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+        engine.dispose()  # type: ignore[attr-defined]
+    assert len(named) == 2, named
+    for full in (route, long_owner):
+        [cut] = [o for o in named if o.endswith("\u2026") and full.startswith(o[:-1])]
+        assert len(cut) > 40  # most of the name survives
+
+
+def test_owners_read_from_tags_are_capped_like_the_owner_label(pg: services.Postgres) -> None:
+    """With ``max_owners=10``, 24 owners holding connections: the server view names at most 10
+    of them, the rest read ``other``, and each fold is counted."""
+    owners = [f"owner-{i:02d}" for i in range(24)]
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2, max_owners=10)
+    threads, release, engine = _hold_each(pg.url(), owners)
+    try:
+        assert _wait_for(lambda: sum(_server_owners("api").values()) >= 24, timeout=30), _server_owners("api")
+        named = _server_owners("api")
+        folded = _value(_host(None), "telemetry_label_values_folded_total", label="owner") or 0
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+        engine.dispose()  # type: ignore[attr-defined]
+    assert len(set(named) - {"other"}) == 10 and named["other"] == 14, named
+    assert folded >= 14

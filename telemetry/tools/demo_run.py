@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -171,7 +172,28 @@ class Run:
         root = self.dir  # the pipeline ships in the package: any working directory will do
         _require_demo_extra()
         self._schema(env["DATABASE_URL"])
-        self._start_chain()
+        # the alert chain starts while the app's processes do (each waits on its own readiness)
+        chain_error: list[BaseException] = []
+
+        def chain() -> None:
+            try:
+                self._start_chain()
+            except BaseException as exc:  # re-raised below, in the demo's thread
+                chain_error.append(exc)
+
+        chain_thread = threading.Thread(target=chain, name="demo-alert-chain", daemon=True)
+        chain_thread.start()
+        try:
+            self._start_app(env, root)
+        finally:
+            chain_thread.join()
+        if chain_error:
+            raise chain_error[0]
+        _wait_port(self.api_port, self.procs[-1], "the API", os.path.join(self.dir, "api.log"))
+        if self.chain is not None:
+            self.chain.wait_scraped()
+
+    def _start_app(self, env: dict[str, str], root: str) -> None:
         first = None
         for queue, knob in GROUPS:
             log = os.path.join(self.dir, f"{queue}-worker.log")
@@ -200,9 +222,6 @@ class Run:
             cwd=root, env={**env, **self.overrides.get("api", {})}, stdout=aout, stderr=subprocess.STDOUT,
             start_new_session=True,
         ))  # fmt: skip
-        _wait_port(self.api_port, self.procs[-1], "the API", alog)
-        if self.chain is not None:
-            self.chain.wait_scraped()
 
     def _start_chain(self) -> None:
         reason = (
@@ -262,8 +281,10 @@ class Run:
             client.close()
 
     def stop(self) -> None:
-        if self.chain is not None:
-            self.chain.stop()
+        # the alert chain stops while the app's processes do
+        chain = threading.Thread(target=self.chain.stop, daemon=True) if self.chain is not None else None
+        if chain is not None:
+            chain.start()
         for proc in self.procs:
             if proc.poll() is None:
                 # the parent only: Celery's prefork parent and uvicorn's supervisor stop their own
@@ -275,6 +296,8 @@ class Run:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        if chain is not None:
+            chain.join()
         for fh in self.files:
             fh.close()
         self.events = _events(os.path.join(self.dir, "api.log"))
