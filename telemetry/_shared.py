@@ -37,7 +37,8 @@ from ._integration import Integration
 from ._leader import Leader
 from ._log import emit, hook_error
 from ._settings import ConfigError
-from ._shared_events import EventDetector
+from ._shared_cluster import ClusterMember
+from ._shared_events import EVENT_CHANNEL, EventDetector
 from ._shared_model import (
     Columns,
     Owners,
@@ -50,7 +51,6 @@ from ._shared_model import (
 from ._shared_published import EVENTS, PUBLISHED
 from ._shared_queries import (
     ACTIVITY_SQL,
-    CLUSTER_SQL,
     LIMIT_SQL,
     LOCKS_SQL,
     REASONS,
@@ -58,9 +58,11 @@ from ._shared_queries import (
     SNAPSHOT_END,
     Deadline,
     connect,
+    drain,
     driver_available,
     failure_reason,
     fetch_rows,
+    listen,
 )
 from ._stats import OWNER_SOURCES, Sample, owner_rows
 
@@ -90,7 +92,7 @@ def _host_owners(directory: str | None) -> list[Any]:
     return rows
 
 
-class _Poller(EventDetector):
+class _Poller(EventDetector, ClusterMember):
     """The leader's work, one round per interval (in the shared-view thread)."""
 
     def __init__(self, settings: Any) -> None:
@@ -104,6 +106,8 @@ class _Poller(EventDetector):
         self.logged_missing: set[str] = set()
         #: the cluster election: "" (not tried on this connection), "held", "waiting", "off"
         self.cluster = "" if getattr(settings, "shared_view_cluster", True) else "off"
+        self.last_turn = time.monotonic()
+        self.told: list[str] = []
 
     def close(self) -> None:
         for conn in (self.server_conn, self.pooler_conn):
@@ -113,36 +117,6 @@ class _Poller(EventDetector):
         self.server_conn = self.pooler_conn = None
 
     # ---------------------------------------------------------------- one round
-
-    def cluster_turn(self) -> str:
-        """Whether this host's poller is the deployment's: it holds PostgreSQL's advisory lock
-        ``CLUSTER_LOCK`` on its monitoring connection (held for the connection's life, released
-        by the server when the process or its connection dies; the other hosts' pollers, which
-        try again every interval, take over). Where the lock cannot be taken (the server
-        unreachable, a role without the right), this host polls for itself, as before.
-
-        Returns "lead" (poll everything), "wait" (another host polls) or "fallback" (the server
-        failed just now, counted: poll the pooler only)."""
-        s = self.settings
-        if not s.server_view_url or self.cluster == "off":
-            return "lead"
-        if self.cluster == "held" and self.server_conn is not None:
-            return "lead"
-        try:
-            (row,) = self._query("db_server", s.server_view_url, [CLUSTER_SQL], admin=False)[0]
-            held = bool(row["held"])
-        except Exception as exc:
-            self._fail("db_server", exc, s.server_view_url)
-            self.cluster = ""
-            return "fallback"
-        if held:
-            self.cluster = "held"
-            return "lead"
-        if self.cluster == "held" or PUBLISHED.server_up is not None:  # another host polls now
-            PUBLISHED.stand_down()
-        self.cluster = "waiting"
-        self.logged_failure.discard("db_server")
-        return "wait"
 
     def poll(self) -> None:
         """One round. Each side fails on its own: a hung or odd pooler never stops the server
@@ -207,8 +181,16 @@ class _Poller(EventDetector):
         if conn is None:
             conn = connect(url, timeout, admin=admin)
             setattr(self, attr, conn)
+            if target == "db_server":  # the lease, kept by the server itself (PostgreSQL 14+)
+                with contextlib.suppress(Exception):
+                    fetch_rows(conn, f"set idle_session_timeout = {int(self.lease() * 1000)}")
+                with contextlib.suppress(Exception):  # the episodes other hosts' leaders report
+                    listen(conn, EVENT_CHANNEL, self.heard)
         with Deadline(conn, timeout):
-            return [fetch_rows(conn, sql) for sql in sqls]
+            out = [fetch_rows(conn, sql) for sql in sqls]
+        for payload in drain(conn):  # psycopg2 keeps them on the connection
+            self.heard(payload)
+        return out
 
     # ---------------------------------------------------------------- the pooler's metrics
 
@@ -417,6 +399,10 @@ class _Poller(EventDetector):
         PUBLISHED.server_ok_at = time.time()
         self._lock_events(locks, by_pid_row, owner_of)
         self._idle_events(activity, owner_of)
+        tell = self.tell_sql()
+        if tell:  # a host that takes over will not report these again
+            with contextlib.suppress(Exception):
+                self._query("db_server", s.server_view_url, [tell], admin=False)
         if pooler is not None:
             self._pooler_events(pooler, owners)
 

@@ -5,6 +5,7 @@ keyed on its backend and ``xact_start``, a pooler queue re-reported every
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +25,43 @@ from ._shared_published import PUBLISHED
 POOLER_EVENT_REPEAT_SECONDS = 30.0
 
 
+#: where a leader tells the other hosts which episodes it reported (``LISTEN``/``NOTIFY`` on
+#: the server: nothing to create): a host that takes over never reports them again
+EVENT_CHANNEL = "telemetry_shared_view_events"
+#: episodes heard of while following, at most (the oldest go first)
+HEARD_MAX = 10_000
+
+
 class EventDetector:
     settings: Any
     locks_reported: Any
     idle_reported: Any
     pooler_episodes: Any
+    told: list[str]  # the episodes this round reported, to be told to the other hosts
+
+    def heard(self, payload: str) -> None:
+        """Another host's leader reported this episode: never report it again here."""
+        try:
+            kind, pid, started = payload.split("|")
+            key = (int(pid), float(started))
+        except ValueError:
+            return  # not one of ours
+        table = self.idle_reported if kind == "idle" else self.locks_reported if kind == "lock" else None
+        if table is None:
+            return
+        table[key] = time.monotonic()
+        if len(table) > HEARD_MAX:  # following for long: episodes that ended are never pruned
+            for old in sorted(table, key=table.__getitem__)[: len(table) - HEARD_MAX]:
+                del table[old]
+
+    def tell_sql(self) -> str | None:
+        """One statement telling this round's reported episodes to the other hosts."""
+        told, self.told = self.told, []
+        if not told:
+            return None
+        # payloads are ours: digits, dots and bars only
+        values = ", ".join(f"'{t}'" for t in told if re.fullmatch(r"(idle|lock)\|\d+\|[0-9.e+-]+", t))
+        return f"select pg_notify('{EVENT_CHANNEL}', v) from unnest(array[{values}]) v" if values else None
 
     def _count_event(self, event: str) -> None:
         with PUBLISHED._lock:
@@ -72,6 +105,7 @@ class EventDetector:
             if w_trace:
                 fields["trace_id"] = w_trace
             self.locks_reported[key] = time.monotonic()
+            self.told.append(f"lock|{key[0]}|{key[1]!r}")
             self._count_event("db_lock_wait")
             emit("warning", "db_lock_wait", **fields)
         for key in [k for k in self.locks_reported if k not in seen]:
@@ -101,6 +135,7 @@ class EventDetector:
             if trace:
                 fields["trace_id"] = trace
             self.idle_reported[key] = time.monotonic()
+            self.told.append(f"idle|{key[0]}|{key[1]!r}")
             self._count_event("db_idle_in_transaction")
             emit("warning", "db_idle_in_transaction", **fields)
         for key in [k for k in self.idle_reported if k not in seen]:

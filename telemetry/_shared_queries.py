@@ -8,16 +8,20 @@ import os
 import socket
 import threading
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from . import _urls
 
-REASONS = ("timeout", "refused", "auth", "permission", "not_found", "redirect", "missing_column", "error")
+REASONS = ("timeout", "refused", "auth", "permission", "not_found", "redirect", "leader_stale", "lease_lost",
+           "missing_column", "error")
 
 
 def failure_reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}".lower()
-    for needle, reason in (("another origin", "redirect"), ("timeout", "timeout"), ("canceling statement", "timeout"),
+    for needle, reason in (("another origin", "redirect"), ("idle-session timeout", "lease_lost"),
+                           ("administrator command", "lease_lost"),
+                           ("timeout", "timeout"), ("canceling statement", "timeout"),
                            ("refused", "refused"), ("password", "auth"), ("authentication", "auth"),
                            ("401", "auth"), ("unauthorized", "auth"),
                            ("permission", "permission"), ("not allowed", "permission"),
@@ -68,6 +72,25 @@ def connect(url: str, timeout: float, *, admin: bool) -> Any:
         return conn
 
 
+def listen(conn: Any, channel: str, handler: Callable[[str], None]) -> None:
+    """``LISTEN channel`` on ``conn``. psycopg 3 calls ``handler`` with each payload as it
+    reads a query's results; psycopg2 keeps them on the connection (see :func:`drain`)."""
+    add = getattr(conn, "add_notify_handler", None)
+    if add is not None:
+        add(lambda n: handler(n.payload))
+    fetch_rows(conn, f"listen {channel}")
+
+
+def drain(conn: Any) -> list[str]:
+    """The payloads psycopg2 received with the last queries (psycopg 3 hands them over itself)."""
+    notifies = getattr(conn, "notifies", None)
+    if not isinstance(notifies, list) or not notifies:
+        return []
+    out = [n.payload for n in notifies]
+    del notifies[:]
+    return out
+
+
 def driver_available() -> bool:
     for name in ("psycopg", "psycopg2"):
         with contextlib.suppress(ImportError):
@@ -114,6 +137,14 @@ where w.wait_event_type = 'Lock'
 #: the deployment's one poller holds this advisory lock (two keys: ``pg_locks.classid/objid``)
 CLUSTER_LOCK = (1952804205, 1)
 CLUSTER_SQL = f"select pg_try_advisory_lock({CLUSTER_LOCK[0]}, {CLUSTER_LOCK[1]}) as held"
+#: the lock's holder as the other hosts see it: its backend, and how long that backend has
+#: been idle (a leader polls every interval: idle past the lease, it is stopped or frozen)
+HOLDER_SQL = f"""
+select a.pid, coalesce(a.state, '') as state,
+       extract(epoch from now() - a.state_change)::float8 as idle_seconds
+from pg_locks l join pg_stat_activity a on a.pid = l.pid
+where l.locktype = 'advisory' and l.granted and l.classid = {CLUSTER_LOCK[0]} and l.objid = {CLUSTER_LOCK[1]}
+"""
 #: the server's query set runs in one read-only transaction: ``pg_stat_activity`` is then one
 #: snapshot for every statement of the set, so a backend that started waiting on a lock between
 #: the activity read and the locks read is never a waiter without its row (it was named

@@ -461,3 +461,121 @@ def test_bad_urls_fail_at_start_up_without_showing_the_password() -> None:
         telemetry.instrument(service="api", server_view_url="mysql://u:hunter2@h/db")
     message = str(info.value)
     assert "server_view_url" in message and "postgresql://" in message and "hunter2" not in message
+
+
+_FROZEN_POLLER = _POLLER.replace("shared_view_interval_seconds=0.2,", "shared_view_interval_seconds=0.2, shared_view_timeout_seconds=1,")
+_HOLDER_SQL = ("select a.application_name from pg_locks l join pg_stat_activity a using (pid) "
+               f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared_queries.CLUSTER_LOCK[0]} "
+               f"and l.objid = {_shared_queries.CLUSTER_LOCK[1]}")  # fmt: skip
+
+
+def test_a_frozen_cluster_poller_loses_its_lease_and_stands_down_when_it_wakes(pg: services.Postgres, tmp_path: Any) -> None:
+    """SIGSTOP the host that polls for the deployment: its session is ended within the lease
+    (2 intervals + the timeout + 1 s: 2.4 s here), the other host takes the lock and polls.
+    SIGCONT it: it asks the server before polling again, finds its session gone, stands down,
+    and never polls again while the other leads."""
+    import signal
+
+    server = pg.url().replace("+psycopg", "")
+    procs = {}
+    for name in ("h1", "h2"):
+        os.mkdir(tmp_path / name)
+        procs[name] = subprocess.Popen([sys.executable, "-c", _FROZEN_POLLER, str(tmp_path / name), server, f"svc-{name}"],
+                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def polls(name: str) -> float:
+        return _value(_host(str(tmp_path / name)), "db_server_view_polls_total") or 0
+
+    try:
+        first = _wait_for(lambda: pg.psql(_HOLDER_SQL), timeout=30)
+        frozen = next(n for n, p in procs.items() if p.pid == int(first.split("/")[1].split("@")[0]))
+        other = "h2" if frozen == "h1" else "h1"
+        os.kill(procs[frozen].pid, signal.SIGSTOP)
+        second = _wait_for(lambda: pg.psql(_HOLDER_SQL) not in ("", first) and pg.psql(_HOLDER_SQL), timeout=30)
+        assert int(second.split("/")[1].split("@")[0]) == procs[other].pid
+        assert _wait_for(lambda: polls(other) > 0 and _value(_host(str(tmp_path / other)), "db_server_view_up") == 1)
+        os.kill(procs[frozen].pid, signal.SIGCONT)
+        # the woken host stands down: its figures go (no stale up 1 left behind) ...
+        assert _wait_for(lambda: _value(_host(str(tmp_path / frozen)), "db_server_view_up") is None, timeout=30)
+        woke_polls, led_polls = polls(frozen), polls(other)
+        # ... and stays down while the other host polls ten more times
+        assert _wait_for(lambda: polls(other) >= led_polls + 10, timeout=30)
+        assert polls(frozen) == woke_polls
+        assert pg.psql(_HOLDER_SQL) == second  # one holder all along
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def test_a_holder_idle_past_the_lease_marks_the_view_down_until_it_is_gone(pg: services.Postgres) -> None:
+    """A session holding the deployment's lock without polling (a frozen leader on a server
+    older than PostgreSQL 14, or a leader the monitoring role may not end): every other host
+    exports ``db_server_view_up 0`` with reason ``leader_stale``, and logs it once. Once the
+    holder is gone, a host takes over and the view is up again."""
+    import psycopg
+
+    pg.psql("do $$ begin create role monitor login; exception when duplicate_object then null; end $$; "
+            "grant pg_monitor to monitor")  # fmt: skip
+    monitor = f"postgresql://monitor@127.0.0.1:{pg.port}/postgres"
+    squatter = psycopg.connect(pg.url().replace("+psycopg", ""), autocommit=True)  # a superuser: not ours to end
+    try:
+        squatter.execute(f"select pg_advisory_lock({_shared_queries.CLUSTER_LOCK[0]}, {_shared_queries.CLUSTER_LOCK[1]})")
+        with capture_events("telemetry_shared_view_leader_stale") as events:
+            telemetry.instrument(service="api", server_view_url=monitor, shared_view_interval_seconds=0.2,
+                                 shared_view_timeout_seconds=1)  # fmt: skip
+            assert _wait_for(lambda: (_value(_host(None), "db_server_view_errors_total", reason="leader_stale") or 0) >= 3,
+                             timeout=30)  # fmt: skip
+            assert _value(_host(None), "db_server_view_up") == 0
+            assert (_value(_host(None), "db_server_view_polls_total") or 0) == 0  # it never polled meanwhile
+    finally:
+        squatter.close()
+    assert len(events) == 1 and events[0]["lease_seconds"] == 2.4, events
+    assert _wait_for(lambda: _value(_host(None), "db_server_view_up") == 1, timeout=30)
+
+
+def test_one_idle_in_transaction_event_across_a_failover(pg: services.Postgres, tmp_path: Any) -> None:
+    """A transaction left idle is reported once by the host polling for the deployment. That
+    host is killed mid-episode: the host that takes over heard of the report (``NOTIFY``) and
+    does not report the same transaction again."""
+    import psycopg
+
+    script = _POLLER.replace("shared_view_interval_seconds=0.2,",
+                             "shared_view_interval_seconds=0.2, idle_in_transaction_event_seconds=0.5,")  # fmt: skip
+    server = pg.url().replace("+psycopg", "")
+    procs = {}
+    for name in ("h1", "h2"):
+        os.mkdir(tmp_path / name)
+        procs[name] = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / name), server, f"svc-{name}"],
+                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def events() -> float:
+        return sum(_value(_host(str(tmp_path / n)), "db_server_events_total", event="db_idle_in_transaction") or 0
+                   for n in procs)  # fmt: skip
+
+    def polls(name: str) -> float:
+        return _value(_host(str(tmp_path / name)), "db_server_view_polls_total") or 0
+
+    idle = psycopg.connect(server, application_name="left-open")
+    try:
+        first = _wait_for(lambda: pg.psql(_HOLDER_SQL), timeout=30)
+        killed = next(n for n, p in procs.items() if p.pid == int(first.split("/")[1].split("@")[0]))
+        other = "h2" if killed == "h1" else "h1"
+        idle.execute("select 1")  # a transaction begins, and is left idle
+        assert _wait_for(lambda: events() == 1, timeout=30)
+        procs[killed].kill()
+        procs[killed].wait(timeout=30)
+        assert _wait_for(lambda: polls(other) >= 10, timeout=30)  # the other host leads, and has looked
+        assert events() == 1
+    finally:
+        idle.close()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
