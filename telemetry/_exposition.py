@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -28,9 +29,15 @@ from . import _multiprocess, _snapshot
 from ._metrics import CATALOGUE, COUNTER, GAUGE, HISTOGRAM
 from ._stats import snapshot
 
+#: a live process whose file was not written for this long is stopped or frozen (SIGSTOP): the
+#: shared view's figures it published read as not current (``*_view_up`` 0, the age grows)
+STALE_FILE_SECONDS = 10.0
 
-def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any]]]) -> list[Metric]:
+
+def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any]]],
+             written: dict[int, float] | None = None, stale_after: float = STALE_FILE_SECONDS) -> list[Metric]:
     total = _snapshot.Total()
+    now = time.time()
     if archive:
         total.add(archive)
     for _pid, snap in live:
@@ -48,7 +55,13 @@ def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any
             spec = CATALOGUE.get(name)
             if spec is not None and "pid" not in spec.labels:
                 # the shared view's, from the host's one polling process (one value per series
-                # even while the poller changes hands)
+                # even while the poller changes hands); from a file that stopped being written
+                # (its writer frozen) the age counts on and the view is not up
+                late = now - written[pid] if written and pid in written else 0.0
+                if name.endswith("_view_age_seconds"):
+                    value = round(value + late, 3)
+                elif name.endswith("_view_up") and late > stale_after:
+                    value = 0
                 host_wide[(name, labels)] = value
                 continue
             by_name.setdefault(name, []).append((labels + (("pid", str(pid)),), value))
@@ -90,14 +103,17 @@ def families(archive: dict[str, Any] | None, live: list[tuple[int, dict[str, Any
 class TelemetryCollector:
     """A prometheus-client collector over the package's measurements."""
 
-    def __init__(self, directory: str | None = None, own: _multiprocess.ProcessFile | None = None):
+    def __init__(self, directory: str | None = None, own: _multiprocess.ProcessFile | None = None,
+                 stale_after: float = STALE_FILE_SECONDS):
         self.directory = directory
         self.own = own
+        self.stale_after = stale_after
 
     def collect(self) -> Iterator[Metric]:
         if self.directory:
-            archive, live = _multiprocess.read_host(self.directory, self.own)
-            yield from families(archive, live)
+            written: dict[int, float] = {}
+            archive, live = _multiprocess.read_host(self.directory, self.own, written)
+            yield from families(archive, live, written, self.stale_after)
         else:
             yield from families(None, [(os.getpid(), snapshot())])
 
@@ -105,11 +121,12 @@ class TelemetryCollector:
         return []
 
 
-def host_registry(directory: str | None, own: _multiprocess.ProcessFile | None = None) -> CollectorRegistry:
+def host_registry(directory: str | None, own: _multiprocess.ProcessFile | None = None,
+                  stale_after: float = STALE_FILE_SECONDS) -> CollectorRegistry:
     """A registry for a host's ``/metrics``: ours, plus prometheus-client's own multiprocess
     metrics (the user's) when ``PROMETHEUS_MULTIPROC_DIR`` is the same directory."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TelemetryCollector(directory, own))
+    registry.register(TelemetryCollector(directory, own, stale_after))
     stock = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and stock and os.path.abspath(stock) == os.path.abspath(directory):
         from prometheus_client import multiprocess

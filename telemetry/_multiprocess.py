@@ -183,8 +183,10 @@ def _load(path: str) -> Any:
         return None
 
 
-def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, list[tuple[int, Snap]]]:
-    """The archive of dead processes and the snapshot of each live one (archiving the dead)."""
+def read_host(directory: str, own: ProcessFile | None = None,
+              written: dict[int, float] | None = None) -> tuple[Snap, list[tuple[int, Snap]]]:
+    """The archive of dead processes and the snapshot of each live one (archiving the dead);
+    ``written`` gets each live file's write time (a live process whose file stopped is frozen)."""
     live: list[tuple[int, Snap]] = []
     dead_pids: list[int] = []
     with _locked(directory):
@@ -208,11 +210,16 @@ def read_host(directory: str, own: ProcessFile | None = None) -> tuple[Snap, lis
                 continue
             if own is not None and pid == own.pid and start == own.start:
                 live.append((pid, own.flush()))
+                if written is not None:
+                    written[pid] = time.time()
                 continue
             if _proc_start(pid) == start:
                 data = _load(path)
                 if data is not None:
                     live.append((pid, data["snap"]))
+                    if written is not None:
+                        with contextlib.suppress(OSError):
+                            written[pid] = os.stat(path).st_mtime
                 continue
             if base not in merged:
                 data = _load(path)

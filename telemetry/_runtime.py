@@ -168,7 +168,9 @@ class Runtime:
         directory = directory or self.settings.multiproc_dir
         if directory:
             _multiprocess.check_dir(directory)
-            return _exposition.host_registry(directory, self.process_file)
+            # a file unwritten for three flushes (and 10 s) is a frozen writer's
+            stale = max(_exposition.STALE_FILE_SECONDS, 3 * self.settings.flush_interval_seconds)
+            return _exposition.host_registry(directory, self.process_file, stale)
         return prometheus_client.REGISTRY
 
     def serve_metrics(self, port: int, addr: str, directory: str | None = None, **auth: Any) -> Any:

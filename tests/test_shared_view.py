@@ -494,6 +494,9 @@ def test_a_frozen_cluster_poller_loses_its_lease_and_stands_down_when_it_wakes(p
         second = _wait_for(lambda: pg.psql(_HOLDER_SQL) not in ("", first) and pg.psql(_HOLDER_SQL), timeout=30)
         assert int(second.split("/")[1].split("@")[0]) == procs[other].pid
         assert _wait_for(lambda: polls(other) > 0 and _value(_host(str(tmp_path / other)), "db_server_view_up") == 1)
+        # the frozen host's own /metrics: what its poller last published ages on, then reads not up
+        assert _wait_for(lambda: _value(_host(str(tmp_path / frozen)), "db_server_view_up") == 0, timeout=30)
+        assert (_value(_host(str(tmp_path / frozen)), "db_server_view_age_seconds") or 0) > 5
         os.kill(procs[frozen].pid, signal.SIGCONT)
         # the woken host stands down: its figures go (no stale up 1 left behind) ...
         assert _wait_for(lambda: _value(_host(str(tmp_path / frozen)), "db_server_view_up") is None, timeout=30)
