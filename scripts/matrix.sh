@@ -25,6 +25,10 @@ OLDEST=(
 )
 TOOLS=("grafanalib>=0.7" "pyyaml>=6" "rich>=13" "matplotlib>=3.7" "pytest>=8" "pytest-asyncio>=0.23" "pytest-xdist>=3.5")
 quiet() { grep -v '^WARNING: Location' || true; }
+# an editable install writes poolsight.egg-info into the tree: two at once (the two
+# environments are built side by side) must take turns
+LOCK=${TMPDIR:-/tmp}/poolsight-editable.lock
+editable() { flock "$LOCK" "$@"; }
 
 py313() {
   local found=${PYTHON313:-$(ls -d "$(pyenv root 2>/dev/null || echo /root/.pyenv)"/versions/3.13*/bin/python3.13 2>/dev/null | tail -1)}
@@ -40,7 +44,7 @@ setup() {
     oldest)
       [ -x .venv-oldest/bin/python ] || "$PY" -m venv .venv-oldest || return 1
       .venv-oldest/bin/python -m pip install -q --disable-pip-version-check "${OLDEST[@]}" "${TOOLS[@]}" 2>&1 | quiet
-      .venv-oldest/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | quiet
+      editable .venv-oldest/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | quiet
       .venv-oldest/bin/python - <<'PY' || return 1
 import importlib.metadata as m
 names = ["sqlalchemy", "fastapi", "starlette", "celery", "kombu", "redis", "prometheus-client", "opentelemetry-sdk", "structlog"]
@@ -51,7 +55,7 @@ PY
       local python
       python=$(py313) || return 1
       [ -x .venv-313/bin/python ] || "$python" -m venv .venv-313 || return 1
-      .venv-313/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | quiet
+      editable .venv-313/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | quiet
       .venv-313/bin/python -c "import sys, telemetry, sqlalchemy, fastapi, celery; print('py313:', sys.version.split()[0])" || return 1
       ;;
     *) echo "matrix: unknown environment '$1' (oldest or py313)" >&2; return 2 ;;

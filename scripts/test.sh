@@ -13,7 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES=${TELEMETRY_TEST_STAGES:-"lint types suite oldest py313"}
 #: parallel workers: the suite waits on real servers far more than it computes (measured in
-#: docs/testing.md); the heavy tests are grouped onto one worker (xdist_group "heavy")
+#: docs/testing.md). --dist loadfile: a file's tests run on one worker, so the demos (one file,
+#: CPU-heavy and judging rates) never run two at a time (tests/conftest.py starts them first)
 WORKERS=${TELEMETRY_TEST_WORKERS:-4}
 LOGS=${TMPDIR:-/tmp}/telemetry-test-logs.$$
 mkdir -p "$LOGS"
@@ -60,12 +61,12 @@ matrix_stage() {  # wait for the environment's setup, then run its tests
     return 1
   fi
   cat "$LOGS/setup-$env.log"
-  bash scripts/matrix.sh run "$env" -n "$WORKERS" --dist loadgroup --durations=25 "$@"
+  bash scripts/matrix.sh run "$env" -n "$WORKERS" --dist loadfile --durations=25 "$@"
   pytest_rc $?
 }
 
 suite() {
-  .venv/bin/python -m pytest -n "$WORKERS" --dist loadgroup --durations=25 "$@"
+  .venv/bin/python -m pytest -n "$WORKERS" --dist loadfile --durations=25 "$@"
   pytest_rc $?
 }
 

@@ -25,16 +25,16 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     os.environ[PORT_RANGE_ENV] = f"{_base}-{_base + 1000}"
 
 
+#: files whose tests take minutes: started first, each whole on one parallel worker
+#: (``--dist loadfile``), so the demos (20 processes each, judging rates and waits on 2 cores)
+#: run one at a time while the light tests run beside them
+LONG_FILES = ("test_alert_path.py", "test_demo.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest tests first, so that parallel workers (pytest-xdist) start them at once and
-    finish together: the demo group and the slow tests (real alert ``for:`` durations), then the
-    rest in their usual order."""
-
-    def long(item: pytest.Item) -> bool:
-        return item.get_closest_marker("slow") is not None or any(
-            m.args[:1] == ("demo",) for m in item.iter_markers("xdist_group"))
-
-    items.sort(key=lambda item: 0 if long(item) else 1)
+    """The longest files first, so that parallel workers (pytest-xdist) start them at once and
+    finish together; the rest in their usual order."""
+    items.sort(key=lambda item: 0 if item.path.name in LONG_FILES else 1)
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,6 @@ import pytest
 
 from telemetry.tools import report as _report
 
-# the demos run 20 processes each on a 2-core machine and judge rates and waits: one at a time,
-# on one parallel worker, started first (tests/conftest.py), while the light tests run beside them
-pytestmark = pytest.mark.xdist_group("demo")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--duration", "6", "--generations", "8", "--concepts", "6", "--rate", "12",
          "--llm-seconds", "0.1", "--save-seconds", "0.1", "--pool-timeout", "2"]  # fmt: skip

@@ -194,24 +194,26 @@ class Run:
             self.chain.wait_scraped()
 
     def _start_app(self, env: dict[str, str], root: str) -> None:
+        """Every process at once: the content worker's prefork parent serves the host's
+        ``/metrics`` (the others have no metrics port: they write their files, it reads them),
+        so nothing needs to wait for another to start."""
+        others = {k: v for k, v in env.items() if k != "TELEMETRY_METRICS_PORT"}
         first = None
         for queue, knob in GROUPS:
             log = os.path.join(self.dir, f"{queue}-worker.log")
             out = open(log, "w")  # noqa: SIM115 - closed in stop()
             self.files.append(out)
+            base = env if first is None else others
             proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "telemetry.tools.pipeline.worker", "worker",
                  "--pool", "prefork", "-Q", queue, "-n", f"{queue}@%h", "--concurrency", env[knob],
                  "-l", "warning"],
-                cwd=root, env={**env, "WORKER_SERVICE": f"{queue}-worker", **self.overrides.get(f"{queue}-worker", {})}, stdout=out,
+                cwd=root, env={**base, "WORKER_SERVICE": f"{queue}-worker", **self.overrides.get(f"{queue}-worker", {})}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             self.procs.append(proc)
             if first is None:
                 first = (proc, log)
-                _wait_port(
-                    self.metrics_port, proc, "the content worker", log
-                )  # it serves the host's /metrics
         alog = os.path.join(self.dir, "api.log")
         aout = open(alog, "w")  # noqa: SIM115 - closed in stop()
         self.files.append(aout)
@@ -219,9 +221,11 @@ class Run:
             [sys.executable, "-m", "uvicorn", "telemetry.tools.pipeline.api:app", "--workers",
              env["UVICORN_WORKERS"], "--host", "127.0.0.1", "--port", str(self.api_port),
              "--log-level", "warning"],
-            cwd=root, env={**env, **self.overrides.get("api", {})}, stdout=aout, stderr=subprocess.STDOUT,
+            cwd=root, env={**others, **self.overrides.get("api", {})}, stdout=aout, stderr=subprocess.STDOUT,
             start_new_session=True,
         ))  # fmt: skip
+        assert first is not None
+        _wait_port(self.metrics_port, first[0], "the content worker", first[1])  # it serves the host's /metrics
 
     def _start_chain(self) -> None:
         reason = (
