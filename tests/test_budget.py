@@ -60,3 +60,19 @@ def test_bad_yaml_values(tmp_path):
     f.write_text("limit: 50\nservices:\n  api: {procs: 2}\n")
     out = run(str(f))
     assert out.returncode == 2 and "unknown key(s) ['procs']" in out.stderr
+
+
+@pytest.mark.parametrize("how", ["flags", "file"])
+def test_a_service_named_twice_is_refused_naming_it(how, tmp_path):
+    """Two entries ``api`` (60 connections in all against 50) were kept as one: "fits: 5 <= 50",
+    exit 0. A service given twice is refused (exit 2, naming it), from flags and from a file."""
+    if how == "flags":
+        out = run("--limit", "50", "--service", "api=1x3+2", "--service", "api=11x3+2")
+    else:
+        path = tmp_path / "twice.yml"
+        path.write_text("limit: 50\nservices:\n  api: {processes: 1, pool_size: 3, max_overflow: 2}\n"
+                        "  api: {processes: 11, pool_size: 3, max_overflow: 2}\n")  # fmt: skip
+        out = run(str(path))
+    assert out.returncode == 2, out.stdout
+    assert "'api'" in out.stderr and "twice" in out.stderr and "Traceback" not in out.stderr
+    assert "fits" not in out.stdout

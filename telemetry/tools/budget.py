@@ -97,6 +97,9 @@ def from_flags(limit: int, services: list[str], reserved: int = 0) -> Budget:
         if not m:
             raise ConfigError(f"invalid --service {text!r}: expected NAME=PROCESSESxPOOL_SIZE+MAX_OVERFLOW, "
                               "for example api=4x2+2")  # fmt: skip
+        if m["name"] in parsed:  # kept silently, the last would hide the first's connections
+            raise ConfigError(f"invalid --service {text!r}: the service {m['name']!r} is given twice; give each "
+                              "service once, with all its processes (NAME=PROCESSESxPOOL_SIZE+MAX_OVERFLOW)")  # fmt: skip
         parsed[m["name"]] = {"processes": int(m["p"]), "pool_size": int(m["size"]),
                              "max_overflow": int(m["over"])}  # fmt: skip
     return from_mapping({"limit": limit, "reserved": reserved, "services": parsed}, "flags")
@@ -119,3 +122,25 @@ def render(budget: Budget) -> str:
         lines.append(f"does NOT fit: worst case {budget.total} > {budget.available} "
                      f"({budget.total - budget.available} over): under load, connects will fail or wait")  # fmt: skip
     return "\n".join(lines)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The budget file, refusing a key given twice in one mapping (YAML keeps the last one
+    silently: a service named twice would lose the first's connections)."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"invalid {source}: {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                  "give each service once, with all its processes")  # fmt: skip
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Strict)  # noqa: S506 - a SafeLoader subclass

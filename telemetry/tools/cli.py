@@ -264,7 +264,7 @@ def _budget(args: argparse.Namespace) -> int:
 
         try:
             with open(args.file) as fh:
-                data = yaml.safe_load(fh)
+                data = b.load_yaml(fh.read(), args.file)
         except OSError as exc:
             raise ConfigError(f"budget: cannot read {args.file}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
