@@ -467,6 +467,13 @@ _SPECS: list[MetricSpec] = [
         "missing_column: a poll whose SHOW rows lacked columns this version does not have (the rest "
         "was published).", host_wide=True,
     ),
+    MetricSpec(
+        "db_server_statement_tags_rejected_total", COUNTER, ("reason",), "tags",
+        "Statement tags read on the server but not believed (the backend counted as not ours): "
+        "foreign_session (another client's session, e.g. psql running a copied statement), "
+        "dead_process (it names a process of this host that is gone), malformed. Per backend and poll.",
+        host_wide=True,
+    ),
     # ---------------------------------------------------------------- tracing
     MetricSpec(
         "telemetry_spans_total", COUNTER, ("service", "result"), "spans",

@@ -24,9 +24,6 @@ service, process and host, and that host's leader names the owner (see docs/shar
 from __future__ import annotations
 
 import contextlib
-import glob
-import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,50 +43,29 @@ from ._shared_model import (
     chain_root,
     parse_application,
     statement,
+    tag_verdict,
     wait_seconds,
 )
 from ._shared_published import EVENTS, PUBLISHED
 from ._shared_queries import (
     ACTIVITY_SQL,
+    HOST,
     LIMIT_SQL,
     LOCKS_SQL,
     REASONS,
     SNAPSHOT_BEGIN,
     SNAPSHOT_END,
     Deadline,
+    alive,
     connect,
     drain,
     driver_available,
     failure_reason,
     fetch_rows,
+    host_owners,
     listen,
 )
 from ._stats import OWNER_SOURCES, Sample, owner_rows
-
-
-def _host_owners(directory: str | None) -> list[Any]:
-    """This process's owner rows and those the host's other live processes last wrote."""
-    rows = owner_rows()
-    if not directory:
-        return rows
-    from . import _multiprocess
-
-    own = os.getpid()
-    for path in glob.glob(os.path.join(directory, f"{_multiprocess.PREFIX}*-*.json")):
-        base = os.path.basename(path)
-        try:
-            pid_text, start = base[len(_multiprocess.PREFIX) : -len(".json")].split("-", 1)
-            pid = int(pid_text)
-        except ValueError:
-            continue
-        if pid == own or _multiprocess.proc_start(pid) != start:
-            continue
-        try:
-            with open(path) as fh:
-                rows.extend(json.load(fh).get("owners") or [])
-        except (OSError, ValueError):
-            continue
-    return rows
 
 
 class _Poller(EventDetector, ClusterMember):
@@ -125,7 +101,7 @@ class _Poller(EventDetector, ClusterMember):
         turn = self.cluster_turn()
         if turn == "wait":
             return
-        owners = Owners(_host_owners(s.multiproc_dir))
+        owners = Owners(host_owners(s.multiproc_dir))
         pooler = None
         if s.pooler_metrics_url and not s.pgbouncer_url:  # the pooler's own metrics: no console
             try:
@@ -327,12 +303,29 @@ class _Poller(EventDetector, ClusterMember):
         self.logged_failure.discard("db_server")
         server_client = pooler["server_client"] if pooler else {}
 
+        def joined(row: dict[str, Any]) -> Any:
+            """The held connection of ours on this backend: by backend pid, through the pooler's
+            client address and port, or by the server's client address and port."""
+            known = owners.by_pid.get(row["pid"])
+            if known is None and row["pid"] in server_client:  # through the pooler
+                client = server_client[row["pid"]]
+                known = owners.peer(client.get("addr"), client.get("port"))
+            if known is None:
+                known = owners.peer(row.get("client_addr"), row.get("client_port"))
+            return known
+
         def owner_of(row: dict[str, Any]) -> tuple[str, str, str, str]:
             """(service, owner, host, trace_id) of the client holding this backend: from the
             statement tag of its current transaction (it travels through any pooler, and wins),
             else the backend pid / client address and port join, else nobody of ours."""
-            if row["state"] != "idle":  # an idle backend's last statement names a past client
+            # an idle backend's last statement names a past client; with tags off none is read
+            if row["state"] != "idle" and s.statement_tag:
                 tag = _sqltag.parse(row.get("query"))
+                if tag:
+                    why = tag_verdict(row["app"], tag["application"], HOST, alive, joined(row) is not None)
+                    if why is not None:  # not ours (psql running a copied statement): counted
+                        PUBLISHED.count_rejected(why)
+                        tag = {}
                 if tag:
                     t_service, _tpid, t_host = parse_application(tag["application"])
                     trace = tag.get("traceparent", "").split("-")
@@ -341,12 +334,7 @@ class _Poller(EventDetector, ClusterMember):
                             trace[1] if len(trace) == 4 else "")  # fmt: skip
             _name, _pid, host = parse_application(row["app"])
             service = app_label(row["app"])
-            known = owners.by_pid.get(row["pid"])
-            if known is None and row["pid"] in server_client:  # through the pooler
-                client = server_client[row["pid"]]
-                known = owners.peer(client.get("addr"), client.get("port"))
-            if known is None:
-                known = owners.peer(row.get("client_addr"), row.get("client_port"))
+            known = joined(row)
             if known is None:
                 return service, "", host, ""
             return (str(known.service), _bounds.SERVER_OWNERS(str(known.service), str(known.owner)), host,

@@ -4,6 +4,7 @@ No I/O: unit-tested without a server (``tests/test_shared_model.py``)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from . import _bounds
@@ -17,6 +18,33 @@ def parse_application(name: str) -> tuple[str, str, str]:
     if m is None:
         return (name or "unnamed")[:60], "", ""
     return m["service"], m["pid"], m["host"]
+
+
+#: the names transaction poolers give every server connection instead of the client's (Supabase's
+#: Supavisor; pgbouncer, PgCat and Odyssey where configured to; none at all)
+POOLER_NAMES = frozenset({"supavisor", "pgbouncer", "pgcat", "odyssey", ""})
+
+
+def tag_verdict(backend_app: str, tag_app: str, this_host: str, alive: Callable[[int], bool],
+                claimed: bool = False) -> str | None:
+    """Whether a statement tag read on a backend is ours: None when it is, else why not.
+
+    Believed: the backend carries the tag's own ``service/pid@host`` (a direct connection, or a
+    pooler that passes names through); or a pooler renamed the backend and the tag names a
+    process that is alive, where this host can tell (its own host); or one of this host's
+    processes claims the backend (its owner rows). Not believed: a session of another client
+    (``psql`` running a statement copied from ``pg_stat_activity``: ``foreign_session``), a tag
+    naming a process of this host that is gone (``dead_process``)."""
+    if backend_app == tag_app or claimed:
+        return None
+    _service, pid, host = parse_application(tag_app)
+    if not pid:
+        return "malformed"
+    if (backend_app or "").strip().lower() not in POOLER_NAMES:
+        return "foreign_session"
+    if host == this_host and not alive(int(pid)):
+        return "dead_process"
+    return None
 
 
 def app_label(name: str) -> str:

@@ -30,6 +30,7 @@ class _Published:
         self.errors: dict[tuple[str, str], int] = {}
         self.events: dict[str, int] = {}
         self.polls: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
 
     def samples(self) -> Iterable[Sample]:
         with self._lock:
@@ -54,6 +55,8 @@ class _Published:
             yield "db_server_events_total", (("event", event),), n
         for target, n in list(self.polls.items()):
             yield f"{target}_view_polls_total", (), n
+        for reason, n in list(self.rejected.items()):
+            yield "db_server_statement_tags_rejected_total", (("reason", reason),), n
 
     def stand_down(self) -> None:
         """Another host polls the server now: this one's figures go (they would only age)."""
@@ -61,6 +64,10 @@ class _Published:
             self.server, self.pooler = [], []
         self.server_up = self.pooler_up = None
         self.server_ok_at = self.pooler_ok_at = None
+
+    def count_rejected(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def count_error(self, target: str, reason: str) -> None:
         with self._lock:

@@ -4,6 +4,8 @@ PostgreSQL, the deadline that bounds a query set, and the reason a failure is co
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import socket
 import threading
@@ -11,7 +13,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from . import _urls
+from . import _multiprocess, _urls
+from ._stats import owner_rows
 
 REASONS = ("timeout", "refused", "auth", "permission", "not_found", "redirect", "leader_stale", "lease_lost",
            "missing_column", "error")
@@ -189,3 +192,34 @@ class Deadline:
         self.timer.join()
         if self.fired:  # the connection is shut: whatever came back, this round timed out
             raise TimeoutError(f"no answer within {self.seconds:g} s (query timeout)") from exc
+
+
+HOST = socket.gethostname()
+
+
+def alive(pid: int) -> bool:
+    """A process of this host, still running (its start time readable)."""
+    return pid == os.getpid() or _multiprocess.proc_start(pid) is not None
+
+
+def host_owners(directory: str | None) -> list[Any]:
+    """This process's owner rows and those the host's other live processes last wrote."""
+    rows = owner_rows()
+    if not directory:
+        return rows
+    own = os.getpid()
+    for path in glob.glob(os.path.join(directory, f"{_multiprocess.PREFIX}*-*.json")):
+        base = os.path.basename(path)
+        try:
+            pid_text, start = base[len(_multiprocess.PREFIX) : -len(".json")].split("-", 1)
+            pid = int(pid_text)
+        except ValueError:
+            continue
+        if pid == own or _multiprocess.proc_start(pid) != start:
+            continue
+        try:
+            with open(path) as fh:
+                rows.extend(json.load(fh).get("owners") or [])
+        except (OSError, ValueError):
+            continue
+    return rows

@@ -347,3 +347,65 @@ def test_owners_read_from_tags_are_capped_like_the_owner_label(pg: services.Post
         engine.dispose()  # type: ignore[attr-defined]
     assert len(set(named) - {"other"}) == 10 and named["other"] == 14, named
     assert folded >= 14
+
+
+def _forged(pid: int, owner: str = "GET /reports/{id}") -> str:
+    """A statement tag as ours look, naming ``api/<pid>@<this host>``."""
+    import socket
+    import urllib.parse
+
+    app = urllib.parse.quote(f"api/{pid}@{socket.gethostname()}", safe="")
+    return f"/*application='{app}',owner='{urllib.parse.quote(owner, safe='')}'*/ select 1"
+
+
+def _rejected(reason: str) -> float:
+    return _value(_host(None), "db_server_statement_tags_rejected_total", reason=reason) or 0
+
+
+def test_a_tag_copied_into_psql_is_never_ours(pg: services.Postgres) -> None:
+    """A DBA's psql session runs a statement copied from ``pg_stat_activity``, its tag naming
+    this very process: the session is not counted as ours, the rejection is."""
+    import os
+
+    import psycopg
+
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    with psycopg.connect(_direct(pg), application_name="psql") as psql:
+        psql.execute(_forged(os.getpid()))  # a transaction begins, and stays open
+        assert _wait_for(lambda: _rejected("foreign_session") >= 2, timeout=30)
+        named = _host(None)
+    assert _value(named, "db_server_connections_by_owner", owner="GET /reports/{id}") is None
+    assert (_value(named, "db_server_connections", application="psql") or 0) >= 1
+
+
+def test_behind_a_renaming_pooler_a_tag_naming_a_dead_process_is_not_ours(pg: services.Postgres,
+                                                                          supavisor: RenamingProxy) -> None:  # fmt: skip
+    """Behind the pooler every backend reads "Supavisor", so the tag is the only word: one
+    naming a process of this host that is gone is not believed."""
+    import psycopg
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=30)
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    with psycopg.connect(supavisor.url().replace("+psycopg", ""), prepare_threshold=None) as conn:
+        conn.execute(_forged(gone.pid))
+        assert _wait_for(lambda: _rejected("dead_process") >= 2, timeout=30)
+        named = _host(None)
+    assert _value(named, "db_server_connections_by_owner", owner="GET /reports/{id}") is None
+
+
+def test_with_tags_off_no_tag_is_read(pg: services.Postgres, supavisor: RenamingProxy) -> None:
+    """``statement_tag=False``: tags in other sessions' statements are not read either (a live
+    process of ours named behind the renaming pooler would otherwise be believed)."""
+    import os
+
+    import psycopg
+
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2,
+                         statement_tag=False)  # fmt: skip
+    with psycopg.connect(supavisor.url().replace("+psycopg", ""), prepare_threshold=None) as conn:
+        conn.execute(_forged(os.getpid()))
+        assert _wait_for(lambda: (_value(_host(None), "db_server_view_polls_total") or 0) >= 5, timeout=30)
+        named = _host(None)
+    assert _value(named, "db_server_connections_by_owner", owner="GET /reports/{id}") is None
+    assert _value(named, "db_server_statement_tags_rejected_total") is None  # not read, so not judged

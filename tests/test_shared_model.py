@@ -84,3 +84,18 @@ def test_pooler_rows_without_some_columns_publish_the_rest() -> None:
     assert published[("pgbouncer_client_maxwait_seconds", lb)] == 1.5
     assert published[("pgbouncer_client_wait_seconds_total", (("database", "app"),))] == 2.0
     assert not any(n == "pgbouncer_transactions_total" for n, _lb in published)
+
+
+def test_a_tag_is_believed_only_where_it_can_be_ours():
+    """The verdict on a tag read on a backend (``_shared_model.tag_verdict``)."""
+    from telemetry._shared_model import tag_verdict
+
+    alive = {10: True, 11: False}.get
+    ours = "api/10@h1"
+    assert tag_verdict(ours, ours, "h1", alive) is None  # direct, or a pooler passing names through
+    assert tag_verdict("psql", ours, "h1", alive) == "foreign_session"  # a copied statement
+    assert tag_verdict("Supavisor", ours, "h1", alive) is None  # renamed by the pooler, alive here
+    assert tag_verdict("Supavisor", "api/11@h1", "h1", alive) == "dead_process"
+    assert tag_verdict("Supavisor", "api/11@h2", "h1", alive) is None  # another host: not checkable here
+    assert tag_verdict("myapp", ours, "h1", alive, claimed=True) is None  # our owner rows claim the backend
+    assert tag_verdict("Supavisor", "api", "h1", alive) == "malformed"
