@@ -84,6 +84,7 @@ class _Poller(EventDetector, ClusterMember):
         self.cluster = "" if getattr(settings, "shared_view_cluster", True) else "off"
         self.last_turn = time.monotonic()
         self.told: list[str] = []
+        self.pending: list[tuple[str, dict[str, Any]]] = []
 
     def close(self) -> None:
         for conn in (self.server_conn, self.pooler_conn):
@@ -391,6 +392,7 @@ class _Poller(EventDetector, ClusterMember):
         if tell:  # a host that takes over will not report these again
             with contextlib.suppress(Exception):
                 self._query("db_server", s.server_view_url, [tell], admin=False)
+        self.emit_pending()
         if pooler is not None:
             self._pooler_events(pooler, owners)
 

@@ -38,6 +38,7 @@ class EventDetector:
     idle_reported: Any
     pooler_episodes: Any
     told: list[str]  # the episodes this round reported, to be told to the other hosts
+    pending: list[tuple[str, dict[str, Any]]]  # their events, emitted once told
 
     def heard(self, payload: str) -> None:
         """Another host's leader reported this episode: never report it again here."""
@@ -62,6 +63,14 @@ class EventDetector:
         # payloads are ours: digits, dots and bars only
         values = ", ".join(f"'{t}'" for t in told if re.fullmatch(r"(idle|lock)\|\d+\|[0-9.e+-]+", t))
         return f"select pg_notify('{EVENT_CHANNEL}', v) from unnest(array[{values}]) v" if values else None
+
+    def emit_pending(self) -> None:
+        """The round's episode events, once the other hosts were told of them (a leader that
+        dies between the two leaves an episode unreported, never reported twice)."""
+        pending, self.pending = self.pending, []
+        for event, fields in pending:
+            self._count_event(event)
+            emit("warning", event, **fields)
 
     def _count_event(self, event: str) -> None:
         with PUBLISHED._lock:
@@ -106,8 +115,7 @@ class EventDetector:
                 fields["trace_id"] = w_trace
             self.locks_reported[key] = time.monotonic()
             self.told.append(f"lock|{key[0]}|{key[1]!r}")
-            self._count_event("db_lock_wait")
-            emit("warning", "db_lock_wait", **fields)
+            self.pending.append(("db_lock_wait", fields))
         for key in [k for k in self.locks_reported if k not in seen]:
             del self.locks_reported[key]
 
@@ -136,8 +144,7 @@ class EventDetector:
                 fields["trace_id"] = trace
             self.idle_reported[key] = time.monotonic()
             self.told.append(f"idle|{key[0]}|{key[1]!r}")
-            self._count_event("db_idle_in_transaction")
-            emit("warning", "db_idle_in_transaction", **fields)
+            self.pending.append(("db_idle_in_transaction", fields))
         for key in [k for k in self.idle_reported if k not in seen]:
             del self.idle_reported[key]
 

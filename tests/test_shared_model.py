@@ -45,8 +45,10 @@ def test_one_idle_in_transaction_event_per_transaction_however_late_the_poll() -
     with capture_events("db_idle_in_transaction") as events:
         for age in (5.0, 7.3, 6.1, 12.0):  # as a loaded poller reads them
             poller._idle_events([dict(row, xact_age=age, state_age=age - 1)], owner_of)
+            poller.emit_pending()
         # a new transaction on the same backend is a new event
         poller._idle_events([dict(row, xact_start=1_700_000_100.5, xact_age=3.0, state_age=2.0)], owner_of)
+        poller.emit_pending()
     assert len(events) == 2, events
     assert events[0]["idle_owner"] == "/export"
 

@@ -490,6 +490,8 @@ def test_a_frozen_cluster_poller_loses_its_lease_and_stands_down_when_it_wakes(p
         first = _wait_for(lambda: pg.psql(_HOLDER_SQL), timeout=30)
         frozen = next(n for n, p in procs.items() if p.pid == int(first.split("/")[1].split("@")[0]))
         other = "h2" if frozen == "h1" else "h1"
+        # a leader at work: its host shows what it published
+        assert _wait_for(lambda: _value(_host(str(tmp_path / frozen)), "db_server_view_up") == 1, timeout=30)
         os.kill(procs[frozen].pid, signal.SIGSTOP)
         second = _wait_for(lambda: pg.psql(_HOLDER_SQL) not in ("", first) and pg.psql(_HOLDER_SQL), timeout=30)
         assert int(second.split("/")[1].split("@")[0]) == procs[other].pid
