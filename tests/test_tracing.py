@@ -119,6 +119,12 @@ def test_exit_is_not_held_up_by_an_unreachable_endpoint(endpoint, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exiting" in out.stdout
     logged = out.stdout + out.stderr
-    assert "telemetry_exit_flush_timeout" in logged, logged[-3000:]
-    host = {s.name: s.value for fam in _exposition.host_registry(str(directory)).collect() for s in fam.samples}
-    assert host.get("telemetry_exit_flush_timeouts_total") == 1, host
+    host = {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in _exposition.host_registry(str(directory)).collect() for s in fam.samples}  # fmt: skip
+    left = sum(v for (n, _lb), v in host.items() if n == "telemetry_exit_flush_timeouts_total")
+    failed = sum(v for (n, lb), v in host.items() if n == "telemetry_spans_total" and ("result", "failed") in lb)
+    if endpoint == "black-hole":  # it never answers: the export cannot end before the bound
+        assert left == 1 and "telemetry_exit_flush_timeout" in logged, (host, logged[-3000:])
+    else:  # refused at once by some SDKs (1.25), retried with a back-off by others (1.45): either
+        # the export failed within the bound, counted, or it was left at the bound, counted
+        assert (left == 1 and "telemetry_exit_flush_timeout" in logged) or (left == 0 and failed >= 1), (host, logged[-3000:])
