@@ -88,6 +88,20 @@ def broker_name(url: str) -> str:
     return f"{u.scheme}://{u.netloc()}{u.path}"
 
 
+def _close(client: Any) -> None:
+    """A broker client and every socket it holds: an engine is disposed; a redis-py client over a
+    pool of our own closes nothing of the pool (``auto_close_connection_pool`` is off when a pool
+    is given), so the pool is disconnected too."""
+    if client is None:
+        return
+    with contextlib.suppress(Exception):
+        if hasattr(client, "dispose"):
+            client.dispose()
+            return
+        client.close()
+        client.connection_pool.disconnect()
+
+
 class _Queue:
     __slots__ = ("broker_url", "transport", "queue", "options", "leader")
 
@@ -167,7 +181,7 @@ class BacklogPoller:
             with BACKLOG._lock:
                 BACKLOG.errors[reason] = BACKLOG.errors.get(reason, 0) + 1
                 BACKLOG.up = 0
-            self.clients.pop(q.broker_url, None)
+            _close(self.clients.pop(q.broker_url, None))  # its sockets too, not left to the collector
             if q.broker_url not in self.logged:
                 self.logged.add(q.broker_url)
                 emit("warning", "telemetry_celery_backlog_failed", broker=broker_name(q.broker_url),
@@ -237,11 +251,7 @@ class BacklogPoller:
 
     def close(self) -> None:
         for client in list(self.clients.values()):
-            with contextlib.suppress(Exception):
-                if hasattr(client, "dispose"):
-                    client.dispose()
-                else:
-                    client.close()
+            _close(client)
         self.clients.clear()
 
     def stop(self) -> None:
