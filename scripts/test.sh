@@ -15,7 +15,7 @@ STAGES=${TELEMETRY_TEST_STAGES:-"lint types suite oldest py313"}
 #: parallel workers: the suite waits on real servers far more than it computes (measured in
 #: docs/testing.md). --dist loadfile: a file's tests run on one worker, so the demos (one file,
 #: CPU-heavy and judging rates) never run two at a time (tests/conftest.py starts them first)
-WORKERS=${TELEMETRY_TEST_WORKERS:-4}
+WORKERS=${TELEMETRY_TEST_WORKERS:-3}
 LOGS=${TMPDIR:-/tmp}/telemetry-test-logs.$$
 mkdir -p "$LOGS"
 T0=$(date +%s)

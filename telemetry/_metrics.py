@@ -467,27 +467,18 @@ _SPECS: list[MetricSpec] = [
         "missing_column: a poll whose SHOW rows lacked columns this version does not have (the rest "
         "was published).", host_wide=True,
     ),
-    MetricSpec(
-        "db_server_statement_tags_rejected_total", COUNTER, ("reason",), "tags",
-        "Statement tags read on the server but not believed (the backend counted as not ours): "
-        "foreign_session (another client's session, e.g. psql running a copied statement), "
-        "dead_process (it names a process of this host that is gone), malformed. Per backend and poll.",
-        host_wide=True,
-    ),
+    MetricSpec("db_server_statement_tags_rejected_total", COUNTER, ("reason",), "tags",
+               "Statement tags read on the server but not believed (the backend counted as not ours): foreign_session "
+               "(another client's session, e.g. psql running a copied statement), dead_process (it names a process of "
+               "this host that is gone), malformed. Per backend and poll.", host_wide=True),
     # ---------------------------------------------------------------- tracing
-    MetricSpec(
-        "telemetry_spans_total", COUNTER, ("service", "result"), "spans",
-        "Finished spans by fate: exported, failed (export error), dropped (queue full).",
-    ),
-    MetricSpec(
-        "telemetry_otlp_metric_exports_total", COUNTER, ("service", "result"), "exports",
-        "OTLP metric exports of this process (OTEL_METRICS_EXPORTER=otlp) by result: ok, failed.",
-    ),
-    MetricSpec(
-        "telemetry_exit_flush_timeouts_total", COUNTER, ("service",), "exits",
-        "Process exits whose last export (spans, OTLP metrics) did not finish within the exit bound "
-        "(0.3 s): what it carried was dropped rather than hold the exit up.",
-    ),
+    MetricSpec("telemetry_spans_total", COUNTER, ("service", "result"), "spans",
+               "Finished spans by fate: exported, failed (export error), dropped (queue full)."),
+    MetricSpec("telemetry_otlp_metric_exports_total", COUNTER, ("service", "result"), "exports",
+               "OTLP metric exports of this process (OTEL_METRICS_EXPORTER=otlp) by result: ok, failed."),
+    MetricSpec("telemetry_exit_flush_timeouts_total", COUNTER, ("service",), "exits",
+               "Process exits whose last export (spans, OTLP metrics) did not finish within the exit bound "
+               "(0.3 s): what it carried was dropped rather than hold the exit up."),
 ]  # fmt: skip
 
 #: host-wide figures published by one polling process per host (the shared view, the Celery

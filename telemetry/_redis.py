@@ -302,7 +302,8 @@ def _wrap_release_async(orig: Any) -> Any:
 def scan_long_holds(now: float | None = None) -> int:
     """Report connections held past the threshold while still held (a subscription kept open
     by a stream); returns how many were new. Celery's role pools hold by design: never."""
-    return TABLE.scan(_perf() if now is None else now, CONFIG.hold_threshold, skip=lambda h: bool(h.state.role))
+    return TABLE.scan(_perf() if now is None else now, CONFIG.hold_threshold,
+                      skip=lambda h: bool(h.state.role) or h.state.name == INTERNAL)  # fmt: skip
 
 
 def held_too_long(st: RedisPoolState) -> int:
@@ -380,6 +381,11 @@ def states() -> dict[str, RedisPoolState]:
 
 
 
+#: the state of the package's own pools: nobody exports it, and its holds are never reported
+INTERNAL = "telemetry-internal"
+
+
 def exclude(pool: Any) -> None:
-    """The package's own pool (the Celery backlog poller's): measured into a state nobody exports."""
-    pool.__dict__[_ATTR] = RedisPoolState("telemetry-internal")
+    """The package's own pool (the Celery backlog poller's): measured into a state nobody exports,
+    its connections never reported as held too long (a scan that met the poller mid-command did)."""
+    pool.__dict__[_ATTR] = RedisPoolState(INTERNAL)

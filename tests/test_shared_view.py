@@ -330,8 +330,10 @@ def test_one_poller_for_two_hosts_names_both_sides_of_a_lock(pg: services.Postgr
     os.mkdir(host2)
     server = pg.url().replace("+psycopg", "")
     lock_sql = f"select n from {row} where id = 1 for update"
-    blocker = _start_worker(pg.url(), host1, 1, 8.0, server, lock_sql)
-    idle = [_start_worker(pg.url(), host1, 1, 8.0, server) for _ in range(2)]
+    # the idle workers first, then the blocker: its hold counts from its "holding", and starting
+    # two processes inside it took most of an 8 s hold on a loaded CI machine (no wait was seen)
+    idle = [_start_worker(pg.url(), host1, 1, 12.0, server) for _ in range(2)]
+    blocker = _start_worker(pg.url(), host1, 1, 12.0, server, lock_sql)
     theirs: list[dict[str, Any]] = []
     try:
         telemetry.instrument(service="api", multiproc_dir=host2, server_view_url=server,
