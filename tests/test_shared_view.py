@@ -5,6 +5,7 @@ transaction, two simulated hosts, one query set per host, and failures that neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -383,35 +384,51 @@ _POLLER = textwrap.dedent(
 )
 
 
-def test_a_killed_cluster_poller_is_replaced_by_another_host(pg: services.Postgres, tmp_path: Any) -> None:
+_HOLDER_SQL = ("select a.application_name from pg_locks l join pg_stat_activity a using (pid) "
+               f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared_queries.CLUSTER_LOCK[0]} "
+               f"and l.objid = {_shared_queries.CLUSTER_LOCK[1]}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _two_hosts(pg: services.Postgres, tmp_path: Any, script: str = _POLLER) -> Iterator[tuple[dict, str, str]]:
+    """Two hosts (directories ``h1``, ``h2``) of one poller process each, under ``script``;
+    yields the processes by host, the host whose poller holds the deployment's lock, and the
+    other. Every process is ended (continued first, if stopped) when the block ends."""
+    import signal
+
     server = pg.url().replace("+psycopg", "")
-    procs = {}
-    for name in ("h1", "h2"):
-        os.mkdir(tmp_path / name)
-        procs[name] = subprocess.Popen([sys.executable, "-c", _POLLER, str(tmp_path / name), server, f"svc-{name}"],
-                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
-    holder_sql = ("select a.application_name from pg_locks l join pg_stat_activity a using (pid) "
-                  f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared_queries.CLUSTER_LOCK[0]} "
-                  f"and l.objid = {_shared_queries.CLUSTER_LOCK[1]}")  # fmt: skip
+    procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        first = _wait_for(lambda: pg.psql(holder_sql), timeout=30)
-        pid = int(first.split("/")[1].split("@")[0])
-        killed = next(n for n, p in procs.items() if p.pid == pid)
-        other = "h2" if killed == "h1" else "h1"
-        before = _value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0
-        assert before == 0  # the other host only contends
-        procs[killed].kill()
-        procs[killed].wait(timeout=30)
-        second = _wait_for(lambda: pg.psql(holder_sql) not in ("", first) and pg.psql(holder_sql), timeout=30)
-        assert int(second.split("/")[1].split("@")[0]) == procs[other].pid
-        assert _wait_for(lambda: (_value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0) > 0)
+        for name in ("h1", "h2"):
+            os.mkdir(tmp_path / name)
+            procs[name] = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / name), server, f"svc-{name}"],
+                                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+        first = _wait_for(lambda: pg.psql(_HOLDER_SQL), timeout=30)
+        leader = next(n for n, p in procs.items() if p.pid == int(first.split("/")[1].split("@")[0]))
+        yield procs, leader, "h2" if leader == "h1" else "h1"
     finally:
         for proc in procs.values():
             if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
                 proc.wait(timeout=30)
             assert proc.stdout is not None
             proc.stdout.close()
+
+
+def _holder_pid(pg: services.Postgres) -> int | None:
+    holder = pg.psql(_HOLDER_SQL)
+    return int(holder.split("/")[1].split("@")[0]) if holder else None
+
+
+def test_a_killed_cluster_poller_is_replaced_by_another_host(pg: services.Postgres, tmp_path: Any) -> None:
+    with _two_hosts(pg, tmp_path) as (procs, killed, other):
+        before = _value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0
+        assert before == 0  # the other host only contends
+        procs[killed].kill()
+        procs[killed].wait(timeout=30)
+        assert _wait_for(lambda: _holder_pid(pg) == procs[other].pid, timeout=30)
+        assert _wait_for(lambda: (_value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0) > 0)
 
 
 def test_failures_are_counted_and_never_reach_the_app(pg: services.Postgres, bouncer: services.Pgbouncer) -> None:
@@ -466,9 +483,6 @@ def test_bad_urls_fail_at_start_up_without_showing_the_password() -> None:
 
 
 _FROZEN_POLLER = _POLLER.replace("shared_view_interval_seconds=0.2,", "shared_view_interval_seconds=0.2, shared_view_timeout_seconds=1,")
-_HOLDER_SQL = ("select a.application_name from pg_locks l join pg_stat_activity a using (pid) "
-               f"where l.locktype = 'advisory' and l.granted and l.classid = {_shared_queries.CLUSTER_LOCK[0]} "
-               f"and l.objid = {_shared_queries.CLUSTER_LOCK[1]}")  # fmt: skip
 
 
 def test_a_frozen_cluster_poller_loses_its_lease_and_stands_down_when_it_wakes(pg: services.Postgres, tmp_path: Any) -> None:
@@ -478,25 +492,14 @@ def test_a_frozen_cluster_poller_loses_its_lease_and_stands_down_when_it_wakes(p
     and never polls again while the other leads."""
     import signal
 
-    server = pg.url().replace("+psycopg", "")
-    procs = {}
-    for name in ("h1", "h2"):
-        os.mkdir(tmp_path / name)
-        procs[name] = subprocess.Popen([sys.executable, "-c", _FROZEN_POLLER, str(tmp_path / name), server, f"svc-{name}"],
-                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
-
     def polls(name: str) -> float:
         return _value(_host(str(tmp_path / name)), "db_server_view_polls_total") or 0
 
-    try:
-        first = _wait_for(lambda: pg.psql(_HOLDER_SQL), timeout=30)
-        frozen = next(n for n, p in procs.items() if p.pid == int(first.split("/")[1].split("@")[0]))
-        other = "h2" if frozen == "h1" else "h1"
+    with _two_hosts(pg, tmp_path, _FROZEN_POLLER) as (procs, frozen, other):
         # a leader at work: its host shows what it published
         assert _wait_for(lambda: _value(_host(str(tmp_path / frozen)), "db_server_view_up") == 1, timeout=30)
         os.kill(procs[frozen].pid, signal.SIGSTOP)
-        second = _wait_for(lambda: pg.psql(_HOLDER_SQL) not in ("", first) and pg.psql(_HOLDER_SQL), timeout=30)
-        assert int(second.split("/")[1].split("@")[0]) == procs[other].pid
+        assert _wait_for(lambda: _holder_pid(pg) == procs[other].pid, timeout=30)
         assert _wait_for(lambda: polls(other) > 0 and _value(_host(str(tmp_path / other)), "db_server_view_up") == 1)
         # the frozen host's own /metrics: what its poller last published ages on, then reads not up
         assert _wait_for(lambda: _value(_host(str(tmp_path / frozen)), "db_server_view_up") == 0, timeout=30)
@@ -508,15 +511,7 @@ def test_a_frozen_cluster_poller_loses_its_lease_and_stands_down_when_it_wakes(p
         # ... and stays down while the other host polls ten more times
         assert _wait_for(lambda: polls(other) >= led_polls + 10, timeout=30)
         assert polls(frozen) == woke_polls
-        assert pg.psql(_HOLDER_SQL) == second  # one holder all along
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.kill()
-                proc.wait(timeout=30)
-            assert proc.stdout is not None
-            proc.stdout.close()
+        assert _holder_pid(pg) == procs[other].pid  # one holder all along
 
 
 def test_a_holder_idle_past_the_lease_marks_the_view_down_until_it_is_gone(pg: services.Postgres) -> None:
@@ -553,36 +548,21 @@ def test_one_idle_in_transaction_event_across_a_failover(pg: services.Postgres, 
 
     script = _POLLER.replace("shared_view_interval_seconds=0.2,",
                              "shared_view_interval_seconds=0.2, idle_in_transaction_event_seconds=0.5,")  # fmt: skip
-    server = pg.url().replace("+psycopg", "")
-    procs = {}
-    for name in ("h1", "h2"):
-        os.mkdir(tmp_path / name)
-        procs[name] = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / name), server, f"svc-{name}"],
-                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
 
     def events() -> float:
         return sum(_value(_host(str(tmp_path / n)), "db_server_events_total", event="db_idle_in_transaction") or 0
-                   for n in procs)  # fmt: skip
+                   for n in ("h1", "h2"))  # fmt: skip
 
-    def polls(name: str) -> float:
-        return _value(_host(str(tmp_path / name)), "db_server_view_polls_total") or 0
-
-    idle = psycopg.connect(server, application_name="left-open")
+    idle = psycopg.connect(pg.url().replace("+psycopg", ""), application_name="left-open")
     try:
-        first = _wait_for(lambda: pg.psql(_HOLDER_SQL), timeout=30)
-        killed = next(n for n, p in procs.items() if p.pid == int(first.split("/")[1].split("@")[0]))
-        other = "h2" if killed == "h1" else "h1"
-        idle.execute("select 1")  # a transaction begins, and is left idle
-        assert _wait_for(lambda: events() == 1, timeout=30)
-        procs[killed].kill()
-        procs[killed].wait(timeout=30)
-        assert _wait_for(lambda: polls(other) >= 10, timeout=30)  # the other host leads, and has looked
-        assert events() == 1
+        with _two_hosts(pg, tmp_path, script) as (procs, killed, other):
+            idle.execute("select 1")  # a transaction begins, and is left idle
+            assert _wait_for(lambda: events() == 1, timeout=30)
+            procs[killed].kill()
+            procs[killed].wait(timeout=30)
+            # the other host leads, and has looked ten times
+            assert _wait_for(lambda: (_value(_host(str(tmp_path / other)), "db_server_view_polls_total") or 0) >= 10,
+                             timeout=30)  # fmt: skip
+            assert events() == 1
     finally:
         idle.close()
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-            assert proc.stdout is not None
-            proc.stdout.close()
