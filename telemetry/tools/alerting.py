@@ -297,9 +297,12 @@ class Chain:
                 else:
                     episodes.append([t])
             for ep in episodes:
+                # last_seen: an episode still firing when the run was collected was seen this
+                # long, not for ever (one that began a second before the end was not notified yet)
                 out.append({"alert": name, "severity": severity, "labels": dict(labels),
                             "fired_at_seconds": round(ep[0] - t0, 1),
-                            "resolved_at_seconds": round(ep[-1] - t0 + 1, 1) if ep[-1] < end - 2 else None})  # fmt: skip
+                            "resolved_at_seconds": round(ep[-1] - t0 + 1, 1) if ep[-1] < end - 2 else None,
+                            "last_seen_seconds": round(ep[-1] - t0, 1)})  # fmt: skip
         return sorted(
             out, key=lambda a: (a["fired_at_seconds"], a["alert"], sorted(a["labels"].items()))
         )
