@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    from tests.otlp import OtlpReceiver
+    from ..tests.otlp import OtlpReceiver
 
     healthy = OtlpReceiver()
     otlp = {"OTEL_METRICS_EXPORTER": "otlp"}

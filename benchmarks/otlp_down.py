@@ -21,7 +21,8 @@ import threading
 CHILD = r"""
 import json, resource, time, os
 import telemetry
-from telemetry import _stats, _tracing
+from telemetry._core import stats as _stats
+from telemetry.integrations import tracing as _tracing
 from opentelemetry import trace
 telemetry.instrument(service="bench", sqlalchemy=False)
 tracer = trace.get_tracer("bench")
@@ -72,7 +73,7 @@ def run(extra: dict[str, str]) -> dict:
 def main() -> None:
     common = {"OTEL_EXPORTER_OTLP_TIMEOUT": "2", "OTEL_BSP_MAX_QUEUE_SIZE": "2048"}
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.otlp import OtlpReceiver
+    from ..tests.otlp import OtlpReceiver
 
     healthy = OtlpReceiver()
     cases = {

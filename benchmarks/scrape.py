@@ -30,8 +30,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from telemetry import _exposition, _multiprocess
-from telemetry._metrics import HOLD_BUCKETS, WAIT_BUCKETS
+from telemetry._core import exposition as _exposition
+from telemetry._core import multiprocess as _multiprocess
+from telemetry._core.catalogue import HOLD_BUCKETS, WAIT_BUCKETS
 
 SIZES = (21, 100, 500, 2000)
 LIVE = 21

@@ -24,7 +24,7 @@ import prometheus_client
 from prometheus_client import generate_latest, make_asgi_app
 
 import telemetry
-from telemetry import _stats
+from telemetry._core import stats as _stats
 
 SIZES = (1_000, 10_000, 100_000)
 

@@ -24,9 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import psycopg  # noqa: E402
 
-from telemetry import _shared  # noqa: E402
-from telemetry._settings import Settings  # noqa: E402
-from tests import services  # noqa: E402
+from telemetry._core.settings import Settings  # noqa: E402
+from telemetry.server_view import poller as _shared  # noqa: E402
+
+from ..tests import services  # noqa: E402
 
 CHILD = """
 import sys, time
@@ -76,7 +77,7 @@ def poll_cost(pg: services.Postgres, bouncer: services.Pgbouncer, n: int, rounds
 
 
 def one_per_host(pg: services.Postgres, processes: int, seconds: float, interval: float) -> dict[str, float]:
-    from telemetry import _exposition
+    from telemetry._core import exposition as _exposition
 
     url = pg.url().replace("+psycopg", "")
     directory = tempfile.mkdtemp()

@@ -71,7 +71,7 @@ class Cursor:
 dialect = PGDialect_psycopg()
 if config != "bare":
     import telemetry
-    from telemetry import _sqltag
+    from telemetry._core import sqltag as _sqltag
     telemetry.instrument(service="bench", statement_tag=(config == "tag-on"), tracing=False)
     _sqltag.tag_dialect(dialect)
 cursor, params = Cursor(), {"x": 1}

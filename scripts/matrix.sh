@@ -4,7 +4,7 @@
 #   py313   the newest versions on Python 3.13 (.venv-313; pyenv's 3.13 on our machines)
 # Each runs the tests marked `matrix`: those whose subject depends on the version of an
 # instrumented library, a driver, the OpenTelemetry SDK or Python (tests/test_matrix.py keeps
-# one per integration). The oldest pins below are the lower bounds in telemetry/_versions.py and
+# one per integration). The oldest pins below are the lower bounds in telemetry/_core/versions.py and
 # pyproject.toml: change them together.
 #
 #   bash scripts/matrix.sh setup oldest|py313        create or complete the virtualenv

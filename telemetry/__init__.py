@@ -13,9 +13,7 @@ in use against ``pool_size + max_overflow``), ``db_pool_critical_usage``,
 Importing this package has no side effects. The user guide is ``docs/``.
 """
 
-from ._asgi import TelemetryMiddleware
-from ._asyncio import Semaphore, watch_event_loop
-from ._instrument import (
+from ._api import (
     flush,
     instrument,
     instrument_celery,
@@ -28,10 +26,12 @@ from ._instrument import (
     start_metrics_server,
     uninstrument,
 )
-from ._log import AddService, add_pid, add_trace_context, configure_logging, trace_ids
-from ._multiprocess import prepare_dir as prepare_multiproc_dir
-from ._owner import DEFAULT_OWNER, current_owner, db_owner
-from ._settings import ConfigError, Settings
+from ._core.log import AddService, add_pid, add_trace_context, configure_logging, trace_ids
+from ._core.multiprocess import prepare_dir as prepare_multiproc_dir
+from ._core.owner import DEFAULT_OWNER, current_owner, db_owner
+from ._core.settings import ConfigError, Settings
+from .integrations.asgi import TelemetryMiddleware
+from .integrations.asyncio import Semaphore, watch_event_loop
 
 __all__ = [
     "AddService",

@@ -75,7 +75,7 @@ def _dispose_engines() -> None:
     each SQLite connection is closed by nobody: Python 3.13 reports every one of them
     (``ResourceWarning: unclosed database``), which the suite treats as an error. The package
     holds no connection of its own; these are the tests' engines."""
-    from telemetry._sqlalchemy import live_engines
+    from telemetry.integrations.sqlalchemy.engines import live_engines
 
     for engine in live_engines():
         if not engine.dialect.is_async:  # an async engine's pool closes on its own loop

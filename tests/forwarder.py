@@ -1,11 +1,11 @@
 """A loopback TCP forwarder for the tests: clients connect to ``127.0.0.1:<port>``, and each is
 carried to the target from a chosen source address and port, as a client on another host would
 reach the server (``127.0.0.2`` is another address on the loopback interface). The renaming
-proxy of ``telemetry.tools.stack`` without the renaming."""
+proxy of ``telemetry.tools.demo.stack`` without the renaming."""
 
 from __future__ import annotations
 
-from telemetry.tools.stack import RenamingProxy
+from telemetry.tools.demo.stack import RenamingProxy
 
 
 class Forwarder(RenamingProxy):

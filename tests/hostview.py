@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import telemetry.testing
-from telemetry import _exposition
+from telemetry._core import exposition as _exposition
 
 Host = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

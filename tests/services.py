@@ -1,5 +1,5 @@
 """Throwaway real services for the tests: PostgreSQL, pgbouncer, Redis, started on free loopback
-ports (the same code as ``telemetry demo --stack real``: ``telemetry/tools/stack.py``).
+ports (the same code as ``telemetry demo --stack real``: ``telemetry/tools/demo/stack.py``).
 
 Outside CI a test whose binary is missing is skipped with the reason; with ``CI=true`` it fails,
 so CI can never pass by skipping the real-service tests.
@@ -18,8 +18,15 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from telemetry.tools import stack
-from telemetry.tools.stack import Pgbouncer, Postgres, Redis, free_port, pg_bin, wait_port
+from telemetry.tools.demo import stack
+from telemetry.tools.demo.stack import (
+    Pgbouncer,
+    Postgres,
+    Redis,
+    free_port,
+    pg_bin,
+    wait_port,
+)
 
 __all__ = ["Pgbouncer", "Postgres", "Redis", "binary", "free_port", "missing", "pg_bin", "restart_postgres",
            "start_pgbouncer", "start_postgres", "start_redis", "wait_port", "wait_ready"]  # fmt: skip
@@ -59,7 +66,7 @@ def wait_ready(port: int, timeout: float = 60.0) -> None:
 
 @contextlib.contextmanager
 def _or_missing(started: contextlib.AbstractContextManager[T]) -> Iterator[T]:
-    """``started`` (one of ``telemetry.tools.stack``'s starters), or skip (locally) / fail (CI)
+    """``started`` (one of ``telemetry.tools.demo.stack``'s starters), or skip (locally) / fail (CI)
     when its binary is not installed."""
     try:
         with started as server:

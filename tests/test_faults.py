@@ -20,7 +20,9 @@ from sqlalchemy.pool import QueuePool
 from structlog.testing import capture_logs
 
 import telemetry
-from telemetry import _exposition, _log, _pool_state
+from telemetry._core import exposition as _exposition
+from telemetry._core import log as _log
+from telemetry.integrations.sqlalchemy import state as _pool_state
 
 from . import services
 from .conftest import sample, starve

@@ -20,8 +20,10 @@ from sqlalchemy.pool.base import _ConnectionFairy
 from starlette.applications import Starlette
 
 import telemetry
-from telemetry import _instrument, _runtime, _sqlalchemy
-from telemetry._settings import Settings
+from telemetry import _api as _instrument
+from telemetry._core import runtime as _runtime
+from telemetry._core.settings import Settings
+from telemetry.integrations.sqlalchemy import engines as _sqlalchemy
 
 from .conftest import sample
 
@@ -141,7 +143,7 @@ def test_instrument_loads_no_worker_machinery_in_an_api_process():
         "print(sorted(m for m in set(sys.modules) - before if m.startswith(('celery.worker', "
         "'celery.contrib', 'structlog', 'rich', 'pygments'))))\n"
         "import celery.contrib.testing.worker as w\n"
-        "from telemetry import _celery\n"
+        "from telemetry.integrations.celery import tasks as _celery\n"
         "print(any(s is w.test_worker_started for s, _f in _celery._connected))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from telemetry import _instrument
+from telemetry import _api as _instrument
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: subjects beyond the integrations: libraries and runtimes the core itself depends on

@@ -106,8 +106,8 @@ def test_the_built_distributions_pass_twine_and_carry_what_the_commands_read(dis
     assert check.stdout.count("PASSED") == 2
     wheel = next(dist.glob("poolsight-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("telemetry/tools/grafana/pools.dashboard.py", "telemetry/tools/templates/telemetry.tmpl",
-                   "telemetry/tools/pipeline/api.py", "telemetry/tools/pipeline/worker.py"):  # fmt: skip
+    for needed in ("telemetry/tools/deploy/grafana/pools.dashboard.py", "telemetry/tools/deploy/templates/telemetry.tmpl",
+                   "telemetry/tools/demo/pipeline/api.py", "telemetry/tools/demo/pipeline/worker.py"):  # fmt: skip
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("tests/", "examples/", "docs/"))]
 

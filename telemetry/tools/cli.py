@@ -54,7 +54,7 @@ def _positive(kind: type) -> Any:
 
 
 def _read_secret(path: str, flag: str) -> str:
-    from .._settings import ConfigError
+    from telemetry._core.settings import ConfigError
 
     try:
         with open(path) as fh:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "--window", default="15m", help="with --prometheus-url: the window looked at (default 15m)"
     )
     demo = sub.add_parser("demo", help="reproduce the content-pipeline incident and diagnose it")
-    from .demo import SCENARIOS
+    from .demo.command import SCENARIOS
 
     demo.add_argument(
         "--scenario",
@@ -173,18 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. redis://127.0.0.1:6379/0 (default: kombu's SQLAlchemy transport on SQLite)",
     )
     demo.add_argument("--out", default="demo-out", help="where report.json and report.html go")
-    from . import deploy
+    from .deploy import command as deploy
 
     deploy.add_commands(sub)
     args = parser.parse_args(argv)
 
-    from .._settings import ConfigError
+    from telemetry._core.settings import ConfigError
 
     try:
         if args.command in ("rules", "alertmanager", "dashboards"):
             return deploy.run(args)
         if args.command == "demo":
-            from .demo import DemoError, run
+            from .demo.command import DemoError, run
 
             try:
                 return run(args)
@@ -192,19 +192,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"telemetry demo: {exc}", file=sys.stderr)
                 return 2
         if args.command == "generate":
-            from .generate import generate
+            from .deploy.generate import generate
 
             changed = generate(args.root)
             print("\n".join(f"wrote {c}" for c in changed) or "all generated files up to date")
         elif args.command == "prepare-multiproc-dir":
-            from .._multiprocess import prepare_dir
+            from telemetry._core.multiprocess import prepare_dir
 
             print(f"removed {prepare_dir(args.directory)} file(s) from {args.directory}")
         elif args.command == "budget":
             return _budget(args)
         elif args.command == "diagnose":
-            from .diagnose import EXIT_FINDINGS, EXIT_HEALTHY, EXIT_UNREADABLE
-            from .diagnose import run as diagnose
+            from .live.diagnose import EXIT_FINDINGS, EXIT_HEALTHY, EXIT_UNREADABLE
+            from .live.diagnose import run as diagnose
 
             try:
                 text, found = diagnose(args.urls, args.prometheus_url, args.window)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return EXIT_FINDINGS if found else EXIT_HEALTHY
         elif args.command == "serve-metrics":
-            from .._instrument import start_metrics_server
+            from telemetry._api import start_metrics_server
 
             auth: dict[str, Any] = {}
             if args.bearer_token_file:
@@ -227,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError("invalid --basic-auth-file: expected one line user:password")
                 auth["basic_auth"] = (user, password)
             start_metrics_server(args.port, args.addr, directory=args.directory, **auth)
-            from .._settings import Settings
+            from telemetry._core.settings import Settings
 
             env = Settings.load()
             if env.server_view_url or env.pgbouncer_url:  # this process may poll the shared side
-                from .._instrument import instrument
+                from telemetry._api import instrument
 
                 instrument(service="telemetry-serve-metrics", multiproc_dir=args.directory, sqlalchemy=False,
                            celery=False, redis=False, fastapi=False, tracing=False)  # fmt: skip
@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from .._settings import ConfigError
-    from . import budget as b
+    from telemetry._core.settings import ConfigError
+
+    from .live import budget as b
 
     if args.urls or args.prometheus_url:
         if args.file or args.service or args.limit is not None:
@@ -282,10 +283,11 @@ def _measured_budget(args: argparse.Namespace) -> int:
     """``telemetry budget --metrics-url/--prometheus-url``: the sizes the measured load needs."""
     import json
 
-    from .. import thresholds as T
-    from .._settings import ConfigError
-    from . import capacity
-    from .diagnose import _WINDOW
+    from telemetry import thresholds as T
+    from telemetry._core.settings import ConfigError
+
+    from .live import capacity
+    from .live.diagnose import _WINDOW
 
     if args.urls and args.prometheus_url:
         raise ConfigError("budget: give --metrics-url or --prometheus-url, not both")

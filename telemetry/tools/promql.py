@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .._metrics import CATALOGUE, HISTOGRAM
+from telemetry._core.catalogue import CATALOGUE, HISTOGRAM
 
 _SELECTOR = re.compile(r'^\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*$')
 

@@ -1,0 +1,2 @@
+"""Celery: task signals, queue wait and owners (``tasks``); queue backlog and worker slots
+(``capacity``)."""

@@ -1,0 +1,78 @@
+"""The pools' rare paths: a failed checkout, the timeout and critical-usage events, and the
+long-hold watchdog (the housekeeper's tick, ``_holds.HoldTable``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from telemetry._core.log import emit, hook_error, suppressed, trace_ids
+from telemetry._core.owner import ACCOUNT, OWNER
+
+from .state import CONFIG, TABLE, Held, PoolState
+
+_perf = time.perf_counter
+_owner_get = OWNER.get
+_account_get = ACCOUNT.get
+
+
+def _on_failed(st: PoolState, waited: float, result: str) -> None:
+    try:
+        st.wait.observe(waited)
+        account = _account_get()
+        if account is not None:
+            account.wait += waited
+        if result == "timeout":
+            st.timeouts += 1
+            _timeout_event(st, waited)
+        elif result == "error":
+            st.errors += 1
+        else:
+            st.cancelled += 1
+    except Exception as exc:
+        hook_error("pool.checkout_failed", exc)
+
+
+def longest_holders(st: PoolState, limit: int = 5) -> list[dict[str, Any]]:
+    return TABLE.longest(st, _perf(), limit)
+
+
+def _timeout_event(st: PoolState, waited: float) -> None:
+    now = time.monotonic()
+    if now - st.last_timeout_log < 1.0:
+        suppressed("db_pool_timeout")
+        return
+    st.last_timeout_log = now
+    emit(
+        "error", "db_pool_timeout",
+        pool=st.name, owner=_owner_get(), waited_seconds=round(waited, 3),
+        checked_out=st.in_use, max_connections=st.max_connections, waiters=st.pending,
+        longest_holders=longest_holders(st), **trace_ids(),
+    )  # fmt: skip
+
+
+def _critical_usage(st: PoolState, n: int) -> None:
+    now = time.monotonic()
+    if now - st.last_critical < CONFIG.critical_interval:
+        suppressed("db_pool_critical_usage")
+        return
+    st.last_critical = now
+    top = st.max_connections or n
+    ratio = round(n / top * 100, 1)
+    emit(
+        "error", "db_pool_critical_usage",
+        pool=st.name, owner=_owner_get(), checked_out=n, max_connections=top,
+        usage_ratio=ratio, waiters=st.pending,
+        message=f"pool usage {ratio}% ({n}/{top}): about to be exhausted",
+        **trace_ids(),
+    )  # fmt: skip
+
+
+def scan_long_holds(now: float | None = None) -> int:
+    """Report connections held past the threshold while still held. Returns how many were new.
+    Runs on the housekeeper thread; the holder's stack is read only for those reported."""
+    return TABLE.scan(_perf() if now is None else now, CONFIG.hold_threshold)
+
+
+def _released_after_long_hold(rec: Any, h: Held, held: float) -> None:
+    TABLE.released_after_long_hold(rec, h, held, CONFIG.hold_threshold)

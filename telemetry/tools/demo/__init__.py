@@ -1,0 +1,2 @@
+"""``telemetry demo``: the reference pipeline, its scenarios, the stack it runs on, the alert chain,
+the report and its advice."""

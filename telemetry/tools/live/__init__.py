@@ -1,0 +1,1 @@
+"""Tools run against live deployments: ``diagnose``, ``capacity``, ``budget``."""

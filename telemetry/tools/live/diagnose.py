@@ -1,0 +1,459 @@
+"""``telemetry diagnose``: read one or more hosts' ``/metrics`` (or a Prometheus over a time
+window) and say where the time goes and
+who causes it: the pools (per process), the transaction pooler and the server (shared), each
+named by service and owner (route template, task, ``db_owner``).
+
+Works on any host's ``/metrics`` (a uvicorn worker's, the Celery parent's, ``telemetry
+serve-metrics``). The shared-view figures are host-wide and every host's poller reports the same
+server, so they are merged with max across hosts; owners named ``unknown`` on one host and named
+on another (the blocker's host) are taken from the host that knows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from telemetry import thresholds as T
+from telemetry._core.catalogue import CATALOGUE
+from telemetry.tools.samples import Samples, fetch_text, parse, quantile, usage_by_service
+
+from .capacity import DOMINANT_HOLD_FACTOR, dominant, holders
+
+#: what the findings read, by kind: gauges at their peak over the window (``*_view_up`` at
+#: their lowest), counters and histogram series as their increase over it
+USED_GAUGES = (
+    "pgbouncer_clients", "pgbouncer_client_maxwait_seconds", "pgbouncer_servers_by_application",
+    "pgbouncer_pool_size", "db_server_connections_by_owner", "db_server_lock_blocking",
+    "db_server_lock_wait_longest_seconds", "db_server_oldest_idle_in_transaction_seconds",
+    "db_server_connections_max", "db_server_connections", "db_pool_connections_in_use",
+    "db_pool_connections_max", "redis_pool_connections_in_use", "redis_pool_connections_max",
+    "celery_queue_length", "celery_queue_oldest_message_seconds", "celery_worker_busy",
+    "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
+    "asyncio_semaphore_capacity", "db_pool_connections_held_too_long",
+)  # fmt: skip
+USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
+USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
+USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
+                   "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds")
+_WINDOW = re.compile(r"^[1-9][0-9]*[smhd]$")
+
+
+def from_prometheus(url: str, window: str, timeout: float = 10.0) -> Samples:
+    """The samples the findings need, from a Prometheus HTTP API over the last ``window``
+    (``15m``): gauges at their peak (views at their lowest), counters and histograms as their
+    increase, so every finding describes that window."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--prometheus-url {url!r}: expected an http:// or https:// URL")
+    if not _WINDOW.match(window):
+        raise ValueError(f"--window {window!r}: expected a Prometheus duration such as 30s, 15m, 1h")
+    queries = [(name, f"max_over_time({name}[{window}])") for name in USED_GAUGES]
+    queries += [(name, f"min_over_time({name}[{window}])") for name in USED_LOWEST]
+    queries += [(name, f"increase({name}[{window}])") for name in USED_COUNTERS]
+    for name in USED_HISTOGRAMS:
+        queries += [(f"{name}{part}", f"increase({name}{part}[{window}])") for part in ("_bucket", "_sum", "_count")]
+    out: Samples = []
+    base = url.rstrip("/") + "/api/v1/query?"
+    for name, expr in queries:
+        with urllib.request.urlopen(base + urllib.parse.urlencode({"query": expr}), timeout=timeout) as r:  # noqa: S310
+            body = json.loads(r.read().decode())
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus refused {expr!r}: {body.get('error')}")
+        for row in body["data"]["result"]:
+            labels = {k: v for k, v in row["metric"].items() if k != "__name__"}
+            out.append((name, labels, float(row["value"][1])))
+    return out
+
+
+#: exit codes of ``telemetry diagnose`` (docs/runbooks/README.md): nothing found, findings, and
+#: the source could not be read or holds no telemetry metrics
+EXIT_HEALTHY, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
+#: the label that says which host a sample came from (``--metrics-url``: one URL per host)
+HOST_LABEL = "__telemetry_host"
+
+
+def fetch(url: str, timeout: float = 10.0) -> Samples:
+    samples = parse(fetch_text(url, timeout))
+    return [(name, {**labels, HOST_LABEL: url}, value) for name, labels, value in samples]
+
+
+def ours(samples: Samples) -> bool:
+    """Whether any sample is one of the package's metrics (a 200 answer can be empty, or another
+    exporter's page)."""
+    names = {spec.name for spec in CATALOGUE.values()}
+    for name, _lb, _v in samples:
+        base = name
+        for suffix in ("_bucket", "_sum", "_count", "_created"):
+            base = base.removesuffix(suffix)
+        if name in names or base in names:
+            return True
+    return False
+
+
+def _rows(samples: Samples, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(lb, v) for n, lb, v in samples if n == name]
+
+
+def _merged(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """Host-wide gauge, deduplicated across hosts (max)."""
+    out: dict[tuple[str, ...], float] = {}
+    for lb, v in _rows(samples, name):
+        key = tuple(lb.get(k, "") for k in keys)
+        out[key] = max(out.get(key, v), v)
+    return out
+
+
+def _host(labels: dict[str, str]) -> str:
+    """Which host a sample describes: its ``--metrics-url``, or Prometheus' ``instance`` without
+    the port (one host may serve several scraped endpoints of the same aggregate)."""
+    if HOST_LABEL in labels:
+        return labels[HOST_LABEL]
+    instance = labels.get("instance", "")
+    return instance.rsplit(":", 1)[0] if instance.count(":") == 1 else instance
+
+
+def _across_hosts(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """A host-wide gauge that each host knows only for itself (owners: a host's poller names
+    only its own processes' connections): max within a host, summed across hosts."""
+    per_host: dict[tuple[str, tuple[str, ...]], float] = {}
+    for lb, v in _rows(samples, name):
+        where = (_host(lb), tuple(lb.get(k, "") for k in keys))
+        per_host[where] = max(per_host.get(where, v), v)
+    out: dict[tuple[str, ...], float] = {}
+    for (_h, labels), v in per_host.items():
+        out[labels] = out.get(labels, 0.0) + v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One finding: its kind (what a reader such as the demo's report selects on, never the
+    text), the sentence, the service it is about when it is about one, and whether it is a
+    failure (a Redis pool that only ran full, with no checkout failing, is not)."""
+
+    kind: str
+    text: str
+    service: str = ""
+    severe: bool = True
+
+    @property
+    def body(self) -> str:
+        """The sentence without its leading label (``"pgbouncer: "``)."""
+        return self.text.split(": ", 1)[1] if ": " in self.text else self.text
+
+
+def all_findings(samples: Samples, *, pools: bool = True) -> list[Finding]:
+    """Every finding, most urgent first; ``pools=False``: those a pool-only report lacks."""
+    out: list[Finding] = []
+    for kind, part, beyond in PARTS:
+        if beyond or pools:
+            out.extend(f if isinstance(f, Finding) else Finding(kind, f) for f in part(samples))
+    return out
+
+
+def findings(samples: Samples) -> list[str]:
+    """Plain sentences, most urgent first; empty when nothing is wrong."""
+    return [f.text for f in all_findings(samples)]
+
+
+def _semaphores(samples: Samples) -> list[str]:
+    """A telemetry.Semaphore with tasks queued in front of it (MAX_DB_CONCURRENT)."""
+    waiters: dict[tuple[str, str], float] = {}
+    capacity: dict[tuple[str, str], float] = {}
+    for lb, v in _rows(samples, "asyncio_semaphore_waiters"):
+        key = (lb.get("service", ""), lb.get("semaphore", ""))
+        waiters[key] = max(waiters.get(key, 0), v)
+    for lb, v in _rows(samples, "asyncio_semaphore_capacity"):
+        key = (lb.get("service", ""), lb.get("semaphore", ""))
+        capacity[key] = max(capacity.get(key, 0), v)
+    out = []
+    for (service, name), n in sorted(waiters.items()):
+        if n <= 0:
+            continue
+        p95 = quantile(0.95, samples, "asyncio_semaphore_wait_seconds", service=service, semaphore=name)
+        out.append(f"Semaphore: up to {n:.0f} tasks of {service} queued for {name} (capacity "
+                   f"{capacity.get((service, name), 0):.0f}, wait p95 {p95 or 0:.2f} s): throughput is "
+                   "capped there, not at the pool (SemaphoreConvoy).")  # fmt: skip
+    return out
+
+
+def _redis(samples: Samples) -> list[Finding]:
+    """The busiest process of each Redis pool, and who holds its connections."""
+    in_use = {(lb["service"], lb["pool"], lb["pid"]): v for lb, v in _rows(samples, "redis_pool_connections_in_use")}
+    out = []
+    busiest: dict[tuple[str, str], float] = {}
+    for lb, limit in _rows(samples, "redis_pool_connections_max"):
+        proc = (lb["service"], lb["pool"], lb["pid"])
+        if limit > 0 and proc in in_use:
+            busiest[proc[:2]] = max(busiest.get(proc[:2], 0.0), in_use[proc] / limit)
+    failures: dict[tuple[str, str], float] = {}
+    for lb, v in _rows(samples, "redis_pool_checkouts_total"):
+        if lb.get("result") in ("timeout", "too_many") and v > 0:
+            failures[(lb["service"], lb["pool"])] = failures.get((lb["service"], lb["pool"]), 0) + v
+    for key in sorted(set(busiest) | set(failures)):
+        usage = busiest.get(key, 0.0)
+        if usage < T.POOL_USAGE_WARNING and not failures.get(key):
+            continue
+        service, pool = key
+        holds: dict[str, float] = {}
+        for lb, v in _rows(samples, "redis_connection_hold_seconds_sum"):
+            if lb.get("service") == service and lb.get("pool") == pool:
+                holds[lb.get("owner", "")] = holds.get(lb.get("owner", ""), 0) + v
+        holder = max(holds, key=lambda k: holds[k]) if holds else ""
+        share = holds[holder] / sum(holds.values()) * 100 if holds and sum(holds.values()) else 0
+        out.append(Finding("redis", f"Redis: pool {pool} of {service} at {usage * 100:.0f}% in its busiest process, "
+                           f"{failures.get(key, 0):.0f} checkouts failed (timeout or too many)"
+                           + (f"; {holder!r} holds {share:.0f}% of its connection time" if holder else "") + ".",
+                           service, severe=bool(failures.get(key))))  # fmt: skip
+    return out
+
+
+def _celery(samples: Samples) -> list[str]:
+    out = []
+    lengths = _merged(samples, "celery_queue_length", ("broker", "queue"))
+    ages = _merged(samples, "celery_queue_oldest_message_seconds", ("broker", "queue"))
+    busy: dict[tuple[str, str], float] = {}
+    size: dict[tuple[str, str], float] = {}
+    reserved: dict[tuple[str, str], float] = {}
+    for lb, v in _rows(samples, "celery_worker_busy"):
+        busy[(lb["service"], lb["worker"])] = busy.get((lb["service"], lb["worker"]), 0) + v
+    for lb, v in _rows(samples, "celery_worker_reserved"):
+        reserved[(lb["service"], lb["worker"])] = reserved.get((lb["service"], lb["worker"]), 0) + v
+    for lb, v in _rows(samples, "celery_worker_pool_size"):
+        size[(lb["service"], lb["worker"])] = max(size.get((lb["service"], lb["worker"]), 0), v)
+    for key, slots in sorted(size.items()):
+        if slots and busy.get(key, 0) >= slots:
+            out.append(f"Celery: every slot of {key[1]} ({key[0]}) is busy ({busy[key]:.0f} of {slots:.0f}), "
+                       f"{reserved.get(key, 0):.0f} tasks reserved behind them (CeleryWorkerSlotsSaturated).")  # fmt: skip
+    for (broker, queue), n in sorted(lengths.items(), key=lambda kv: -kv[1]):
+        if n > 0 and (n >= T.CELERY_BACKLOG_WARNING or ages.get((broker, queue), 0) >= 60):
+            out.append(f"Celery: {n:.0f} messages wait in queue {queue} ({broker}), the oldest "
+                       f"{ages.get((broker, queue), 0):.0f} s.")  # fmt: skip
+    return out
+
+
+def beyond_the_pools(samples: Samples) -> list[Finding]:
+    """The findings a pool-only report lacks: pooler, locks, idle transactions, the server,
+    Redis pools and Celery capacity (the demo's report adds them to its own diagnosis)."""
+    return all_findings(samples, pools=False)
+
+
+def _owners(samples: Samples, state: str | None = None) -> dict[tuple[str, str], float]:
+    by_owner = _across_hosts(samples, "db_server_connections_by_owner", ("service", "owner", "state"))
+    out: dict[tuple[str, str], float] = {}
+    for (service, owner, st), n in by_owner.items():
+        if state is None or st == state:
+            out[(service, owner)] = out.get((service, owner), 0) + n
+    return out
+
+
+def _fmt_owners(owners: dict[tuple[str, str], float], limit: int = 5) -> str:
+    top = sorted(owners.items(), key=lambda kv: -kv[1])[:limit]
+    return ", ".join(f"{service} {owner!r} ({n:.0f})" for (service, owner), n in top)
+
+
+def _pooler(samples: Samples) -> list[str]:
+    out = []
+    clients = _merged(samples, "pgbouncer_clients", ("database", "user", "state"))
+    maxwait = _merged(samples, "pgbouncer_client_maxwait_seconds", ("database", "user"))
+    holders = _merged(samples, "pgbouncer_servers_by_application", ("database", "application"))
+    size = _merged(samples, "pgbouncer_pool_size", ("database",))
+    for (database, user, state), waiting in sorted(clients.items()):
+        if state != "waiting" or waiting <= 0:
+            continue
+        held = {app: n for (db, app), n in holders.items() if db == database and n > 0}
+        who = ", ".join(f"{app} ({n:.0f})" for app, n in sorted(held.items(), key=lambda kv: -kv[1]))
+        sentence = (f"pgbouncer: {waiting:.0f} clients of {database}/{user} queue for a server connection "
+                    f"(oldest {maxwait.get((database, user), 0):.1f} s); the pool's "
+                    f"{size.get((database,), 0):.0f} server connections are held by {who or 'nobody known'}.")  # fmt: skip
+        owners = _owners(samples)
+        if owners:
+            sentence += f" Holding owners: {_fmt_owners(owners)}."
+        sentence += (" Time spent there is not pool wait: it shows as connect time (db_pool_connect_seconds) "
+                     "for new connections and as statement time, never as db_pool_checkout_wait_seconds; "
+                     "shorten those transactions (PgbouncerClientsWaiting).")
+        out.append(sentence)
+    return out
+
+
+def _locks(samples: Samples) -> list[str]:
+    pairs = _merged(samples, "db_server_lock_blocking",
+                    ("blocker_service", "blocker_owner", "blocked_service", "blocked_owner"))  # fmt: skip
+    if not pairs:
+        return []
+    # the blocker's own host names its owner; other hosts say "unknown" for the same pair
+    named = {(bs, bo) for (bs, bo, _ws, _wo) in pairs if bo != "unknown"}
+    longest = max((v for _lb, v in _rows(samples, "db_server_lock_wait_longest_seconds")), default=0.0)
+    by_blocker: dict[tuple[str, str], list[str]] = {}
+    for (bs, bo, ws, wo), n in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        if bo == "unknown" and any(s == bs for s, _o in named):
+            continue
+        by_blocker.setdefault((bs, bo), []).append(f"{ws} {wo!r} ({n:.0f})")
+    out = []
+    for (bs, bo), victims in by_blocker.items():
+        out.append(f"Locks: {bs} {bo!r} holds a lock that blocks {', '.join(victims)}; longest wait "
+                   f"{longest:.1f} s. Blocked transactions keep their connections: they look like long "
+                   "holders in the pool view. db_lock_wait has the statements (DbLockWaitLong).")  # fmt: skip
+    return out
+
+
+def _idle(samples: Samples) -> list[str]:
+    ages = _merged(samples, "db_server_oldest_idle_in_transaction_seconds", ("application",))
+    owners = _owners(samples, "idle in transaction")
+    out = []
+    for (app,), age in sorted(ages.items(), key=lambda kv: -kv[1]):
+        if age < T.IDLE_IN_TRANSACTION_EVENT_SECONDS:
+            continue
+        mine = {k: v for k, v in owners.items() if k[0] == app}
+        who = f" ({_fmt_owners(mine)})" if mine else ""
+        out.append(f"Idle in transaction: a backend of {app}{who} has sat idle inside a transaction for "
+                   f"{age:.1f} s, holding its server connection and locks (DbIdleInTransactionLong).")  # fmt: skip
+    return out
+
+
+def _server(samples: Samples) -> list[str]:
+    usable = max((v for _lb, v in _rows(samples, "db_server_connections_max")), default=0.0)
+    if not usable:
+        return []
+    used = sum(_merged(samples, "db_server_connections", ("application", "state")).values())
+    if used / usable <= T.SERVER_CONNECTIONS_RATIO_WARNING:
+        return []
+    return [f"Server: {used:.0f} of {usable:.0f} usable connections are open ({used / usable * 100:.0f}%): "
+            "the next pool growth gets refused (DbServerConnectionsNearMax)."]  # fmt: skip
+
+
+#: a service whose checked-out connections spent at least this share of their hold time waiting
+#: for a server connection is starved from outside its pool, not by its pool
+SERVER_WAIT_SHARE = 0.5
+
+
+def waiting_for_server(samples: Samples) -> dict[str, tuple[float, float | None]]:
+    """Services whose checked-out connections waited mostly for a server connection: service ->
+    (share of their hold time, p95 of the first statements of transactions). The wait is what
+    the first statements took beyond a plain round trip on the same connections (the mean commit
+    or rollback, ``db_transaction_end_seconds``): for a short transaction the first statement's
+    ordinary round trip is most of the hold time, and is no wait."""
+    first_sum: dict[str, float] = {}
+    first_count: dict[str, float] = {}
+    end_sum: dict[str, float] = {}
+    end_count: dict[str, float] = {}
+    holds: dict[str, float] = {}
+    for name, target in (("db_server_wait_seconds_sum", first_sum), ("db_server_wait_seconds_count", first_count),
+                         ("db_transaction_end_seconds_sum", end_sum), ("db_transaction_end_seconds_count", end_count),
+                         ("db_connection_hold_seconds_sum", holds)):  # fmt: skip
+        for lb, v in _rows(samples, name):
+            target[lb.get("service", "")] = target.get(lb.get("service", ""), 0.0) + v
+    out = {}
+    for service, waited in first_sum.items():
+        n = first_count.get(service, 0.0)
+        baseline = end_sum.get(service, 0.0) / end_count[service] if end_count.get(service) else 0.0
+        excess = waited - n * baseline
+        held = holds.get(service, 0.0)
+        if n and held > 0 and excess / held >= SERVER_WAIT_SHARE and waited / n >= 3 * baseline:
+            out[service] = (min(1.0, excess / held), quantile(0.95, samples, "db_server_wait_seconds", service=service))
+    return out
+
+
+def _server_waits(samples: Samples) -> list[Finding]:
+    """Connections checked out but queued for a server connection (a transaction pooler that
+    renames its clients and has no console included): name who holds the server side."""
+    out = []
+    for service, (share, p95) in sorted(waiting_for_server(samples).items()):
+        others = {k: n for k, n in _owners(samples).items() if k[0] != service and n > 0}
+        who = f" Server connections are held by {_fmt_owners(others)}." if others else ""
+        out.append(Finding("server_wait", f"Server connections: {service}'s checked-out connections spent {share * 100:.0f}% of their "
+                   f"hold time waiting for a server connection (first statements of transactions beyond a plain "
+                   f"round trip, p95 "
+                   f"{p95 or 0:.2f} s): the pooler or the server is full, not {service}'s pool.{who} Shorten "
+                   "those transactions; a bigger pool would only queue more (DbServerWaitHigh).", service))  # fmt: skip
+    return out
+
+
+def _pools(samples: Samples) -> list[str]:
+    out = []
+    starved = waiting_for_server(samples)
+    for service, usage in sorted(usage_by_service(samples).items()):
+        if usage >= T.POOL_USAGE_WARNING and service not in starved:
+            p95 = quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=service)
+            out.append(f"Pool: the busiest {service} process has {usage * 100:.0f}% of its pool checked out "
+                       f"(checkout wait p95 {p95 or 0:.2f} s).{_holders(samples, service)}")  # fmt: skip
+    blocked = {lb.get("service", ""): v for lb, v in _rows(samples, "event_loop_blocked_total") if v > 0}
+    for service, n in sorted(blocked.items()):
+        out.append(f"Event loop: {service} was blocked {n:.0f} times (sync work inside async def).")
+    return out
+
+
+def _holders(samples: Samples, service: str) -> str:
+    """Who held ``service``'s connections (the top owners by hold time, their p95 hold, the
+    connections held past the threshold at the peak), and "release it" when one owner is the cause."""
+    hs = holders(samples, service)
+    if not hs:
+        return ""
+    who = ", ".join(f"{h.owner!r} {h.share * 100:.0f}% (p95 {h.p95 or 0:.2f} s)" for h in hs[:3])
+    long_held = sum(v for lb, v in _rows(samples, "db_pool_connections_held_too_long") if lb.get("service") == service)
+    text = f" Held by {who} of the hold time" + (f"; {long_held:.0f} connections held past the hold threshold at the peak"
+                                                 if long_held else "") + "."  # fmt: skip
+    top = dominant(hs)
+    if top is not None:
+        text += (f" {top.owner!r} holds most of the time, p95 over {DOMINANT_HOLD_FACTOR * T.HOLD_SECONDS_WARNING:g} s: release it "
+                 "(keep the session only around its queries); a bigger pool would be held too.")  # fmt: skip
+    return text
+
+
+def _views(samples: Samples) -> list[str]:
+    out = []
+    for target, label in (("db_server", "server"), ("pgbouncer", "pgbouncer")):
+        ups = [v for _lb, v in _rows(samples, f"{target}_view_up")]
+        if ups and min(ups) == 0:
+            out.append(f"The {label} view is failing: its figures are stale ({target}_view_errors_total).")
+    return out
+
+
+#: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
+PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
+    ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
+    ("server_wait", _server_waits, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
+    ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
+)  # fmt: skip
+
+
+def render(urls: list[str], per_url: list[Samples]) -> str:
+    merged: Samples = [s for samples in per_url for s in samples]
+    lines = [f"read {len(merged)} samples from {', '.join(urls)}"]
+    found = findings(merged)
+    lines.extend(f"- {f}" for f in found)
+    if not found:
+        lines.append("- nothing saturated: pools, pooler, locks and server all within their thresholds")
+    return "\n".join(lines)
+
+
+class Unreadable(ValueError):
+    """The source answered, but not with what the findings need."""
+
+
+def run(urls: list[str], prometheus: str | None = None, window: str = "15m") -> tuple[str, list[str]]:
+    """From hosts' ``/metrics`` (now) or a Prometheus (over the last ``window``). Raises
+    ``Unreadable`` (a sentence) when no telemetry metric is there or a sample lacks a label."""
+    if prometheus:
+        per_url: list[Any] = [from_prometheus(prometheus, window)]
+        sources = [f"{prometheus} (last {window})"]
+    else:
+        per_url = [fetch(url) for url in urls]
+        sources = urls
+    for source, samples in zip(sources, per_url, strict=True):
+        if not ours(samples) and not prometheus:
+            raise Unreadable(f"no telemetry metrics found at {source}: is it the /metrics of a process "
+                             "that called telemetry.instrument() (or telemetry serve-metrics)?")
+    merged = [s for samples in per_url for s in samples]
+    if prometheus and not ours(merged):
+        raise Unreadable(f"no telemetry metrics found in {sources[0]}: does it scrape the hosts' /metrics?")
+    try:
+        return render(sources, per_url), findings(merged)
+    except KeyError as exc:
+        raise Unreadable(f"a sample lacks the label {exc.args[0]!r} that the package's metrics carry: "
+                         f"is {', '.join(sources)} a telemetry /metrics of this version?") from None

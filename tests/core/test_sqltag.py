@@ -1,0 +1,101 @@
+"""Statement tags on a real PostgreSQL: every driver (psycopg 3 with and without prepared
+statements, psycopg2, asyncpg with its statement cache on and off, sync and async engines)
+sends the tag the server shows in ``pg_stat_activity.query``, with any owner name escaped so it
+can neither end the comment nor reach the SQL; a setting turns it off; ``uninstrument()``
+removes it; the number of distinct texts stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import telemetry
+from telemetry._core import sqltag as _sqltag
+
+from .. import services
+
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("sqlalchemy")]
+
+OWNER = "GET /a/{id}' or 1=1 */ -- 100% ;\n"
+OWN_QUERY = "select query from pg_stat_activity where pid = pg_backend_pid()"
+
+
+def _sync(url: str, **kwargs: Any) -> list[str]:
+    engine = create_engine(url, **kwargs)
+    try:
+        with telemetry.db_owner(OWNER), engine.connect() as conn:
+            plain = conn.execute(text(OWN_QUERY)).scalar()
+            conn.commit()  # pg_stat_activity is a snapshot per transaction
+            bound = conn.execute(text(OWN_QUERY + " and :x = 1"), {"x": 1}).scalar()
+        return [plain, bound]
+    finally:
+        engine.dispose()
+
+
+def _async(url: str, **kwargs: Any) -> list[str]:
+    async def go() -> list[str]:
+        engine = create_async_engine(url, **kwargs)
+        try:
+            with telemetry.db_owner(OWNER):
+                async with engine.connect() as conn:
+                    plain = (await conn.execute(text(OWN_QUERY))).scalar()
+                    await conn.commit()  # pg_stat_activity is a snapshot per transaction
+                    bound = (await conn.execute(text(OWN_QUERY + " and :x = 1"), {"x": 1})).scalar()
+            return [plain, bound]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("driver, kwargs, run", [
+    ("psycopg", {}, _sync),
+    ("psycopg", {"connect_args": {"prepare_threshold": 0}}, _sync),  # every statement prepared
+    ("psycopg2", {}, _sync),
+    ("psycopg", {}, _async),
+    ("asyncpg", {}, _async),
+    ("asyncpg", {"connect_args": {"statement_cache_size": 0}}, _async),
+])  # fmt: skip
+def test_every_driver_sends_a_tag_the_server_shows(pg: services.Postgres, driver: str, kwargs: dict, run: Any) -> None:
+    telemetry.instrument(service="api")
+    queries = run(pg.url(driver), **kwargs)
+    assert queries[0] != queries[1]  # both statements seen, each with its tag
+    for query in queries:
+        tag = _sqltag.parse(query)
+        assert tag["owner"] == OWNER, query  # the whole name, escaped on the way, read back
+        service, pid, host = tag["application"].partition("/")[0], *tag["application"].split("/")[1].split("@")
+        assert service == "api" and int(pid) > 0 and host
+        assert query.endswith("pg_backend_pid()") or query.endswith("= $1") or query.endswith("= 1")
+        assert query.count("*/") == 1  # the owner's "*/" was escaped, not written
+
+
+def test_the_setting_turns_it_off_and_uninstrument_removes_it(pg: services.Postgres) -> None:
+    telemetry.instrument(service="api", statement_tag=False)
+    assert [_sqltag.parse(q) for q in _sync(pg.url())] == [{}, {}]
+    telemetry.uninstrument()
+    telemetry.instrument(service="api")
+    engine = create_engine(pg.url())
+    with engine.connect() as conn:
+        assert _sqltag.parse(conn.execute(text(OWN_QUERY)).scalar())
+        conn.commit()
+        telemetry.uninstrument()
+        assert _sqltag.parse(conn.execute(text(OWN_QUERY)).scalar()) == {}
+    engine.dispose()
+
+
+def test_distinct_texts_stay_bounded() -> None:
+    telemetry.instrument(service="api")
+    for i in range(3 * _sqltag.MAX_TAGGED_OWNERS):
+        _sqltag._make(f"owner-{i}")
+    assert len(_sqltag._tags) == _sqltag.MAX_TAGGED_OWNERS + 1  # the rest share "other"
+    assert "owner='other'" in _sqltag._make("owner-99999")[0]
+
+
+def test_parse_reads_only_tags() -> None:
+    assert _sqltag.parse("select 1") == {}
+    assert _sqltag.parse("/* a comment */ select 1") == {}
+    assert _sqltag.parse("/*application='api%2F1%40h',owner='x%27y'*/ select 1") == {"application": "api/1@h", "owner": "x'y"}

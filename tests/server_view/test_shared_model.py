@@ -1,0 +1,104 @@
+"""The shared view's pure parts, without a server: the owner join (address and port, never
+port alone), one idle-in-transaction event per transaction whatever the poller's clock does,
+literals hidden even when PostgreSQL cut the statement, passwords masked in every URL form,
+and the pooler's figures from SHOW rows that lack columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from telemetry._core.settings import mask_url
+from telemetry.server_view import model as _shared_model
+from telemetry.server_view import poller as _shared
+from telemetry.testing import capture_events
+
+
+def _row(pid: int, port: int, owner: str, addr: str, service: str = "api") -> list[Any]:
+    return [pid, port, service, owner, 0.0, "", addr]
+
+
+def test_owners_are_joined_on_address_and_port() -> None:
+    owners = _shared_model.Owners([_row(101, 45678, "/reports/{id}", "127.0.0.1"),
+                             _row(202, 45678, "save-concept", "127.0.0.2", service="worker")])  # fmt: skip
+    assert owners.peer("127.0.0.1", 45678).owner == "/reports/{id}"  # type: ignore[union-attr]
+    assert owners.peer("127.0.0.2", "45678").owner == "save-concept"  # type: ignore[union-attr]
+    assert owners.peer("127.0.0.3", 45678) is None  # a session from elsewhere on the same port
+    assert owners.peer("", 45678) is None and owners.peer("127.0.0.1", None) is None
+    # a row without an address (an older process file) is joined by its backend pid only
+    legacy = _shared_model.Owners([[303, 5555, "api", "/old", 0.0, ""]])
+    assert legacy.peer("127.0.0.1", 5555) is None and legacy.by_pid[303].owner == "/old"
+
+
+class _Settings:
+    idle_in_transaction_event_seconds = 1.0
+
+
+def test_one_idle_in_transaction_event_per_transaction_however_late_the_poll() -> None:
+    """The key is the server's own xact_start: a busy poller that reads xact_age late (so that
+    'now minus age' moves) does not report the same transaction again."""
+    poller = _shared._Poller(_Settings())
+    row = {"pid": 7, "state": "idle in transaction", "xact_start": 1_700_000_000.123456,
+           "xact_age": 5.0, "state_age": 4.0, "app": "api/1@h", "query": "select 1"}  # fmt: skip
+
+    def owner_of(_row: dict[str, Any]) -> tuple[str, str, str, str]:
+        return "api", "/export", "h", ""
+
+    with capture_events("db_idle_in_transaction") as events:
+        for age in (5.0, 7.3, 6.1, 12.0):  # as a loaded poller reads them
+            poller._idle_events([dict(row, xact_age=age, state_age=age - 1)], owner_of)
+            poller.emit_pending()
+        # a new transaction on the same backend is a new event
+        poller._idle_events([dict(row, xact_start=1_700_000_100.5, xact_age=3.0, state_age=2.0)], owner_of)
+        poller.emit_pending()
+    assert len(events) == 2, events
+    assert events[0]["idle_owner"] == "/export"
+
+
+def test_literals_are_hidden_even_when_the_statement_was_cut() -> None:
+    assert _shared_model.statement("insert into tok values ('sk_live_abcdef") == "insert into tok values (?"
+    assert _shared_model.statement("select E'it\\'s a sec") == "select ?"
+    assert _shared_model.statement("select $q$secret body") == "select ?"
+    assert _shared_model.statement("select 'a', 'b' where x = 'c") == "select ?, ? where x = ?"
+
+
+def test_passwords_are_masked_in_every_url_form() -> None:
+    assert mask_url("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert mask_url("postgresql://u@h/db?sslmode=require&password=secret") == "postgresql://u@h/db?sslmode=require&password=***"
+    assert mask_url("host=h user=u password=secret dbname=d") == "host=h user=u password=*** dbname=d"
+    assert mask_url("host=h password='s e c' dbname=d") == "host=h password=*** dbname=d"
+    assert mask_url("postgresql://h/db?application_name=x") == "postgresql://h/db?application_name=x"
+
+
+def test_pooler_rows_without_some_columns_publish_the_rest() -> None:
+    poller = _shared._Poller(_Settings())
+    cols = _shared_model.Columns()
+    pools = [{"database": "app", "user": "u", "cl_active": 2, "cl_waiting": 3, "sv_active": 4,
+              "sv_idle": 0, "sv_used": 0, "sv_login": 0, "maxwait": 1, "maxwait_us": 500000}]  # fmt: skip
+    stats = [{"database": "app", "total_wait_time": 2_000_000}]
+    servers = [{"database": "app", "remote_pid": 9}]  # no link column
+    try:
+        poller._publish_pooler(cols, pools, stats, [], servers, [], {})
+        published = {(n, lb): v for n, lb, v in _shared.PUBLISHED.pooler}
+    finally:
+        _shared.PUBLISHED.reset()
+    assert cols.missing == {"POOLS.sv_tested", "STATS.total_xact_count", "SERVERS.link"}
+    lb = (("database", "app"), ("user", "u"))
+    assert published[("pgbouncer_clients", lb + (("state", "waiting"),))] == 3
+    assert published[("pgbouncer_client_maxwait_seconds", lb)] == 1.5
+    assert published[("pgbouncer_client_wait_seconds_total", (("database", "app"),))] == 2.0
+    assert not any(n == "pgbouncer_transactions_total" for n, _lb in published)
+
+
+def test_a_tag_is_believed_only_where_it_can_be_ours():
+    """The verdict on a tag read on a backend (``_shared_model.tag_verdict``)."""
+    from telemetry.server_view.model import tag_verdict
+
+    alive = {10: True, 11: False}.get
+    ours = "api/10@h1"
+    assert tag_verdict(ours, ours, "h1", alive) is None  # direct, or a pooler passing names through
+    assert tag_verdict("psql", ours, "h1", alive) == "foreign_session"  # a copied statement
+    assert tag_verdict("Supavisor", ours, "h1", alive) is None  # renamed by the pooler, alive here
+    assert tag_verdict("Supavisor", "api/11@h1", "h1", alive) == "dead_process"
+    assert tag_verdict("Supavisor", "api/11@h2", "h1", alive) is None  # another host: not checkable here
+    assert tag_verdict("myapp", ours, "h1", alive, claimed=True) is None  # our owner rows claim the backend
+    assert tag_verdict("Supavisor", "api", "h1", alive) == "malformed"

@@ -1,0 +1,197 @@
+"""Capacity advice (``telemetry budget --metrics-url/--prometheus-url``), the arithmetic from
+recorded scrapes: Little's law against the measured mean, the busiest process's bursts, the
+margin, the pool that was full (its in-use is only its ceiling), the owner to release instead of
+growing the pool, the semaphore that caps throughput, the server side against its limit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from telemetry.tools.live import capacity
+from telemetry.tools.samples import parse
+from tests import ROOT
+
+
+def _page(in_use: dict[str, float], checkouts: float, holds: dict[str, tuple[float, float, dict[str, float]]],
+          timeouts: float = 0.0, pending: float = 0.0, extra: str = "") -> str:  # fmt: skip
+    """One scrape of a host: two api processes of a 2+2 pool; ``holds``: owner -> (count, sum,
+    cumulative buckets)."""
+    lines = []
+    for pid, v in in_use.items():
+        lb = f'service="api",pool="main-db",pid="{pid}"'
+        lines += [f"db_pool_connections_in_use{{{lb}}} {v}", f"db_pool_connections_max{{{lb}}} 4",
+                  f"db_pool_size{{{lb}}} 2", f"db_pool_pending_requests{{{lb}}} {pending}"]  # fmt: skip
+    lines.append(f'db_pool_checkouts_total{{service="api",pool="main-db",result="ok"}} {checkouts}')
+    lines.append(f'db_pool_timeouts_total{{service="api",pool="main-db"}} {timeouts}')
+    for owner, (count, total, buckets) in holds.items():
+        lb = f'service="api",pool="main-db",owner="{owner}"'
+        lines += [f'db_connection_hold_seconds_bucket{{{lb},le="{le}"}} {n}' for le, n in buckets.items()]
+        lines += [f"db_connection_hold_seconds_count{{{lb}}} {count}", f"db_connection_hold_seconds_sum{{{lb}}} {total}"]
+    return "# TYPE db_connection_hold_seconds histogram\n" + "\n".join(lines) + "\n" + extra
+
+
+def _window(pages: list[str], every: float = 1.0) -> capacity.Window:
+    return capacity.from_scrapes([(i * every, parse(p)) for i, p in enumerate(pages)])
+
+
+def test_little_law_sizes_the_busiest_process_with_the_margin():
+    # 10 s, 200 checkouts held 0.1 s each: λ = 20/s, W = 0.1 s, L = 2 busy over 2 processes
+    first = _page({"1": 0, "2": 0}, 0, {"GET /a": (0, 0, {"0.25": 0, "+Inf": 0})})
+    mid = [_page({"1": 2, "2": 1}, 100, {"GET /a": (100, 10, {"0.25": 100, "+Inf": 100})}) for _ in range(9)]
+    last = _page({"1": 2, "2": 1}, 200, {"GET /a": (200, 20, {"0.25": 200, "+Inf": 200})})
+    w = _window([first, *mid, last])
+    assert w.seconds == 10
+    p = capacity.advise(w, margin=0.25).pools[0]
+    assert (p.service, p.pool, p.processes) == ("api", "main-db", 2)
+    assert p.checkouts_per_second == 20 and p.hold_mean == pytest.approx(0.1)
+    assert p.busy_little == pytest.approx(2.0)
+    # 11 scrapes, the first at 0: the busiest process's mean is 20/11; Little per process (1.0)
+    # times its skew (20/11 over the mean of both, 30/11/2) is 1.33, under it
+    assert p.busiest_mean == pytest.approx(20 / 11) and p.busiest_peak == 2 and not p.saturated
+    assert p.pool_size == math.ceil(20 / 11 * 1.25) == 3
+    assert p.pool_size + p.max_overflow == 3  # its p99 (2) is under the steady size with margin
+    assert p.release is None and p.carries  # 2+2 = 4 >= 3
+
+
+def test_a_full_pool_is_sized_for_its_demand_not_its_ceiling():
+    # every process at its 4 connections, callers pending and timing out: the in-use is censored
+    first = _page({"1": 4, "2": 4}, 0, {"POST /notes": (0, 0, {"0.25": 0, "1.0": 0, "+Inf": 0})})
+    last = _page({"1": 4, "2": 4}, 300, {"POST /notes": (300, 90, {"0.25": 0, "1.0": 300, "+Inf": 300})},
+                 timeouts=12, pending=5)  # fmt: skip
+    w = _window([first, last], every=10.0)
+    a = capacity.advise(w, margin=0.25)
+    p = a.pools[0]
+    assert p.saturated and p.busy_little == pytest.approx(30 * 0.3)  # 9 busy by Little, 8 measured (the ceiling)
+    steady = 9 / 2  # per process (equal skew)
+    assert p.pool_size == math.ceil(steady * 1.25)
+    assert p.pool_size + p.max_overflow == math.ceil((steady + 3 * math.sqrt(steady)) * 1.25)
+    assert not p.carries and not a.carries
+    text = "\n".join(capacity.render(a))
+    assert f"pool_size={p.pool_size} max_overflow={p.max_overflow} (now 2+2: cannot carry" in text
+
+
+def test_one_owner_holding_most_of_the_time_is_released_not_pooled():
+    # a stream keeps its session ~30 s: 95% of the hold time; the short pages are 5%
+    first = _page({"1": 4, "2": 0}, 0, {"GET /stream": (0, 0, {"1.0": 0, "60.0": 0, "+Inf": 0}),
+                                        "GET /roadmaps": (0, 0, {"1.0": 0, "60.0": 0, "+Inf": 0})})  # fmt: skip
+    last = _page({"1": 4, "2": 0}, 110, {"GET /stream": (10, 285, {"1.0": 0, "60.0": 10, "+Inf": 10}),
+                                         "GET /roadmaps": (100, 15, {"1.0": 100, "60.0": 100, "+Inf": 100})})  # fmt: skip
+    a = capacity.advise(_window([first, last], every=30.0))
+    p = a.pools[0]
+    assert p.release is not None and p.release.owner == "GET /stream" and p.release.share == pytest.approx(0.95)
+    assert [h.owner for h in p.holders] == ["GET /stream", "GET /roadmaps"]
+    assert not p.carries
+    text = "\n".join(capacity.render(a))
+    assert "release it, do not grow the pool: 'GET /stream' holds 95%" in text
+
+
+def test_the_semaphore_that_caps_throughput_and_the_server_limit():
+    sem = ('asyncio_semaphore_capacity{service="worker",semaphore="MAX_DB_CONCURRENT",pid="9"} 3\n'
+           'asyncio_semaphore_in_use{service="worker",semaphore="MAX_DB_CONCURRENT",pid="9"} 3\n'
+           'asyncio_semaphore_waiters{service="worker",semaphore="MAX_DB_CONCURRENT",pid="9"} W\n'
+           'pgbouncer_pool_size{database="app"} 2\n')  # fmt: skip
+    first = _page({"1": 1, "2": 1}, 0, {"x": (0, 0, {"+Inf": 0})}, extra=sem.replace("W", "0"))
+    last = _page({"1": 1, "2": 1}, 100, {"x": (100, 30, {"+Inf": 100})}, extra=sem.replace("W", "4"))
+    a = capacity.advise(_window([first, last], every=10.0), margin=0.0)
+    s = a.semaphores[0]
+    assert s.is_the_cap and s.capacity == 3 and s.capacity_needed == 7  # 3 held + 4 waiting
+    assert a.server.limit == 2 and a.server.limit_source == "pgbouncer default_pool_size"
+    assert a.server.busy_little == pytest.approx(3.0) and a.server.needed == 3 and not a.server.fits
+    assert not a.carries
+
+
+def test_bad_windows_and_margins():
+    with pytest.raises(ValueError, match="at least two scrapes"):
+        capacity.from_scrapes([(0.0, [])])
+    w = _window([_page({"1": 0}, 0, {}), _page({"1": 0}, 0, {})])
+    with pytest.raises(ValueError, match="--margin -1: expected a fraction in"):
+        capacity.advise(w, margin=-1)
+
+
+def _steady(pg, *args: str):  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from ... import services
+
+    port = services.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.apps.steady", pg.url(), str(port), *args], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc, f"http://127.0.0.1:{port}/metrics"
+
+
+def _budget(url: str, window: str = "4s", *extra: str) -> tuple[int, str]:
+    import io
+    from contextlib import redirect_stdout
+
+    from telemetry.tools import cli
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = cli.main(["budget", "--metrics-url", url, "--window", window, *extra])
+    return code, out.getvalue()
+
+
+def _stop(proc) -> None:  # type: ignore[no-untyped-def]
+    proc.stdin.close()
+    proc.terminate()
+    proc.wait(timeout=20)
+    proc.stdout.close()
+
+
+
+
+@pytest.mark.integration
+def test_budget_on_a_real_workload_and_its_advice_holds(pg):
+    """4 threads each holding a connection 50 ms at a time against a pool of 2+0: the pool is
+    full and callers time out; the advice (read from /metrics over 4 s) asks for more and exits 1.
+    The same workload on the advised pool carries, and the advice then exits 0."""
+    proc, url = _steady(pg, "2", "0", "4", "0.05")
+    try:
+        code, text = _budget(url)
+    finally:
+        _stop(proc)
+    assert code == 1, text
+    line = next(ln for ln in text.splitlines() if ln.startswith("api (pool main-db, 1 process)"))
+    assert "cannot carry the measured load" in line and "(now 2+0" in line, text
+    size, overflow = (int(x) for x in line.split("pool_size=")[1].split(" (")[0].split(" max_overflow="))
+    assert size + overflow >= 4, line  # the 4 threads' demand, hidden behind the full pool
+    proc, url = _steady(pg, str(size), str(overflow), "4", "0.05")
+    try:
+        code, text = _budget(url)
+    finally:
+        _stop(proc)
+    assert code == 0, text
+    assert "carries the load" in text and "the current configuration carries the measured load" in text
+
+
+@pytest.mark.integration
+def test_budget_names_the_holder_to_release_on_a_real_workload(pg):
+    """Two threads serving streams of 2 s, each keeping a connection for its life, one thread of
+    short work, a pool of 2+1 (full): growing it is not the answer; the stream's owner is named
+    (hold threshold 0.5 s for the test, the rule's 5 s by default)."""
+    proc, url = _steady(pg, "2", "1", "1", "0.05", "2")
+    try:
+        code, text = _budget(url, "7s", "--hold-threshold", "0.5")
+    finally:
+        _stop(proc)
+    assert code == 1, text
+    assert "release it, do not grow the pool: 'GET /stream' holds" in text, text
+
+
+def test_a_full_pool_the_load_needs_no_more_of_is_not_resized():
+    """Full at moments (a blocked event loop stretching holds), yet the measured load needs fewer
+    connections than it has: no shrinking advice called "cannot carry", no re-run with sizes."""
+    from telemetry.tools.demo import advice as demo_advice
+
+    first = _page({"1": 0, "2": 0}, 0, {"GET /roadmaps": (0, 0, {"0.25": 0, "+Inf": 0})})
+    full = _page({"1": 4, "2": 0}, 50, {"GET /roadmaps": (50, 2, {"0.25": 50, "+Inf": 50})}, timeouts=3)
+    idle = [_page({"1": 0, "2": 0}, 50, {"GET /roadmaps": (50, 2, {"0.25": 50, "+Inf": 50})}, timeouts=3) for _ in range(8)]
+    a = capacity.advise(_window([first, full, *idle], every=1.0))
+    p = a.pools[0]
+    assert p.saturated and not p.grow and not p.carries and p.release is None
+    assert "size is not the answer" in "\n".join(capacity.render(a))
+    assert demo_advice.overrides(a) == {}
