@@ -278,8 +278,10 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
     assert request_wait == pytest.approx(server_wait, rel=0.01)
     assert pool_wait < 0.2 * server_wait  # the pool had room for both: this was not pool wait
     said = " ".join(findings)
-    assert "Server connections: api's checked-out connections spent" in said, findings
+    assert "Server connections: api's transactions spent" in said, findings
+    assert "waiting for a server connection (the server sees connections named" in said, findings
     assert "worker 'save-concept' (3)" in said and "not api's pool" in said
+    assert "Slow statements" not in said and "Unknown whether" not in said, findings
     assert not [f for f in findings if f.startswith("Pool: the busiest api")], findings
 
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 import dataclasses
 
 from telemetry import thresholds as T
+from telemetry.server_view.model import POOLER_NAMES
 from telemetry.tools.promql import check_selector
+
+#: a transaction pooler is in the path: its view is read, or the server sees connections named
+#: after one (a renaming pooler such as Supavisor)
+POOLER_IN_PATH = ("count(pgbouncer_view_up) > 0 or count(db_server_connections{application=~\"(?i)("
+                  + "|".join(sorted(n for n in POOLER_NAMES if n)) + ')"} > 0) > 0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +132,17 @@ def build_alerts(cfg: RulesConfig) -> list[Alert]:
         ),
         Alert(
             "DbServerWaitHigh",
-            f"service_pool:db_server_wait_seconds:p95_5m > {sec(T.SERVER_WAIT_P95_SECONDS_WARNING)}",
+            # only where a transaction pooler is in the path (its view read, or the server seeing
+            # connections named after one): without one, the first statement's time is its own
+            f"service_pool:db_server_wait_seconds:p95_5m > {sec(T.SERVER_WAIT_P95_SECONDS_WARNING)} "
+            f"and on() ({POOLER_IN_PATH})",
             T.FOR_SERVER_WAIT,
             "warning",
-            "Transactions of {{ $labels.service }} wait for a server connection on {{ $labels.pool }}",
+            "First statements of {{ $labels.service }}'s transactions are slow behind the pooler on {{ $labels.pool }}",
             "p95 of the first statement of {{ $labels.service }}'s transactions on {{ $labels.pool }} is "
-            "{{ $value | humanizeDuration }}: the pooler or the server is full; the pool is not the cause.",
+            "{{ $value | humanizeDuration }} behind a transaction pooler: a queue for a server connection "
+            "or slow statements, not the pool. `telemetry diagnose` tells which (the pooler's queue, the "
+            "server's active backends).",
             dashboard_uid=T.DASHBOARD_UID_SERVER,
         ),
         Alert(

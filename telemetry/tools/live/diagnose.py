@@ -11,7 +11,6 @@ on another (the blocker's host) are taken from the host that knows them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import urllib.parse
@@ -21,9 +20,15 @@ from typing import Any
 
 from telemetry import thresholds as T
 from telemetry._core.catalogue import CATALOGUE
+from telemetry.tools.findings import HOST_LABEL, Finding
+from telemetry.tools.findings import fmt_owners as _fmt_owners
+from telemetry.tools.findings import merged as _merged
+from telemetry.tools.findings import owners as _owners
+from telemetry.tools.findings import rows as _rows
 from telemetry.tools.samples import Samples, fetch_text, parse, quantile, usage_by_service
 
 from .capacity import DOMINANT_HOLD_FACTOR, dominant, holders
+from .first_statement import first_statements
 
 #: what the findings read, by kind: gauges at their peak over the window (``*_view_up`` at
 #: their lowest), counters and histogram series as their increase over it
@@ -35,12 +40,13 @@ USED_GAUGES = (
     "db_pool_connections_max", "redis_pool_connections_in_use", "redis_pool_connections_max",
     "celery_queue_length", "celery_queue_oldest_message_seconds", "celery_worker_busy",
     "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
-    "asyncio_semaphore_capacity", "db_pool_connections_held_too_long",
+    "asyncio_semaphore_capacity", "db_pool_connections_held_too_long", "db_server_lock_waiting",
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
 USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
-                   "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds")
+                   "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds",
+                   "http_server_db_server_wait_seconds", "http_server_request_duration_seconds")
 _WINDOW = re.compile(r"^[1-9][0-9]*[smhd]$")
 
 
@@ -73,8 +79,6 @@ def from_prometheus(url: str, window: str, timeout: float = 10.0) -> Samples:
 #: exit codes of ``telemetry diagnose`` (docs/runbooks/README.md): nothing found, findings, and
 #: the source could not be read or holds no telemetry metrics
 EXIT_HEALTHY, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
-#: the label that says which host a sample came from (``--metrics-url``: one URL per host)
-HOST_LABEL = "__telemetry_host"
 
 
 def fetch(url: str, timeout: float = 10.0) -> Samples:
@@ -93,58 +97,6 @@ def ours(samples: Samples) -> bool:
         if name in names or base in names:
             return True
     return False
-
-
-def _rows(samples: Samples, name: str) -> list[tuple[dict[str, str], float]]:
-    return [(lb, v) for n, lb, v in samples if n == name]
-
-
-def _merged(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[str, ...], float]:
-    """Host-wide gauge, deduplicated across hosts (max)."""
-    out: dict[tuple[str, ...], float] = {}
-    for lb, v in _rows(samples, name):
-        key = tuple(lb.get(k, "") for k in keys)
-        out[key] = max(out.get(key, v), v)
-    return out
-
-
-def _host(labels: dict[str, str]) -> str:
-    """Which host a sample describes: its ``--metrics-url``, or Prometheus' ``instance`` without
-    the port (one host may serve several scraped endpoints of the same aggregate)."""
-    if HOST_LABEL in labels:
-        return labels[HOST_LABEL]
-    instance = labels.get("instance", "")
-    return instance.rsplit(":", 1)[0] if instance.count(":") == 1 else instance
-
-
-def _across_hosts(samples: Samples, name: str, keys: tuple[str, ...]) -> dict[tuple[str, ...], float]:
-    """A host-wide gauge that each host knows only for itself (owners: a host's poller names
-    only its own processes' connections): max within a host, summed across hosts."""
-    per_host: dict[tuple[str, tuple[str, ...]], float] = {}
-    for lb, v in _rows(samples, name):
-        where = (_host(lb), tuple(lb.get(k, "") for k in keys))
-        per_host[where] = max(per_host.get(where, v), v)
-    out: dict[tuple[str, ...], float] = {}
-    for (_h, labels), v in per_host.items():
-        out[labels] = out.get(labels, 0.0) + v
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    """One finding: its kind (what a reader such as the demo's report selects on, never the
-    text), the sentence, the service it is about when it is about one, and whether it is a
-    failure (a Redis pool that only ran full, with no checkout failing, is not)."""
-
-    kind: str
-    text: str
-    service: str = ""
-    severe: bool = True
-
-    @property
-    def body(self) -> str:
-        """The sentence without its leading label (``"pgbouncer: "``)."""
-        return self.text.split(": ", 1)[1] if ": " in self.text else self.text
 
 
 def all_findings(samples: Samples, *, pools: bool = True) -> list[Finding]:
@@ -243,20 +195,6 @@ def beyond_the_pools(samples: Samples) -> list[Finding]:
     return all_findings(samples, pools=False)
 
 
-def _owners(samples: Samples, state: str | None = None) -> dict[tuple[str, str], float]:
-    by_owner = _across_hosts(samples, "db_server_connections_by_owner", ("service", "owner", "state"))
-    out: dict[tuple[str, str], float] = {}
-    for (service, owner, st), n in by_owner.items():
-        if state is None or st == state:
-            out[(service, owner)] = out.get((service, owner), 0) + n
-    return out
-
-
-def _fmt_owners(owners: dict[tuple[str, str], float], limit: int = 5) -> str:
-    top = sorted(owners.items(), key=lambda kv: -kv[1])[:limit]
-    return ", ".join(f"{service} {owner!r} ({n:.0f})" for (service, owner), n in top)
-
-
 def _pooler(samples: Samples) -> list[str]:
     out = []
     clients = _merged(samples, "pgbouncer_clients", ("database", "user", "state"))
@@ -327,56 +265,9 @@ def _server(samples: Samples) -> list[str]:
             "the next pool growth gets refused (DbServerConnectionsNearMax)."]  # fmt: skip
 
 
-#: a service whose checked-out connections spent at least this share of their hold time waiting
-#: for a server connection is starved from outside its pool, not by its pool
-SERVER_WAIT_SHARE = 0.5
-
-
-def waiting_for_server(samples: Samples) -> dict[str, tuple[float, float | None]]:
-    """Services whose checked-out connections waited mostly for a server connection: service ->
-    (share of their hold time, p95 of the first statements of transactions). The wait is what
-    the first statements took beyond a plain round trip on the same connections (the mean commit
-    or rollback, ``db_transaction_end_seconds``): for a short transaction the first statement's
-    ordinary round trip is most of the hold time, and is no wait."""
-    first_sum: dict[str, float] = {}
-    first_count: dict[str, float] = {}
-    end_sum: dict[str, float] = {}
-    end_count: dict[str, float] = {}
-    holds: dict[str, float] = {}
-    for name, target in (("db_server_wait_seconds_sum", first_sum), ("db_server_wait_seconds_count", first_count),
-                         ("db_transaction_end_seconds_sum", end_sum), ("db_transaction_end_seconds_count", end_count),
-                         ("db_connection_hold_seconds_sum", holds)):  # fmt: skip
-        for lb, v in _rows(samples, name):
-            target[lb.get("service", "")] = target.get(lb.get("service", ""), 0.0) + v
-    out = {}
-    for service, waited in first_sum.items():
-        n = first_count.get(service, 0.0)
-        baseline = end_sum.get(service, 0.0) / end_count[service] if end_count.get(service) else 0.0
-        excess = waited - n * baseline
-        held = holds.get(service, 0.0)
-        if n and held > 0 and excess / held >= SERVER_WAIT_SHARE and waited / n >= 3 * baseline:
-            out[service] = (min(1.0, excess / held), quantile(0.95, samples, "db_server_wait_seconds", service=service))
-    return out
-
-
-def _server_waits(samples: Samples) -> list[Finding]:
-    """Connections checked out but queued for a server connection (a transaction pooler that
-    renames its clients and has no console included): name who holds the server side."""
-    out = []
-    for service, (share, p95) in sorted(waiting_for_server(samples).items()):
-        others = {k: n for k, n in _owners(samples).items() if k[0] != service and n > 0}
-        who = f" Server connections are held by {_fmt_owners(others)}." if others else ""
-        out.append(Finding("server_wait", f"Server connections: {service}'s checked-out connections spent {share * 100:.0f}% of their "
-                   f"hold time waiting for a server connection (first statements of transactions beyond a plain "
-                   f"round trip, p95 "
-                   f"{p95 or 0:.2f} s): the pooler or the server is full, not {service}'s pool.{who} Shorten "
-                   "those transactions; a bigger pool would only queue more (DbServerWaitHigh).", service))  # fmt: skip
-    return out
-
-
 def _pools(samples: Samples) -> list[str]:
     out = []
-    starved = waiting_for_server(samples)
+    starved = {f.service for f in first_statements(samples) if f.kind == "server_wait"}
     for service, usage in sorted(usage_by_service(samples).items()):
         if usage >= T.POOL_USAGE_WARNING and service not in starved:
             p95 = quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=service)
@@ -417,7 +308,7 @@ def _views(samples: Samples) -> list[str]:
 #: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
 PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
     ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
-    ("server_wait", _server_waits, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
+    ("first_statement", first_statements, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
     ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
 )  # fmt: skip
 
