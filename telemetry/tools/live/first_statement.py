@@ -120,6 +120,12 @@ def _kind(samples: Samples, service: str, pooler: str) -> tuple[str, str]:
         return "unknown", (f"{pooler}, but neither its queue nor the server's view of {service}'s connections "
                            "is read")  # fmt: skip
     if viewed:
+        on_server = sum(mine.values())
+        if in_use > 0 and active < in_use / 2 and in_use - on_server >= in_use / 2:
+            # checked out, yet missing on the server: something between queues them (a pooler
+            # that neither renames nor is viewed), or the server view lags
+            return "unknown", (f"no pooler is seen, yet only {on_server:.0f} of its {in_use:.0f} checked-out "
+                               "connections are on the server")  # fmt: skip
         return "slow_statement", ("no transaction pooler is in the path (no pooler view, no pooler-named "
                                   "connection on the server), and PostgreSQL queues no statement for a connection")  # fmt: skip
     return "unknown", "neither the server nor a pooler is viewed, so nothing shows whether a pooler is in the path"

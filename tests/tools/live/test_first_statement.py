@@ -59,7 +59,11 @@ def _findings_when(ready: object) -> list[str]:
 
 
 def _ended(n: int) -> bool:
-    return (_value(_host(None), "db_server_wait_seconds_count", service="api") or 0) >= n
+    """``n`` transactions timed and their holds ended (the hold is measured at checkin, after the
+    first statement's time: diagnose weighs one against the other)."""
+    now = _host(None)
+    return all((_value(now, name, service="api") or 0) >= n
+               for name in ("db_server_wait_seconds_count", "db_connection_hold_seconds_count"))
 
 
 def _active_on_server() -> bool:
@@ -132,3 +136,19 @@ def test_behind_a_full_pgbouncer_the_queue_is_named(pg: services.Postgres, bounc
     assert "Server connections: api's transactions spent" in said and "its clients queue" in said, found
     assert FULL in said, found
     assert SLOW not in said and UNKNOWN not in said, found
+
+
+def test_a_pooler_nothing_names_is_not_called_slow_statements(pg: services.Postgres, bouncer: services.Pgbouncer) -> None:
+    """A full pgbouncer whose console is not configured and which keeps the clients' names: no
+    pooler is seen, yet most checked-out connections have no server connection, so the answer is
+    unknown, not slow statements."""
+    telemetry.instrument(service="api", tracing=False, server_view_url=pg.url().replace("+psycopg", ""),
+                         shared_view_interval_seconds=0.2)  # fmt: skip
+    threads, stop = _slow_route(bouncer.url(), 6, 0.4, 6)
+    try:
+        found = _findings_when(lambda: _ended(6) and (_value(_host(None), "db_pool_connections_in_use") or 0) >= 5)
+    finally:
+        _join(threads, stop)
+    said = " ".join(found)
+    assert UNKNOWN in said and "checked-out connections are on the server" in said, found
+    assert SLOW not in said and FULL not in said, found
