@@ -101,12 +101,13 @@ def _request_share(samples: Samples, service: str) -> str:
     return f", {waited / total * 100:.0f}% of its request time" if total > 0 and waited > 0 else ""
 
 
-def _kind(samples: Samples, service: str, pooler: str) -> tuple[str, str]:
-    """(kind, the evidence in words) for one service's first statements."""
+def _kind(samples: Samples, service: str, pooler: str, named: dict[tuple[str, str], float],
+          running: dict[tuple[str, str], float]) -> tuple[str, str]:
+    """(kind, the evidence in words) for one service's first statements; ``named``: the owners the
+    server view joined to server connections, ``running``: those of them ``active``."""
     in_use = _by_service(samples, "db_pool_connections_in_use").get(service, 0.0)
-    named = owners(samples)
     on_server = sum(n for k, n in named.items() if k[0] == service)
-    active = sum(n for k, n in owners(samples, "active").items() if k[0] == service)
+    active = sum(n for k, n in running.items() if k[0] == service)
     viewed = _server_view(samples)
     # the server view can say which checked-out connections are on the server only where it names
     # owners at all (statement tags, pids or the pooler's clients joined)
@@ -142,20 +143,21 @@ def first_statements(samples: Samples) -> list[Finding]:
     slow statements, or unknown (see the module's docstring)."""
     out = []
     pooler = pooler_in_path(samples)
+    named, running = owners(samples), owners(samples, "active")
     for service, (share, p95) in sorted(waiting_for_server(samples).items()):
-        kind, evidence = _kind(samples, service, pooler)
+        kind, evidence = _kind(samples, service, pooler, named, running)
         measured = (f"{service}'s transactions spent {share * 100:.0f}% of their connections' hold time in their "
                     f"first statements beyond a plain round trip (p95 {p95 or 0:.2f} s{_request_share(samples, service)})")  # fmt: skip
         if kind == "server_wait":
-            others = {k: n for k, n in owners(samples).items() if k[0] != service and n > 0}
-            own = {k: n for k, n in owners(samples).items() if k[0] == service and n > 0}
+            others = {k: n for k, n in named.items() if k[0] != service and n > 0}
+            own = {k: n for k, n in named.items() if k[0] == service and n > 0}
             who = (f" Server connections are held by {fmt_owners(others)}." if others else
                    f" Server connections are held by {service} itself: {fmt_owners(own)}." if own else "")  # fmt: skip
             out.append(Finding("server_wait", f"Server connections: {measured}, waiting for a server connection "
                                f"({evidence}): the pooler or the server is full, not {service}'s pool.{who} Shorten "
                                "those transactions; a bigger pool would only queue more (DbServerWaitHigh).", service))  # fmt: skip
         elif kind == "slow_statement":
-            active = {k: n for k, n in owners(samples, "active").items() if k[0] == service and n > 0}
+            active = {k: n for k, n in running.items() if k[0] == service and n > 0}
             who = f" Active on the server now: {fmt_owners(active)}." if active else ""
             locks = sum(v for lb, v in rows(samples, "db_server_lock_waiting") if lb.get("application") == service)
             lock = " Some of them wait for locks: see Locks." if locks > 0 else ""
