@@ -18,25 +18,15 @@ GAUGE = "gauge"
 HISTOGRAM = "histogram"
 
 #: Checkout wait: sub-millisecond when a connection is idle, up to ``pool_timeout`` (often 30-60 s).
-WAIT_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0,
-)  # fmt: skip
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
 #: Connection hold: 5 s is an edge so the hold alert's threshold is exact, not interpolated.
-HOLD_BUCKETS = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-)  # fmt: skip
+HOLD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)  # fmt: skip
 CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 #: Task runtime and queue wait: from milliseconds to the tens of minutes a content task can take.
-TASK_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-    1800.0,
-)  # fmt: skip
+TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)  # fmt: skip
 #: HTTP request durations and their pool-wait share.
-HTTP_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # fmt: skip
 #: Event-loop lag: healthy loops stay under a few ms; the blocked threshold defaults to 0.5 s.
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -113,6 +103,10 @@ _SPECS: list[MetricSpec] = [
         "Connections held longer than the hold threshold right now.",
     ),
     MetricSpec(
+        "db_pool_connections_in_use_by_owner", GAUGE, POOL + ("owner", "pid"), "connections",
+        "Connections checked out right now, by the owner holding them (capped like the hold's owner).",
+    ),
+    MetricSpec(
         "db_pool_checkout_wait_seconds", HISTOGRAM, POOL, "seconds",
         "Time from asking the pool for a connection to getting it, or to the timeout, without "
         "the time spent opening a new connection (that is db_pool_connect_seconds).",
@@ -160,6 +154,10 @@ _SPECS: list[MetricSpec] = [
     MetricSpec(
         "db_pool_connect_errors_total", COUNTER, POOL, "errors",
         "Checkouts that failed with an error other than the pool timeout (connect failures).",
+    ),
+    MetricSpec(
+        "db_pool_connects_refused_total", COUNTER, POOL + ("reason",), "connections",
+        "Connects refused for a connection limit: too_many_clients, reserved_slots, pooler_max_client_conn.",
     ),
     MetricSpec(
         "db_pool_invalidations_total", COUNTER, POOL + ("kind",), "connections",

@@ -153,6 +153,19 @@ class HoldTable:
         return sum(1 for key, serial in list(self.flagged.items())
                    if (h := self.held.get(key)) is not None and h.state is state and h.serial == serial)  # fmt: skip
 
+    def held_by_owner(self, state: Any, limit: int) -> dict[str, int]:
+        """Connections of ``state``'s pool held right now, by owner: who holds them now, ended
+        or not (a stream holding its session shows here before its hold ends). Past ``limit``
+        owners of the pool's hold histograms (``state.hold``) a new one counts as ``other``, as its
+        hold will."""
+        out: dict[str, int] = {}
+        known = state.hold
+        for h in list(self.held.values()):
+            if h.state is state:
+                owner = h.owner if h.owner in known or len(known) < limit else "other"
+                out[owner] = out.get(owner, 0) + 1
+        return out
+
     def longest(self, state: Any, now: float, limit: int = 5) -> list[dict[str, Any]]:
         """The ``limit`` longest holders of ``state``'s pool right now."""
         rows = [(now - h.since, h.owner) for h in list(self.held.values()) if h.state is state]

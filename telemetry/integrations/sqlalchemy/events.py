@@ -16,7 +16,21 @@ _owner_get = OWNER.get
 _account_get = ACCOUNT.get
 
 
-def _on_failed(st: PoolState, waited: float, result: str) -> None:
+#: what a server or pooler says when it refuses a connection for its limit -> the reason label
+REFUSALS = (
+    ("too many clients", "too_many_clients"),  # PostgreSQL: max_connections reached
+    ("remaining connection slots are reserved", "reserved_slots"),  # the reserved slots left
+    ("no more connections allowed", "pooler_max_client_conn"),  # pgbouncer: max_client_conn
+)
+
+
+def refusal(exc: BaseException | None) -> str | None:
+    """The reason label of a connect refused for a connection limit, else None."""
+    text = str(exc).lower() if exc is not None else ""
+    return next((reason for words, reason in REFUSALS if words in text), None)
+
+
+def _on_failed(st: PoolState, waited: float, result: str, exc: BaseException | None = None) -> None:
     try:
         st.wait.observe(waited)
         account = _account_get()
@@ -27,6 +41,9 @@ def _on_failed(st: PoolState, waited: float, result: str) -> None:
             _timeout_event(st, waited)
         elif result == "error":
             st.errors += 1
+            reason = refusal(exc)
+            if reason is not None:
+                st.refused[reason] = st.refused.get(reason, 0) + 1
         else:
             st.cancelled += 1
     except Exception as exc:

@@ -179,9 +179,9 @@ def _wrap_connect(orig: Any) -> Any:
             st.pending -= 1
             _on_failed(st, _perf() - t0, "timeout")
             raise
-        except Exception:
+        except Exception as exc:
             st.pending -= 1
-            _on_failed(st, _perf() - t0, "error")
+            _on_failed(st, _perf() - t0, "error", exc)
             raise
         except BaseException:
             st.pending -= 1

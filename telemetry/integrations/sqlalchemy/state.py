@@ -80,7 +80,7 @@ class PoolState:
     ``dispose()`` recreates under the same name, so counters never go backwards)."""
 
     __slots__ = (
-        "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "cancelled",
+        "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "refused", "cancelled",
         "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
         "hold", "server_wait", "transaction_end", "pool_ref", "critical_at", "max_connections", "last_critical",
         "last_timeout_log", "__weakref__",
@@ -97,6 +97,7 @@ class PoolState:
     def reset(self) -> None:
         self.in_use = self.pending = 0
         self.ok = self.timeouts = self.errors = self.cancelled = 0
+        self.refused: dict[str, int] = {}  # connects refused for a connection limit, by reason
         self.connects = self.invalid_hard = self.invalid_soft = self.owner_overflow = 0
         self.wait = Histogram(WAIT_BUCKETS)
         self.connect_time = Histogram(CONNECT_BUCKETS)
@@ -131,6 +132,8 @@ class PoolState:
         yield "db_pool_pending_requests", lb, self.pending
         flagged = TABLE.flagged_of(self)
         yield "db_pool_connections_held_too_long", lb, flagged
+        for owner, n in TABLE.held_by_owner(self, CONFIG.max_owners).items():
+            yield "db_pool_connections_in_use_by_owner", lb + (("owner", owner),), n
         if isinstance(pool, QueuePool):
             yield "db_pool_connections_idle", lb, pool.checkedin()
             yield "db_pool_size", lb, pool.size()
@@ -144,6 +147,8 @@ class PoolState:
             yield "db_pool_checkouts_total", lb + (("result", result),), n
         yield "db_pool_timeouts_total", lb, self.timeouts
         yield "db_pool_connect_errors_total", lb, self.errors
+        for reason, n in list(self.refused.items()):
+            yield "db_pool_connects_refused_total", lb + (("reason", reason),), n
         yield "db_pool_connects_total", lb, self.connects
         yield "db_pool_invalidations_total", lb + (("kind", "hard"),), self.invalid_hard
         yield "db_pool_invalidations_total", lb + (("kind", "soft"),), self.invalid_soft

@@ -20,7 +20,7 @@ from typing import Any
 
 from telemetry import thresholds as T
 from telemetry._core.catalogue import CATALOGUE
-from telemetry.tools.findings import HOST_LABEL, Finding
+from telemetry.tools.findings import HOST_LABEL, Finding, host_of
 from telemetry.tools.findings import fmt_owners as _fmt_owners
 from telemetry.tools.findings import merged as _merged
 from telemetry.tools.findings import owners as _owners
@@ -41,9 +41,10 @@ USED_GAUGES = (
     "celery_queue_length", "celery_queue_oldest_message_seconds", "celery_worker_busy",
     "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
     "asyncio_semaphore_capacity", "db_pool_connections_held_too_long", "db_server_lock_waiting",
+    "db_pool_connections_in_use_by_owner", "db_server_connection_limit",
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
-USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total")
+USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total", "db_pool_connects_refused_total")
 USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
                    "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds",
                    "http_server_db_server_wait_seconds", "http_server_request_duration_seconds")
@@ -254,6 +255,44 @@ def _idle(samples: Samples) -> list[str]:
     return out
 
 
+def _budget(samples: Samples) -> list[Finding]:
+    """Connects refused for the server's (or pooler's) connection limit: the services' worst case
+    (each process's pool_size + max_overflow, summed) against the limit, in one sentence. No route
+    is blamed: the pools' sizes are."""
+    refused: dict[str, float] = {}
+    for lb, v in _rows(samples, "db_pool_connects_refused_total"):
+        if v > 0:
+            refused[lb.get("reason", "")] = refused.get(lb.get("reason", ""), 0.0) + v
+    if not refused:
+        return []
+    worst: dict[str, float] = {}
+    processes: dict[str, set[tuple[str, str]]] = {}
+    for lb, v in _rows(samples, "db_pool_connections_max"):
+        service = lb.get("service", "")
+        worst[service] = worst.get(service, 0.0) + v
+        processes.setdefault(service, set()).add((host_of(lb), lb.get("pid", "")))
+    total = sum(worst.values())
+    each = ", ".join(f"{svc} {len(processes[svc])} process{'es' if len(processes[svc]) > 1 else ''}: {n:.0f}"
+                     for svc, n in sorted(worst.items(), key=lambda kv: -kv[1]))  # fmt: skip
+    why = ", ".join(f"{n:.0f} {reason}" for reason, n in sorted(refused.items(), key=lambda kv: -kv[1]))
+    text = (f"Connection budget: {sum(refused.values()):.0f} connects were refused for a connection limit ({why}). "
+            f"The pools seen can open {total:.0f} connections at most ({each})")  # fmt: skip
+    usable = max((v for _lb, v in _rows(samples, "db_server_connections_max")), default=0.0)
+    configured = max((v for _lb, v in _rows(samples, "db_server_connection_limit")), default=0.0)
+    limit, source = (usable, "max_connections minus the reserved") if usable else (configured, "TELEMETRY_DB_CONNECTION_LIMIT")
+    if not limit:
+        text += ("; the limit is not known here (TELEMETRY_SERVER_VIEW_URL or TELEMETRY_DB_CONNECTION_LIMIT would "
+                 "tell). Make the sum fit the limit (telemetry budget sizes the pools).")  # fmt: skip
+    elif total > limit:
+        text += (f", more than the {limit:.0f} the server accepts ({source}). Lower pool_size + max_overflow so that "
+                 "the sum fits (telemetry budget sizes them), or put a transaction pooler in front; no route is to "
+                 "blame, and a bigger pool makes it worse (DbConnectionBudgetExceeded).")  # fmt: skip
+    else:
+        text += (f", within the {limit:.0f} the server accepts ({source}): other clients hold the rest of the "
+                 "server's connections (db_server_connections by application).")  # fmt: skip
+    return [Finding("budget", text)]
+
+
 def _server(samples: Samples) -> list[str]:
     usable = max((v for _lb, v in _rows(samples, "db_server_connections_max")), default=0.0)
     if not usable:
@@ -280,15 +319,25 @@ def _pools(samples: Samples) -> list[str]:
 
 
 def _holders(samples: Samples, service: str) -> str:
-    """Who held ``service``'s connections (the top owners by hold time, their p95 hold, the
-    connections held past the threshold at the peak), and "release it" when one owner is the cause."""
+    """Who holds ``service``'s connections now (checked out at the peak, by owner: a holder that
+    never lets go shows here before any hold of it ends), who held them (the top owners by hold
+    time, their p95 hold, the connections held past the threshold at the peak), and "release it"
+    when one owner is the cause."""
+    now: dict[str, float] = {}
+    for lb, v in _rows(samples, "db_pool_connections_in_use_by_owner"):
+        if lb.get("service") == service and v > 0:
+            now[lb.get("owner", "")] = now.get(lb.get("owner", ""), 0.0) + v
     hs = holders(samples, service)
-    if not hs:
+    if not hs and not now:
         return ""
-    who = ", ".join(f"{h.owner!r} {h.share * 100:.0f}% (p95 {h.p95 or 0:.2f} s)" for h in hs[:3])
+    text = (" Held now by " + ", ".join(f"{o!r} ({n:.0f})" for o, n in sorted(now.items(), key=lambda kv: -kv[1])[:3])
+            + ".") if now else ""  # fmt: skip
     long_held = sum(v for lb, v in _rows(samples, "db_pool_connections_held_too_long") if lb.get("service") == service)
-    text = f" Held by {who} of the hold time" + (f"; {long_held:.0f} connections held past the hold threshold at the peak"
-                                                 if long_held else "") + "."  # fmt: skip
+    if hs:
+        who = ", ".join(f"{h.owner!r} {h.share * 100:.0f}% (p95 {h.p95 or 0:.2f} s)" for h in hs[:3])
+        text += f" Held by {who} of the hold time"
+    text += (f"{';' if hs else ''} {long_held:.0f} connections held past the hold threshold at the peak" if long_held
+             else "") + ("." if hs or long_held else "")  # fmt: skip
     top = dominant(hs)
     if top is not None:
         text += (f" {top.owner!r} holds most of the time, p95 over {DOMINANT_HOLD_FACTOR * T.HOLD_SECONDS_WARNING:g} s: release it "
@@ -307,7 +356,7 @@ def _views(samples: Samples) -> list[str]:
 
 #: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
 PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
-    ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
+    ("budget", _budget, True), ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
     ("first_statement", first_statements, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
     ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
 )  # fmt: skip
