@@ -15,7 +15,7 @@ telemetry serve-metrics --dir DIR [--port P] [--addr A]
                                            serve the host aggregate of DIR on /metrics
                                            (and poll the server/pooler view when
                                            TELEMETRY_SERVER_VIEW_URL / _PGBOUNCER_URL are set)
-telemetry diagnose --metrics-url URL [--metrics-url URL2 ...] | --prometheus-url URL [--window 15m]
+telemetry diagnose --metrics-url URL [--metrics-url URL2 ...] | --prometheus-url URL [--window 10s|15m]
                                            where the time goes (pools, pooler, locks,
                                            server) and which service/owner causes it;
                                            exit 0 nothing found, 1 findings, 2 unreadable
@@ -118,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         help="a Prometheus server (its HTTP query API), e.g. http://prometheus:9090",
     )
     diag.add_argument(
-        "--window", default="15m", help="with --prometheus-url: the window looked at (default 15m)"
-    )
+        "--window", default=None,
+        help="the window looked at: with --metrics-url, scraped for that long (default 10s: counters "
+             "as their increase, gauges at their peak); with --prometheus-url, the last 15m by default",
+    )  # fmt: skip
     demo = sub.add_parser("demo", help="reproduce the content-pipeline incident and diagnose it")
     from .demo.command import SCENARIOS
 
@@ -207,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             from .live.diagnose import run as diagnose
 
             try:
-                text, found = diagnose(args.urls, args.prometheus_url, args.window)
+                text, found, unreadable = diagnose(args.urls, args.prometheus_url, args.window)
             except (OSError, ValueError) as exc:
                 print(f"telemetry diagnose: {exc}", file=sys.stderr)
                 return EXIT_UNREADABLE
             print(text)
-            return EXIT_FINDINGS if found else EXIT_HEALTHY
+            return EXIT_FINDINGS if found else EXIT_UNREADABLE if unreadable else EXIT_HEALTHY
         elif args.command == "serve-metrics":
             from telemetry._api import start_metrics_server
 
@@ -287,14 +289,15 @@ def _measured_budget(args: argparse.Namespace) -> int:
     from telemetry._core.settings import ConfigError
 
     from .live import capacity
-    from .live.diagnose import _WINDOW
+    from .live.diagnose import seconds_of
 
     if args.urls and args.prometheus_url:
         raise ConfigError("budget: give --metrics-url or --prometheus-url, not both")
     window = args.window or ("15m" if args.prometheus_url else "30s")
-    if not _WINDOW.match(window):
-        raise ConfigError(f"budget: --window {window!r}: expected a Prometheus duration such as 30s, 15m, 1h")
-    seconds = float(window[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[window[-1]]
+    try:
+        seconds = seconds_of(window)
+    except ValueError as exc:
+        raise ConfigError(f"budget: {exc}") from None
     try:
         if args.prometheus_url:
             if not args.prometheus_url.startswith(("http://", "https://")):

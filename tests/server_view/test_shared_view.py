@@ -228,7 +228,7 @@ def test_lock_chain_names_the_blocking_route_and_each_blocked_route(
             c = asyncio.create_task(client.put("/items/1/title"))
             await asyncio.sleep(1.5)  # both wait now: diagnose from this process's /metrics
             diagnosis.append(await asyncio.to_thread(
-                cli.main, ["diagnose", "--metrics-url", f"http://127.0.0.1:{port}/metrics"]))
+                cli.main, ["diagnose", "--window", "1s", "--metrics-url", f"http://127.0.0.1:{port}/metrics"]))
             responses = await asyncio.gather(hold, b, c)
         await engine.dispose()
         return [r.status_code for r in responses]

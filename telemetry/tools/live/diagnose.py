@@ -20,6 +20,7 @@ from typing import Any
 
 from telemetry import thresholds as T
 from telemetry._core.catalogue import CATALOGUE
+from telemetry._core.urls import shown
 from telemetry.tools.findings import HOST_LABEL, Finding, host_of
 from telemetry.tools.findings import fmt_owners as _fmt_owners
 from telemetry.tools.findings import merged as _merged
@@ -27,6 +28,7 @@ from telemetry.tools.findings import owners as _owners
 from telemetry.tools.findings import rows as _rows
 from telemetry.tools.samples import Samples, fetch_text, parse, quantile, usage_by_service
 
+from . import episode
 from .capacity import DOMINANT_HOLD_FACTOR, dominant, holders
 from .first_statement import first_statements
 
@@ -362,9 +364,10 @@ PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
 )  # fmt: skip
 
 
-def render(urls: list[str], per_url: list[Samples]) -> str:
+def render(urls: list[str], per_url: list[Samples], how: str = "", unreadable: dict[str, str] | None = None) -> str:
     merged: Samples = [s for samples in per_url for s in samples]
-    lines = [f"read {len(merged)} samples from {', '.join(urls)}"]
+    lines = [f"read {len(merged)} samples from {', '.join(urls)}" + (f" {how}" if how else "")]
+    lines.extend(f"- unreadable: {why}; the other hosts are diagnosed without it" for why in (unreadable or {}).values())
     found = findings(merged)
     lines.extend(f"- {f}" for f in found)
     if not found:
@@ -376,24 +379,42 @@ class Unreadable(ValueError):
     """The source answered, but not with what the findings need."""
 
 
-def run(urls: list[str], prometheus: str | None = None, window: str = "15m") -> tuple[str, list[str]]:
-    """From hosts' ``/metrics`` (now) or a Prometheus (over the last ``window``). Raises
-    ``Unreadable`` (a sentence) when no telemetry metric is there or a sample lacks a label."""
+def seconds_of(window: str) -> float:
+    """A Prometheus duration (``30s``, ``15m``) in seconds; ValueError naming ``--window`` otherwise."""
+    if not _WINDOW.match(window):
+        raise ValueError(f"--window {window!r}: expected a Prometheus duration such as 30s, 15m, 1h")
+    return float(window[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[window[-1]]
+
+
+def _telemetry_page(url: str) -> Samples:
+    samples = fetch(url)
+    if not ours(samples):
+        raise Unreadable(f"no telemetry metrics found at {url}: is it the /metrics of a process that called "
+                         "telemetry.instrument() (or telemetry serve-metrics)?")  # fmt: skip
+    return samples
+
+
+def run(urls: list[str], prometheus: str | None = None, window: str | None = None) -> tuple[str, list[str], int]:
+    """From hosts' ``/metrics`` scraped over ``window`` (default 10s: increases and peaks, see
+    ``episode``) or a Prometheus over the last ``window`` (default 15m). Returns the text, the
+    findings and how many hosts could not be read. Raises ``Unreadable`` (a sentence) when no host
+    is readable, no telemetry metric is there or a sample lacks a label."""
+    how, unreadable = "", {}
     if prometheus:
+        window = window or "15m"
         per_url: list[Any] = [from_prometheus(prometheus, window)]
         sources = [f"{prometheus} (last {window})"]
+        if not ours(per_url[0]):
+            raise Unreadable(f"no telemetry metrics found in {sources[0]}: does it scrape the hosts' /metrics?")
     else:
-        per_url = [fetch(url) for url in urls]
-        sources = urls
-    for source, samples in zip(sources, per_url, strict=True):
-        if not ours(samples) and not prometheus:
-            raise Unreadable(f"no telemetry metrics found at {source}: is it the /metrics of a process "
-                             "that called telemetry.instrument() (or telemetry serve-metrics)?")
+        got = episode.read(urls, seconds_of(window or "10s"), _telemetry_page)
+        unreadable = got.unreadable
+        if len(unreadable) == len(urls):
+            raise Unreadable("; ".join(unreadable.values()))
+        per_url, sources, how = [got.samples], [shown(u) for u in urls if u not in unreadable], got.describe()
     merged = [s for samples in per_url for s in samples]
-    if prometheus and not ours(merged):
-        raise Unreadable(f"no telemetry metrics found in {sources[0]}: does it scrape the hosts' /metrics?")
     try:
-        return render(sources, per_url), findings(merged)
+        return render(sources, per_url, how, unreadable), findings(merged), len(unreadable)
     except KeyError as exc:
         raise Unreadable(f"a sample lacks the label {exc.args[0]!r} that the package's metrics carry: "
                          f"is {', '.join(sources)} a telemetry /metrics of this version?") from None

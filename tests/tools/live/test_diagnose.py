@@ -39,7 +39,7 @@ def _host(n: int) -> str:
 
 def test_owners_known_on_each_host_are_summed_across_hosts(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     urls = [_url(serve, _host(2)), _url(serve, _host(3))]
-    rc = cli.main(["diagnose", *(a for u in urls for a in ("--metrics-url", u))])
+    rc = cli.main(["diagnose", "--window", "1s", *(a for u in urls for a in ("--metrics-url", u))])
     out = capsys.readouterr().out
     idle = [line for line in out.splitlines() if line.startswith("- Idle in transaction")]
     assert len(idle) == 1 and "api '/export' (5)" in idle[0], out
@@ -54,14 +54,14 @@ def test_the_same_host_read_twice_is_not_counted_twice() -> None:
 
 def test_an_empty_or_foreign_page_is_no_telemetry(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     for body in ("", "# HELP go_goroutines Goroutines.\n# TYPE go_goroutines gauge\ngo_goroutines 8\n"):
-        assert cli.main(["diagnose", "--metrics-url", _url(serve, body)]) == diagnose.EXIT_UNREADABLE == 2
+        assert cli.main(["diagnose", "--window", "1s", "--metrics-url", _url(serve, body)]) == diagnose.EXIT_UNREADABLE == 2
         err = capsys.readouterr().err
         assert "no telemetry metrics found at http://127.0.0.1:" in err and "Traceback" not in err
 
 
 def test_a_sample_without_its_labels_is_a_sentence_not_a_traceback(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     url = _url(serve, "db_pool_connections_in_use 3\ndb_pool_connections_max 4\n")
-    assert cli.main(["diagnose", "--metrics-url", url]) == 2
+    assert cli.main(["diagnose", "--window", "1s", "--metrics-url", url]) == 2
     err = capsys.readouterr().err
     assert "lacks the label 'service'" in err and "Traceback" not in err
 
@@ -69,7 +69,7 @@ def test_a_sample_without_its_labels_is_a_sentence_not_a_traceback(serve: list[s
 def test_nothing_found_exits_zero(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     url = _url(serve, 'db_pool_connections_in_use{service="api",pool="p",pid="1"} 1\n'
                       'db_pool_connections_max{service="api",pool="p",pid="1"} 10\n')  # fmt: skip
-    assert cli.main(["diagnose", "--metrics-url", url]) == diagnose.EXIT_HEALTHY == 0
+    assert cli.main(["diagnose", "--window", "1s", "--metrics-url", url]) == diagnose.EXIT_HEALTHY == 0
     assert "nothing saturated" in capsys.readouterr().out
 
 
@@ -93,7 +93,7 @@ db_connection_hold_seconds_count{service="api",pool="main-db",owner="POST /notes
 def test_a_full_pool_names_its_holders_and_the_one_to_release(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """The pool finding names the top owners by hold time, their p95, the connections held past
     the threshold, and "release it" when one owner holds most of the time for long."""
-    assert cli.main(["diagnose", "--metrics-url", _url(serve, _FULL_POOL)]) == diagnose.EXIT_FINDINGS
+    assert cli.main(["diagnose", "--window", "1s", "--metrics-url", _url(serve, _FULL_POOL)]) == diagnose.EXIT_FINDINGS
     out = capsys.readouterr().out
     pool = next(line for line in out.splitlines() if line.startswith("- Pool: the busiest api process has 100%"))
     assert "Held by 'GET /stream' 95% (p95 57.05 s), 'POST /notes' 5% (p95 0.95 s) of the hold time" in pool, pool
@@ -101,7 +101,7 @@ def test_a_full_pool_names_its_holders_and_the_one_to_release(serve: list[str], 
     assert "'GET /stream' holds most of the time, p95 over 10 s: release it" in pool
     # short holds only: named, nothing to release
     short = _FULL_POOL.replace('owner="GET /stream",le="1.0"} 0', 'owner="GET /stream",le="1.0"} 10')
-    assert cli.main(["diagnose", "--metrics-url", _url(serve, short)]) == diagnose.EXIT_FINDINGS
+    assert cli.main(["diagnose", "--window", "1s", "--metrics-url", _url(serve, short)]) == diagnose.EXIT_FINDINGS
     assert "release it" not in capsys.readouterr().out
 
 
@@ -125,3 +125,74 @@ def test_findings_are_typed_records_the_report_selects_by_kind() -> None:
     assert said.startswith("Redis: x The shared limit was reached at the pooler or the server: y"), said
     r["findings"][0]["severe"] = False
     assert not report.diagnose(r).startswith("Redis")
+
+
+
+def _hold_page(fast: int, slow: int, in_use: int = 4) -> str:
+    """A page of one full pool whose holds ended so far: ``fast`` of 0.01 s by 'POST /notes',
+    ``slow`` of 20 s by 'GET /export'."""
+    rows = [f'db_pool_connections_in_use{{service="api",pool="main-db",pid="1"}} {in_use}',
+            'db_pool_connections_max{service="api",pool="main-db",pid="1"} 4']
+    for owner, n, each, le in (("POST /notes", fast, 0.01, "0.025"), ("GET /export", slow, 20.0, "30.0")):
+        for bound in ("0.025", "30.0", "+Inf"):
+            count = n if float(bound.replace("+Inf", "inf")) >= float(le) else 0
+            rows.append(f'db_connection_hold_seconds_bucket{{service="api",pool="main-db",owner="{owner}",le="{bound}"}} {count}')
+        rows.append(f'db_connection_hold_seconds_sum{{service="api",pool="main-db",owner="{owner}"}} {n * each}')
+        rows.append(f'db_connection_hold_seconds_count{{service="api",pool="main-db",owner="{owner}"}} {n}')
+    return "# TYPE db_connection_hold_seconds histogram\n" + "\n".join(rows) + "\n"
+
+
+def test_the_window_reads_the_episode_not_the_process_life(capsys: pytest.CaptureFixture[str]) -> None:
+    """A warm API: 100,000 fast holds before the window, 10 long holds by 'GET /export' in it.
+    Read since start, 'POST /notes' holds 5% of the time; in the window, 'GET /export' holds it all."""
+    reads: list[str] = []
+    before, after = _hold_page(100_000, 0), _hold_page(100_000, 10)
+
+    def answer(_path: str, _headers: object) -> tuple[int, str]:
+        reads.append("read")
+        return 200, before if len(reads) == 1 else after
+
+    with http_stub.serving(answer) as port:
+        rc = cli.main(["diagnose", "--window", "2s", "--metrics-url", f"http://127.0.0.1:{port}/metrics"])
+    out = capsys.readouterr().out
+    assert rc == diagnose.EXIT_FINDINGS and len(reads) >= 2, (rc, reads)
+    assert "over a 2 s window" in out.splitlines()[0], out
+    pool = next(line for line in out.splitlines() if line.startswith("- Pool: the busiest api"))
+    assert "Held by 'GET /export' 100%" in pool and "POST /notes" not in pool, pool
+
+
+def test_a_page_where_nothing_moved_is_read_as_totals_and_says_so(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["diagnose", "--window", "1s", "--metrics-url", _url(serve, _hold_page(100, 10))])
+    out = capsys.readouterr().out
+    assert rc == diagnose.EXIT_FINDINGS
+    assert "nothing moved in the 1 s window" in out.splitlines()[0] and "totals since each process started" in out, out
+    assert "Held by 'GET /export'" in out, out
+
+
+def test_one_unreadable_host_is_reported_and_the_others_diagnosed(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from telemetry.tools._proc import free_ports
+
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}/metrics"  # nothing listens there
+    rc = cli.main(["diagnose", "--window", "1s", "--metrics-url", _url(serve, _hold_page(100, 10)), "--metrics-url", dead])
+    out = capsys.readouterr().out
+    assert rc == diagnose.EXIT_FINDINGS, out
+    assert f"- unreadable: {dead}:" in out and "the other hosts are diagnosed without it" in out, out
+    assert "- Pool: the busiest api" in out, out
+    # nothing found on the readable host: the unreadable one still fails the run (exit 2)
+    quiet = _url(serve, 'db_pool_connections_in_use{service="api",pool="p",pid="1"} 1\n'
+                        'db_pool_connections_max{service="api",pool="p",pid="1"} 10\n')  # fmt: skip
+    assert cli.main(["diagnose", "--window", "1s", "--metrics-url", quiet, "--metrics-url", dead]) == diagnose.EXIT_UNREADABLE
+    assert cli.main(["diagnose", "--window", "1s", "--metrics-url", dead]) == diagnose.EXIT_UNREADABLE
+    assert dead in capsys.readouterr().err
+
+
+def test_a_password_in_a_metrics_url_is_never_printed(serve: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from telemetry.tools._proc import free_ports
+
+    secret = "s3cr?t#p@ss"
+    dead = f"http://scraper:{secret.replace('?', '%3F').replace('#', '%23').replace('@', '%40')}@127.0.0.1:{free_ports(1)[0]}/metrics"
+    rc = cli.main(["diagnose", "--window", "1s", "--metrics-url", _url(serve, _hold_page(100, 10)), "--metrics-url", dead])
+    captured = capsys.readouterr()
+    assert rc == diagnose.EXIT_FINDINGS and "- unreadable:" in captured.out, captured.out
+    for piece in ("s3cr", "p%40ss", "p@ss", "%3Ft"):
+        assert piece not in captured.out + captured.err, (piece, captured.out)
