@@ -98,10 +98,8 @@ _SPECS: list[MetricSpec] = [
         "Callers waiting for a checkout right now.",
         "db.client.connection.pending_requests",
     ),
-    MetricSpec(
-        "db_pool_connections_held_too_long", GAUGE, POOL_PID, "connections",
-        "Connections held longer than the hold threshold right now.",
-    ),
+    MetricSpec("db_pool_connections_held_too_long", GAUGE, POOL_PID, "connections",
+               "Connections held longer than the hold threshold right now."),
     MetricSpec(
         "db_pool_connections_in_use_by_owner", GAUGE, POOL + ("owner", "pid"), "connections",
         "Connections checked out right now, by the owner holding them (capped like the hold's owner).",
@@ -126,10 +124,7 @@ _SPECS: list[MetricSpec] = [
         "Time from checkout to checkin (or invalidation/detach), by who checked it out.",
         "db.client.connection.use_time", HOLD_BUCKETS,
     ),
-    MetricSpec(
-        "db_pool_connects_total", COUNTER, POOL, "connections",
-        "New DBAPI connections opened.",
-    ),
+    MetricSpec("db_pool_connects_total", COUNTER, POOL, "connections", "New DBAPI connections opened."),
     MetricSpec(
         "db_pool_connect_seconds", HISTOGRAM, POOL, "seconds",
         "Time to open a new connection during a checkout: the driver's connect and the "
@@ -283,6 +278,14 @@ _SPECS: list[MetricSpec] = [
         "asyncio_semaphore_wait_seconds", HISTOGRAM, ("service", "semaphore"), "seconds",
         "Time from acquire() to getting the permit (0 when one was free).", "", WAIT_BUCKETS,
     ),
+    MetricSpec(
+        "asyncio_thread_limiter_tokens", GAUGE, ("service", "pid"), "threads",
+        "Sync calls anyio runs at once (its default thread limiter: Starlette's sync def routes, dependencies).",
+    ),
+    MetricSpec("asyncio_thread_limiter_borrowed", GAUGE, ("service", "pid"), "threads",
+               "Threads of anyio's default limiter busy now."),
+    MetricSpec("asyncio_thread_limiter_waiting", GAUGE, ("service", "pid"), "tasks",
+               "Tasks waiting for a thread of anyio's default limiter now."),
     MetricSpec(
         "event_loop_lag_seconds", HISTOGRAM, ("service",), "seconds",
         "How late the loop ran a callback scheduled every 0.1 s: time it was busy elsewhere.",

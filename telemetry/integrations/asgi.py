@@ -26,7 +26,12 @@ from telemetry._core.owner import ACCOUNT, OWNER, RequestAccount
 from telemetry._core.stats import REGISTRY, Histogram, LabeledStats
 
 from . import tracing as _tracing
-from .asyncio import forget_request_span, remember_request_span, watch_event_loop
+from .asyncio import (
+    forget_request_span,
+    note_thread_limiter,
+    remember_request_span,
+    watch_event_loop,
+)
 
 STATS = LabeledStats()
 REGISTRY.add(STATS)
@@ -223,7 +228,9 @@ class TelemetryMiddleware:
             owner_token = OWNER.set(labels.owner)
             account = RequestAccount()
             account_token = ACCOUNT.set(account)
-            watch_event_loop(asyncio.get_running_loop())  # uvloop loops skip the run_forever hook
+            loop = asyncio.get_running_loop()
+            watch_event_loop(loop)  # uvloop loops skip the run_forever hook
+            note_thread_limiter(loop)  # sync routes run in its threads
             if self.spans:
                 native = scope.get("fastapi.telemetry")  # FastAPI >= 0.16x opened its own span
                 if native is None or getattr(native, "span", None) is None:

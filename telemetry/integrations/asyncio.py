@@ -146,7 +146,7 @@ class _LoopMonitor:
     interval) is reported by the late beat itself, with what the watchdog sampled meanwhile."""
 
     __slots__ = ("loop_ref", "thread_ident", "last_beat", "expected", "blocked_since", "handle",
-                 "samples", "reported", "frames", "where", "__weakref__")  # fmt: skip
+                 "samples", "reported", "frames", "where", "limiter", "__weakref__")  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)
@@ -158,6 +158,7 @@ class _LoopMonitor:
         self.frames: list[str] = []  # the latest sampled stack of this episode
         self.where: dict[str, Any] = {"task": None}  # the task (and its trace) seen blocking, latest sample
         self.reported = False
+        self.limiter: Any = None  # anyio's default thread limiter of this loop, once a request saw it
         self.handle = loop.call_later(CONFIG.beat_interval, self.beat)
 
     def alive(self) -> bool:
@@ -269,6 +270,51 @@ def watch_event_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
         return
     with _monitored_lock:
         _monitored[id(loop)] = _LoopMonitor(loop)  # replaces a dead loop's monitor at that id
+
+
+def note_thread_limiter(loop: asyncio.AbstractEventLoop) -> None:
+    """Remember ``loop``'s anyio default thread limiter (where Starlette runs sync ``def`` routes
+    and dependencies), once per loop; called from a task on it (the ASGI middleware)."""
+    monitor = _monitored.get(id(loop))
+    if monitor is None or monitor.limiter is not None:
+        return
+    try:
+        from anyio.to_thread import current_default_thread_limiter
+
+        monitor.limiter = current_default_thread_limiter()
+    except Exception as exc:
+        monitor.limiter = False
+        hook_error("loop.thread_limiter", exc)
+
+
+class _ThreadLimiters:
+    """The thread limiters of the watched loops, read at collection: tokens, borrowed, waiting."""
+
+    def samples(self) -> Any:
+        tokens = borrowed = waiting = 0.0
+        seen = False
+        for monitor in list(_monitored.values()):
+            limiter = monitor.limiter
+            if not limiter or not monitor.alive():
+                continue
+            try:
+                stats = limiter.statistics()
+                tokens, borrowed = tokens + stats.total_tokens, borrowed + stats.borrowed_tokens
+                waiting += stats.tasks_waiting
+                seen = True
+            except Exception as exc:
+                hook_error("loop.thread_limiter", exc)
+        if seen:
+            lb = (("service", INTERNAL.service),)
+            yield "asyncio_thread_limiter_tokens", lb, tokens
+            yield "asyncio_thread_limiter_borrowed", lb, borrowed
+            yield "asyncio_thread_limiter_waiting", lb, waiting
+
+    def reset(self) -> None:
+        pass
+
+
+REGISTRY.add(_ThreadLimiters())
 
 
 def check_loops() -> None:

@@ -43,7 +43,8 @@ USED_GAUGES = (
     "celery_queue_length", "celery_queue_oldest_message_seconds", "celery_worker_busy",
     "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
     "asyncio_semaphore_capacity", "db_pool_connections_held_too_long", "db_server_lock_waiting",
-    "db_pool_connections_in_use_by_owner", "db_server_connection_limit",
+    "db_pool_connections_in_use_by_owner", "db_server_connection_limit", "db_pool_pending_requests",
+    "asyncio_thread_limiter_tokens", "asyncio_thread_limiter_borrowed",
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total", "db_pool_connects_refused_total")
@@ -257,6 +258,35 @@ def _idle(samples: Samples) -> list[str]:
     return out
 
 
+def _threads(samples: Samples) -> list[Finding]:
+    """Sync routes admitted by anyio's thread limiter beyond the pool their threads use: in a
+    process whose pool ran full with checkouts queued, more threads were busy than the pool holds
+    connections, so the rest queued for one inside the pool, each holding its thread."""
+    def per_process(name: str) -> dict[tuple[str, str, str], float]:
+        out: dict[tuple[str, str, str], float] = {}
+        for lb, v in _rows(samples, name):
+            key = (lb.get("service", ""), host_of(lb), lb.get("pid", ""))
+            out[key] = out.get(key, 0.0) + v
+        return out
+
+    tokens, borrowed = per_process("asyncio_thread_limiter_tokens"), per_process("asyncio_thread_limiter_borrowed")
+    top, used, queued = (per_process(n) for n in ("db_pool_connections_max", "db_pool_connections_in_use",
+                                                   "db_pool_pending_requests"))  # fmt: skip
+    worst: dict[str, tuple[float, float, float, float]] = {}
+    for key, busy in borrowed.items():
+        pool = top.get(key, 0.0)
+        if pool and busy > pool and used.get(key, 0.0) >= pool and queued.get(key, 0.0) > 0:
+            over = (busy - pool, busy, tokens.get(key, 0.0), pool)
+            worst[key[0]] = max(worst.get(key[0], over), over)
+    return [Finding("threads", f"Thread pool: in the busiest {service} process, {busy:.0f} threads of anyio's limiter "
+                    f"({limit:.0f} per process) ran sync code at once against a pool of {pool:.0f} connections that "
+                    f"ran full with checkouts queued: up to {over:.0f} threads waited for a connection, each holding "
+                    f"its thread. Make the limiter fit the pool (anyio.to_thread.current_default_thread_limiter()"
+                    f".total_tokens = {pool:.0f}) or the database routes async; a bigger pool only moves the queue "
+                    "to the server.", service)
+            for service, (over, busy, limit, pool) in sorted(worst.items())]  # fmt: skip
+
+
 def _budget(samples: Samples) -> list[Finding]:
     """Connects refused for the server's (or pooler's) connection limit: the services' worst case
     (each process's pool_size + max_overflow, summed) against the limit, in one sentence. No route
@@ -359,7 +389,7 @@ def _views(samples: Samples) -> list[str]:
 #: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
 PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
     ("budget", _budget, True), ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
-    ("first_statement", first_statements, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
+    ("first_statement", first_statements, True), ("pool", _pools, False), ("threads", _threads, True), ("semaphore", _semaphores, True),
     ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
 )  # fmt: skip
 
