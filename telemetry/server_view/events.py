@@ -76,7 +76,10 @@ class EventDetector:
         chain = {lk["pid"]: list(lk["blockers"] or []) for lk in locks}
         seen = set()
         for lk in locks:
-            key = (lk["pid"], round(lk["wait_started"] or 0.0, 3))
+            # one episode per blocked statement: waitstart reads null for a moment after the wait
+            # began (the statement's start stands in), so keyed on it an episode changed key
+            # between two polls and was reported twice (a loaded CI run)
+            key = (lk["pid"], round(lk.get("statement_started") or lk["wait_started"] or 0.0, 3))
             seen.add(key)
             if key in self.locks_reported or (lk["waited"] or 0.0) < threshold:
                 continue

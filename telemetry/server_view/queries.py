@@ -130,6 +130,7 @@ LOCKS_SQL = """
 select w.pid, pg_blocking_pids(w.pid) as blockers,
        extract(epoch from now() - coalesce(l.waitstart, w.query_start))::float8 as waited,
        extract(epoch from coalesce(l.waitstart, w.query_start))::float8 as wait_started,
+       extract(epoch from w.query_start)::float8 as statement_started,
        l.locktype, l.mode,
        coalesce(l.relation::regclass::text,
                 (select t.relation::regclass::text from pg_locks t   -- a row lock's first waiter

@@ -4,6 +4,7 @@ invalidation and termination leaving no stale state, events, and hook-error cont
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -494,8 +495,13 @@ def test_gauges_exist_from_engine_creation_not_first_checkout(tmp_path):
     """An engine created after instrument(): its pool's gauges read 0 (and its max is known)
     before anything checks a connection out, so idle is not "not reporting"."""
     telemetry.instrument(service="api")
-    create_engine(f"sqlite:///{tmp_path}/db.sqlite", poolclass=QueuePool, pool_size=3, max_overflow=1,
-                  pool_logging_name="fresh")  # fmt: skip
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite", poolclass=QueuePool, pool_size=3, max_overflow=1,
+                           pool_logging_name="fresh")  # fmt: skip
     assert sample("db_pool_connections_in_use", pool="fresh") == 0
     assert sample("db_pool_pending_requests", pool="fresh") == 0
     assert sample("db_pool_connections_max", pool="fresh") == 4
+    engine.dispose()
+    del engine
+    gc.collect()  # a pool gone can open nothing: the connection budget no longer counts it
+    assert not [v for (n, lb), v in telemetry.testing.metrics().items()
+                if n == "db_pool_connections_max" and ("pool", "fresh") in lb]  # fmt: skip

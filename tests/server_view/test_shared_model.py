@@ -102,3 +102,26 @@ def test_a_tag_is_believed_only_where_it_can_be_ours():
     assert tag_verdict("Supavisor", "api/11@h2", "h1", alive) is None  # another host: not checkable here
     assert tag_verdict("myapp", ours, "h1", alive, claimed=True) is None  # our owner rows claim the backend
     assert tag_verdict("Supavisor", "api", "h1", alive) == "malformed"
+
+
+def test_a_lock_wait_is_one_episode_when_waitstart_appears_between_two_polls() -> None:
+    """pg_locks.waitstart reads null for a moment after a wait begins (the statement's start stands
+    in for it); the next poll reads it set. The same blocked statement is reported once."""
+    import types
+
+    from telemetry.server_view.poller import _Poller
+
+    poller = _Poller(types.SimpleNamespace(lock_wait_event_seconds=0.5, shared_view_cluster=True))
+    rows = {7: {"pid": 7, "query": "update items set n = n + 1", "state": "active", "xact_age": 1.0},
+            8: {"pid": 8, "query": "select 1", "state": "idle in transaction", "xact_age": 3.0}}
+
+    def owner_of(row: dict) -> tuple[str, str, str, str]:
+        return ("api", "PUT /items", "h", "") if row["pid"] == 7 else ("worker", "task", "h", "")
+
+    def lock(wait_started: float, waited: float) -> dict:
+        return {"pid": 7, "blockers": [8], "waited": waited, "wait_started": wait_started,
+                "statement_started": 100.0, "locktype": "tuple", "mode": "ExclusiveLock", "relation": "items"}
+
+    poller._lock_events([lock(100.0, 0.6)], rows, owner_of)  # waitstart null: the statement's start
+    poller._lock_events([lock(100.004, 0.8)], rows, owner_of)  # waitstart set, 4 ms later
+    assert [event for event, _fields in poller.pending] == ["db_lock_wait"], poller.pending

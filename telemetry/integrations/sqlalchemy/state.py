@@ -138,7 +138,7 @@ class PoolState:
             yield "db_pool_connections_idle", lb, pool.checkedin()
             yield "db_pool_size", lb, pool.size()
             yield "db_pool_overflow", lb, pool.overflow()
-        if self.max_connections is not None:
+        if self.max_connections is not None and pool is not None:  # a pool gone can open nothing
             yield "db_pool_connections_max", lb, self.max_connections
         if CONFIG.connection_limit is not None:
             yield "db_server_connection_limit", lb, CONFIG.connection_limit

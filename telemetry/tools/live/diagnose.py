@@ -259,23 +259,27 @@ def _idle(samples: Samples) -> list[str]:
 
 
 def _threads(samples: Samples) -> list[Finding]:
-    """Sync routes admitted by anyio's thread limiter beyond the pool their threads use: in a
-    process whose pool ran full with checkouts queued, more threads were busy than the pool holds
-    connections, so the rest queued for one inside the pool, each holding its thread."""
-    def per_process(name: str) -> dict[tuple[str, str, str], float]:
-        out: dict[tuple[str, str, str], float] = {}
+    """Sync routes admitted by anyio's thread limiter beyond the pools their threads queue on: in
+    a process whose pools ran full with checkouts queued, more threads were busy than those pools
+    hold connections, so the rest queued for one inside the pool, each holding its thread."""
+    def per(name: str, pool: bool) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
         for lb, v in _rows(samples, name):
-            key = (lb.get("service", ""), host_of(lb), lb.get("pid", ""))
+            key = (lb.get("service", ""), host_of(lb), lb.get("pid", "")) + ((lb.get("pool", ""),) if pool else ())
             out[key] = out.get(key, 0.0) + v
         return out
 
-    tokens, borrowed = per_process("asyncio_thread_limiter_tokens"), per_process("asyncio_thread_limiter_borrowed")
-    top, used, queued = (per_process(n) for n in ("db_pool_connections_max", "db_pool_connections_in_use",
-                                                   "db_pool_pending_requests"))  # fmt: skip
+    tokens, borrowed = per("asyncio_thread_limiter_tokens", False), per("asyncio_thread_limiter_borrowed", False)
+    top, used, queued = (per(n, True) for n in ("db_pool_connections_max", "db_pool_connections_in_use",
+                                                "db_pool_pending_requests"))  # fmt: skip
+    full: dict[tuple[str, ...], float] = {}  # process -> connections of its pools that ran full with a queue
+    for key, most in top.items():
+        if most and used.get(key, 0.0) >= most and queued.get(key, 0.0) > 0:
+            full[key[:3]] = full.get(key[:3], 0.0) + most
     worst: dict[str, tuple[float, float, float, float]] = {}
     for key, busy in borrowed.items():
-        pool = top.get(key, 0.0)
-        if pool and busy > pool and used.get(key, 0.0) >= pool and queued.get(key, 0.0) > 0:
+        pool = full.get(key, 0.0)
+        if pool and busy > pool:
             over = (busy - pool, busy, tokens.get(key, 0.0), pool)
             worst[key[0]] = max(worst.get(key[0], over), over)
     return [Finding("threads", f"Thread pool: in the busiest {service} process, {busy:.0f} threads of anyio's limiter "
