@@ -244,10 +244,16 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
     neighbour = None
     admin = psycopg.connect(supavisor.bouncer.admin_url, autocommit=True, prepare_threshold=None)  # type: ignore[attr-defined]
 
-    def waiting() -> int:
+    def pools() -> list[dict]:
         cur = admin.execute("SHOW POOLS")
         names = [d.name for d in cur.description or []]
-        return sum(dict(zip(names, r, strict=True))["cl_waiting"] for r in cur.fetchall())
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def waiting() -> int:
+        return sum(p["cl_waiting"] for p in pools())
+
+    def oldest_wait() -> float:
+        return max((p["maxwait"] + p.get("maxwait_us", 0) / 1e6 for p in pools()), default=0.0)
 
     runner = threading.Thread(target=lambda: status.append(asyncio.run(warm_then_pages())))
     runner.start()
@@ -257,6 +263,9 @@ def test_the_wait_for_a_server_connection_is_measured_by_the_client(pg: services
         start = time.monotonic()
         go.set()
         assert started.wait(30) and _wait_for(lambda: waiting() >= 2, timeout=30)  # both pages queue
+        # long enough to matter (diagnose names a queue from a p95 of 0.1 s): released at once, a
+        # page queued 60 ms on a fast run and diagnose rightly called it no finding
+        assert _wait_for(lambda: oldest_wait() >= 0.3, timeout=30)
         released = time.monotonic()
         _release_one(neighbour)  # one server connection frees up: one page runs and holds it
         assert _wait_for(lambda: (_value(_host(None), "db_server_wait_seconds_count", owner="GET /roadmaps") or 0) >= 1
