@@ -75,6 +75,9 @@ def file_name(pid: int, start: str) -> str:
 
 
 TMP_PREFIX = ".tmp-"
+#: the shared view's reported episodes, kept by the host's leader for the next one (the server
+#: view's events read and write it; emptied with the rest at a deployment's start)
+EPISODES = f"{PREFIX}shared-view-episodes"
 #: a temporary file older than this was left by a process killed while writing it
 TMP_MAX_AGE_SECONDS = 60.0
 
@@ -111,7 +114,7 @@ def prepare_dir(path: str) -> int:
     many files were removed (ours and prometheus-client's ``*.db``)."""
     os.makedirs(path, exist_ok=True)
     removed = 0
-    for pattern in (f"{PREFIX}*.json", "*.db", ".tmp-*", LOCK):
+    for pattern in (f"{PREFIX}*.json", "*.db", ".tmp-*", LOCK, EPISODES):
         for name in glob.glob(os.path.join(path, pattern)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)

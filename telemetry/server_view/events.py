@@ -5,12 +5,14 @@ keyed on its backend and ``xact_start``, a pooler queue re-reported every
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
-from telemetry._core.log import emit
+from telemetry._core.log import emit, hook_error
+from telemetry._core.multiprocess import EPISODES
 
 from .model import Columns, Owners, app_label, chain_root, statement, wait_seconds
 from .published import PUBLISHED
@@ -24,6 +26,11 @@ POOLER_EVENT_REPEAT_SECONDS = 30.0
 EVENT_CHANNEL = "telemetry_shared_view_events"
 #: episodes heard of while following, at most (the oldest go first)
 HEARD_MAX = 10_000
+#: the host's reported episodes, in its multiprocess directory: a process that becomes the host's
+#: leader when the last one exits reads them (the last one told the other hosts before it listened)
+EPISODES_FILE = EPISODES
+EPISODES_FILE_MAX_BYTES = 512 * 1024
+EPISODES_KEPT = 1_000
 
 
 class EventDetector:
@@ -49,11 +56,54 @@ class EventDetector:
             for old in sorted(table, key=table.__getitem__)[: len(table) - HEARD_MAX]:
                 del table[old]
 
+    def _episodes_file(self) -> str | None:
+        directory = getattr(self.settings, "multiproc_dir", None)
+        return os.path.join(directory, EPISODES_FILE) if directory else None
+
+    def recall(self) -> None:
+        """Becoming this host's leader (the last one exited: a recycled worker): the episodes an
+        earlier leader of the host reported are never reported again here. It told the other
+        hosts through the server, before this process was listening."""
+        path = self._episodes_file()
+        if path is None:
+            return
+        try:
+            with open(path) as fh:
+                lines = fh.read().splitlines()[-HEARD_MAX:]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            hook_error("shared_view.recall", exc)
+            return
+        for line in lines:
+            self.heard(line)
+
+    def _remember(self, told: list[str]) -> None:
+        """This host's reported episodes, for the next leader of the host (bounded: rewritten
+        with its last ``EPISODES_KEPT`` lines past ``EPISODES_FILE_MAX_BYTES``)."""
+        path = self._episodes_file()
+        if path is None:
+            return
+        try:
+            with open(path, "a") as fh:
+                fh.write("".join(f"{t}\n" for t in told))
+                big = fh.tell() > EPISODES_FILE_MAX_BYTES
+            if big:
+                with open(path) as fh:
+                    kept = fh.read().splitlines()[-EPISODES_KEPT:]
+                with open(path + ".tmp", "w") as fh:
+                    fh.write("".join(f"{t}\n" for t in kept))
+                os.replace(path + ".tmp", path)
+        except OSError as exc:
+            hook_error("shared_view.remember", exc)
+
     def tell_sql(self) -> str | None:
-        """One statement telling this round's reported episodes to the other hosts."""
+        """One statement telling this round's reported episodes to the other hosts (and, through
+        the multiprocess directory, to the next leader of this host)."""
         told, self.told = self.told, []
         if not told:
             return None
+        self._remember(told)
         # payloads are ours: digits, dots and bars only
         values = ", ".join(f"'{t}'" for t in told if re.fullmatch(r"(idle|lock)\|\d+\|[0-9.e+-]+", t))
         return f"select pg_notify('{EVENT_CHANNEL}', v) from unnest(array[{values}]) v" if values else None

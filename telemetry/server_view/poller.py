@@ -447,12 +447,18 @@ class SharedViewIntegration(Integration):
         interval = self.settings.shared_view_interval_seconds
         stop, poller, leader = self.stop_event, self.poller, self.leader
         assert poller is not None and leader is not None
+        leading = False
         try:
             while not stop.is_set():
                 t0 = time.monotonic()
                 try:
                     if leader.acquire():
+                        if not leading:  # the host's leader from now on: what the last one reported
+                            poller.recall()
+                        leading = True
                         poller.poll()
+                    else:
+                        leading = False
                 except Exception as exc:
                     hook_error("shared_view.poll", exc)
                 stop.wait(max(0.0, interval - (time.monotonic() - t0)))

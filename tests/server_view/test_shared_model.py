@@ -125,3 +125,26 @@ def test_a_lock_wait_is_one_episode_when_waitstart_appears_between_two_polls() -
     poller._lock_events([lock(100.0, 0.6)], rows, owner_of)  # waitstart null: the statement's start
     poller._lock_events([lock(100.004, 0.8)], rows, owner_of)  # waitstart set, 4 ms later
     assert [event for event, _fields in poller.pending] == ["db_lock_wait"], poller.pending
+
+
+def test_a_new_leader_of_the_host_never_reports_what_the_last_one_reported(tmp_path) -> None:
+    """The host's leader exited (a recycled worker) while an episode lasted; the next leader of the
+    host was not listening when it was told to the other hosts: it reads the episodes from the
+    multiprocess directory (a CI run saw two processes of one host report one lock wait)."""
+    import types
+
+    from telemetry.server_view.events import EPISODES_FILE
+    from telemetry.server_view.poller import _Poller
+
+    settings = types.SimpleNamespace(multiproc_dir=str(tmp_path), shared_view_cluster=True)
+    first = _Poller(settings)
+    told = ["lock|4242|1733412345.125", "idle|77|1733412000.5"]
+    first.told = list(told)
+    assert first.tell_sql() is not None
+    assert (tmp_path / EPISODES_FILE).read_text().splitlines() == told
+    second = _Poller(settings)
+    second.recall()
+    assert (4242, 1733412345.125) in second.locks_reported and (77, 1733412000.5) in second.idle_reported
+    elsewhere = _Poller(types.SimpleNamespace(multiproc_dir=str(tmp_path / "other-host"), shared_view_cluster=True))
+    elsewhere.recall()  # another host's directory holds none of them: it relies on NOTIFY
+    assert not elsewhere.locks_reported and not elsewhere.idle_reported
