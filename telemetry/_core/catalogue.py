@@ -146,14 +146,14 @@ _SPECS: list[MetricSpec] = [
         "read against (a first statement much slower than this waited for a server connection).",
         "", WAIT_BUCKETS,
     ),
-    MetricSpec(
-        "db_pool_connect_errors_total", COUNTER, POOL, "errors",
-        "Checkouts that failed with an error other than the pool timeout (connect failures).",
-    ),
-    MetricSpec(
-        "db_pool_connects_refused_total", COUNTER, POOL + ("reason",), "connections",
-        "Connects refused for a connection limit: too_many_clients, reserved_slots, pooler_max_client_conn.",
-    ),
+    MetricSpec("db_pool_connect_errors_total", COUNTER, POOL, "errors",
+               "Checkouts that failed with an error other than the pool timeout (connect failures)."),
+    MetricSpec("db_pool_connects_refused_total", COUNTER, POOL + ("reason",), "connections",
+               "Connects refused for a connection limit: too_many_clients, reserved_slots, pooler_max_client_conn."),
+    MetricSpec("db_pool_connections_leaked_total", COUNTER, POOL + ("owner", "call_site"), "connections",
+               "Connections still checked out 1 s after the request or task that took them ended, by the line that checked them out (an owner's first leak: unknown)."),
+    MetricSpec("db_pool_connections_gc_returned_total", COUNTER, POOL + ("owner", "call_site"), "connections",
+               "Checked-out connections that only SQLAlchemy's garbage collection returned (never closed), by the line that checked them out."),
     MetricSpec(
         "db_pool_invalidations_total", COUNTER, POOL + ("kind",), "connections",
         "Connections invalidated, kind hard (closed) or soft (recycled at next checkout).",

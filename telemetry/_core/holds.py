@@ -32,7 +32,7 @@ class Held:
     SQLAlchemy hands it back), so a release always reads its own checkout's fields.
     """
 
-    __slots__ = ("since", "owner", "state", "thread", "task", "context", "account", "serial")
+    __slots__ = ("since", "owner", "state", "thread", "task", "context", "account", "serial", "site", "leaked")
     since: float  # perf_counter at checkout
     owner: str
     state: Any  # the pool's figures (a PoolState, a RedisPoolState)
@@ -41,15 +41,31 @@ class Held:
     context: Any  # the OpenTelemetry context at checkout (trace ids in events)
     account: Any  # the HTTP request's wait/hold totals (a RequestAccount), when in one
     serial: int
+    site: str | None  # the line that checked it out, read only for owners that leaked before
+    leaked: int  # the serial of the checkout found outliving its request (each reported once)
 
     def __init__(self) -> None:
         self.serial = 0
+        self.leaked = -1
+        self.site = None
 
     def copy(self) -> Held:
         other = Held()
         for name in Held.__slots__:
             setattr(other, name, getattr(self, name))
         return other
+
+
+#: owners whose connections outlived their request or task: their checkouts note the line that
+#: checked out (``stacks.checkout_site``, about 2 us, paid by nobody else) so that the next leak
+#: names it. Bounded; the hot path reads the set, never rebinds it.
+SUSPECTS: set[str] = set()
+MAX_SUSPECTS = 32
+
+
+def suspect(owner: str) -> None:
+    if len(SUSPECTS) < MAX_SUSPECTS:
+        SUSPECTS.add(owner)
 
 
 def owner_hold(figures: Any, owner: str, limit: int) -> Histogram:
@@ -98,6 +114,7 @@ class HoldTable:
     def clear(self) -> None:
         self.held.clear()
         self.flagged.clear()
+        SUSPECTS.clear()
 
     def after_fork(self) -> None:
         """A child: the parent's holders are not its own, and a parent thread may hold the lock."""
@@ -135,6 +152,25 @@ class HoldTable:
                 except Exception as exc:
                     hook_error(f"{self.event}.scan", exc)
         return reported
+
+    def scan_leaks(self, now: float, grace: float, found: Callable[[Held, float], None]) -> int:
+        """Connections still checked out ``grace`` seconds after the request or task that took
+        them ended (its account's ``ended``): ``found(held, seconds since that end)`` once per
+        checkout. A checkout made after the end (a task the request spawned) is not one."""
+        n = 0
+        for h in list(self.held.values()):
+            account = h.account
+            ended = account.ended if account is not None else 0.0
+            if not ended or now - ended < grace or h.leaked == h.serial or h.since > ended:
+                continue
+            h.leaked = h.serial
+            n += 1
+            try:
+                suspect(h.owner)
+                found(h, now - ended)
+            except Exception as exc:
+                hook_error(f"{self.event}.leak", exc)
+        return n
 
     def released_after_long_hold(self, key: Any, h: Held, held: float, threshold: float) -> None:
         """The release of a connection the watchdog may have reported: "released", once."""

@@ -20,11 +20,12 @@ class RequestAccount:
     """Per-request totals the pool hot path adds to: seconds waiting for checkouts, seconds
     holding connections (overlapping holds add up). Set by the ASGI middleware."""
 
-    __slots__ = ("wait", "hold", "server_wait")
+    __slots__ = ("wait", "hold", "server_wait", "ended")
 
     def __init__(self) -> None:
         self.wait = 0.0
         self.hold = 0.0
+        self.ended = 0.0  # perf_counter when the request or task ended: a connection still held is leaked
         self.server_wait = 0.0  # first statements of transactions: waiting for a server connection
 
 

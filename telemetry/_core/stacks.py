@@ -7,21 +7,27 @@ task's coroutine stack: the block that still holds the connection is on it.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
 from types import FrameType
 from typing import Any
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: the package's own frames are not the holder's code, except the demo's app (an application)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEMO_APP_DIR = os.path.join(_PACKAGE_DIR, "tools", "demo", "pipeline")
 _LIBRARY_DIRS = tuple(
     {os.path.abspath(p) for p in (sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"),
                                   sysconfig.get_path("platlib")) if p}  # fmt: skip
 )
 
 
+@functools.lru_cache(maxsize=2048)
 def _is_library(filename: str) -> bool:
     path = os.path.abspath(filename)
+    if path.startswith(_DEMO_APP_DIR):
+        return False
     return path.startswith(_PACKAGE_DIR) or path.startswith(_LIBRARY_DIRS) or filename.startswith("<")
 
 
@@ -52,3 +58,24 @@ def holder_stack(thread_ident: int | None, task: Any, limit: int = 30) -> list[s
 def call_site(stack: list[str]) -> str | None:
     """The innermost frame of the holder's own code."""
     return stack[-1] if stack else None
+
+
+def checkout_site(limit: int = 200) -> str | None:
+    """The innermost frame of the application's own code on the stack checking out now, as
+    ``file:line in function``; through SQLAlchemy's greenlet (whose frames do not link to the
+    coroutine awaiting it) into the awaiting coroutine's frames. Read only for owners that leaked
+    a connection before (``holds.SUSPECTS``)."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(2):
+        depth = 0
+        while frame is not None and depth < limit:
+            code = frame.f_code
+            if not _is_library(code.co_filename):
+                return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+            frame, depth = frame.f_back, depth + 1
+        greenlet = sys.modules.get("greenlet")
+        parent = greenlet.getcurrent().parent if greenlet is not None else None
+        if parent is None:
+            return None
+        frame = parent.gr_frame
+    return None

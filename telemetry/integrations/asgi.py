@@ -266,7 +266,9 @@ class TelemetryMiddleware:
             raise
         finally:
             try:
-                elapsed = _perf() - t0
+                end = _perf()
+                account.ended = end  # a connection still checked out after this is leaked
+                elapsed = end - t0
                 labels.duration(status or 500).observe(elapsed)
                 labels.wait.observe(account.wait)
                 labels.hold.observe(account.hold)

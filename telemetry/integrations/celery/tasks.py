@@ -35,7 +35,7 @@ from typing import Any
 from telemetry._core import bounds as _bounds
 from telemetry._core.integration import Integration
 from telemetry._core.log import INTERNAL, hook_error
-from telemetry._core.owner import OWNER
+from telemetry._core.owner import ACCOUNT, OWNER, RequestAccount
 from telemetry._core.stats import REGISTRY, LabeledStats
 from telemetry.integrations import tracing as _tracing
 
@@ -46,7 +46,7 @@ REGISTRY.add(STATS)
 
 MAX_EXCEPTION_TYPES = 50
 
-_running: dict[str, tuple[float, Any, _TaskLabels, Any, Any]] = {}
+_running: dict[str, tuple[float, Any, _TaskLabels, Any, Any, RequestAccount, Any]] = {}
 #: task id -> its publish span, ended when the message is handed to the broker
 _publishing: dict[str, Any] = {}
 _MAX_PUBLISHING = 10_000  # a publish that fails never reaches after_task_publish
@@ -184,11 +184,13 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
             labels.unstamped[0] += 1
         labels.in_progress[0] += 1
         token = OWNER.set(labels.name)
+        account = RequestAccount()  # its end tells a connection that outlived the task
+        account_token = ACCOUNT.set(account)
         span = span_token = None
         if _spans[0]:
             parent = _tracing.extract_from_request(request)
             span, span_token = _tracing.start_run_span(labels.name, task_id, parent)
-        _running[task_id] = (time.perf_counter(), token, labels, span, span_token)
+        _running[task_id] = (time.perf_counter(), token, labels, span, span_token, account, account_token)
     except Exception as exc:
         hook_error("celery.prerun", exc)
 
@@ -203,8 +205,10 @@ def _on_postrun(task_id: str | None = None, task: Any = None, retval: Any = None
         entry = _running.pop(task_id, None) if task_id else None
         if task is None or entry is None:
             return
-        started, token, labels, span, span_token = entry
-        labels.runtime.observe(time.perf_counter() - started)
+        started, token, labels, span, span_token, account, account_token = entry
+        end = time.perf_counter()
+        account.ended = end
+        labels.runtime.observe(end - started)
         labels.in_progress[0] -= 1
         outcome = _OUTCOMES.get(state or "", "failed")
         labels.outcome(outcome)[0] += 1
@@ -214,6 +218,7 @@ def _on_postrun(task_id: str | None = None, task: Any = None, retval: Any = None
             _tracing.end_task_span(span, span_token, state, retval if outcome == "failed" else None)
         try:
             OWNER.reset(token)
+            ACCOUNT.reset(account_token)
         except ValueError:  # reset from another context: leave it, the next prerun sets it
             pass
     except Exception as exc:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import base as _pool_base
 from sqlalchemy.pool.base import _ConnectionFairy
 
 from telemetry._core import sqltag as _sqltag
@@ -19,7 +20,7 @@ from telemetry._core.log import hook_error
 from telemetry._core.stats import BEFORE_COLLECT, OWNER_SOURCES, REGISTRY
 
 from . import pool as _pool
-from .events import scan_long_holds
+from .events import scan_leaks, scan_long_holds
 from .peers import (
     _observe_server_wait,
     _observe_transaction_end,
@@ -38,6 +39,7 @@ from .pool import (
     _wrap_connect,
     _wrap_detach,
     _wrap_engine_init,
+    _wrap_finalize,
     _wrap_shared,
 )
 from .state import (
@@ -62,6 +64,7 @@ _LISTENERS = (
     ("connect", _on_connect),
 )
 _patched: dict[type, Any] = {}
+_finalize: list[Any] = []  # SQLAlchemy's own _finalize_fairy while it is wrapped
 
 
 def _load(settings: Any) -> None:
@@ -102,6 +105,8 @@ def install(*, auto: bool) -> None:
         _patched[Engine] = Engine.__dict__["__init__"]
         Engine.__init__ = _wrap_engine_init(Engine.__init__)  # type: ignore[method-assign]
         _ConnectionFairy.detach = _wrap_detach(_ConnectionFairy.detach)  # type: ignore[method-assign]
+        _finalize[:] = [_pool_base._finalize_fairy]
+        _pool_base._finalize_fairy = _wrap_finalize(_finalize[0])
         for name, fn in _LISTENERS:
             event.listen(Pool, name, fn)
         event.listen(Engine, "do_connect", _on_do_connect)
@@ -185,6 +190,8 @@ def uninstall() -> None:
             else:
                 setattr(cls, "connect", orig)  # noqa: B010 - restoring a patched method
         _patched.clear()
+        if _finalize:
+            _pool_base._finalize_fairy = _finalize.pop()
         if _discover_existing in BEFORE_COLLECT:
             BEFORE_COLLECT.remove(_discover_existing)
         _sqltag.untag_all()
@@ -252,3 +259,4 @@ class SQLAlchemyIntegration(Integration):
 
     def tick(self, now: float) -> None:
         scan_long_holds()
+        scan_leaks()

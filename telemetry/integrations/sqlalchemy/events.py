@@ -1,11 +1,13 @@
-"""The pools' rare paths: a failed checkout, the timeout and critical-usage events, and the
-long-hold watchdog (the housekeeper's tick, ``_holds.HoldTable``)."""
+"""The pools' rare paths: a failed checkout, the timeout and critical-usage events, the
+long-hold watchdog and the leaked connections (the housekeeper's tick, ``_holds.HoldTable``;
+the garbage collector's returns)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from telemetry._core.holds import suspect
 from telemetry._core.log import emit, hook_error, suppressed, trace_ids
 from telemetry._core.owner import ACCOUNT, OWNER
 
@@ -93,3 +95,48 @@ def scan_long_holds(now: float | None = None) -> int:
 
 def _released_after_long_hold(rec: Any, h: Held, held: float) -> None:
     TABLE.released_after_long_hold(rec, h, held, CONFIG.hold_threshold)
+
+
+#: seconds after its request or task ended before a connection still checked out counts as
+#: leaked (a response's last bytes and SQLAlchemy's own clean-up come first)
+LEAK_GRACE_SECONDS = 1.0
+_last_leak_log: dict[str, float] = {}
+#: distinct call sites per pool and kind in the leak counters (then "other")
+MAX_LEAK_SITES = 20
+
+
+def _count_leak(h: Held, table: str, event: str, **fields: Any) -> None:
+    """One leaked connection of ``h``'s pool, by owner (folded like the hold's), and its event,
+    at most one per kind a second (the rest counted in telemetry_events_suppressed_total)."""
+    st = h.state
+    counts = getattr(st, table)
+    owner = h.owner if h.owner in st.hold or len(st.hold) < CONFIG.max_owners else "other"
+    site = h.site or "unknown"
+    if (owner, site) not in counts and len({s for _o, s in counts}) >= MAX_LEAK_SITES:
+        site = "other"
+    counts[(owner, site)] = counts.get((owner, site), 0) + 1
+    now = time.monotonic()
+    if now - _last_leak_log.get(event, -1e9) < 1.0:
+        suppressed(event)
+        return
+    _last_leak_log[event] = now
+    emit("warning", event, pool=st.name, owner=h.owner, call_site=h.site, **fields, **trace_ids(h.context))
+
+
+def _leaked(h: Held, after: float) -> None:
+    """A connection still checked out ``after`` seconds after its request or task ended."""
+    _count_leak(h, "leaked", "db_connection_leaked", held_seconds=round(_perf() - h.since, 3),
+                after_end_seconds=round(after, 3),
+                message="a connection is still checked out after the request or task that took it ended: "
+                        "close the session on every path (with Session() as s / async with)")  # fmt: skip
+
+
+def _gc_returned(h: Held, held: float) -> None:
+    """A checked-out connection that only the garbage collector returned."""
+    suspect(h.owner)
+    _count_leak(h, "gc_returned", "db_connection_gc_returned", held_seconds=round(held, 3),
+                message="the garbage collector returned a connection that the code never closed")
+
+
+def scan_leaks(now: float | None = None) -> int:
+    return TABLE.scan_leaks(_perf() if now is None else now, LEAK_GRACE_SECONDS, _leaked)

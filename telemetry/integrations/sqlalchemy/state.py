@@ -82,7 +82,7 @@ class PoolState:
     __slots__ = (
         "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "refused", "cancelled",
         "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
-        "hold", "server_wait", "transaction_end", "pool_ref", "critical_at", "max_connections", "last_critical",
+        "hold", "server_wait", "transaction_end", "leaked", "gc_returned", "pool_ref", "critical_at", "max_connections", "last_critical",
         "last_timeout_log", "__weakref__",
     )  # fmt: skip
 
@@ -104,6 +104,10 @@ class PoolState:
         self.hold: dict[str, Histogram] = {}
         self.server_wait: dict[str, Histogram] = {}
         self.transaction_end = Histogram(WAIT_BUCKETS)
+        #: connections that outlived their request or task / that only the garbage collector
+        #: returned, by (owner, the line that checked them out)
+        self.leaked: dict[tuple[str, str], int] = {}
+        self.gc_returned: dict[tuple[str, str], int] = {}
         self.last_critical = self.last_timeout_log = -math.inf
 
     def attach(self, pool: Pool) -> None:
@@ -153,6 +157,10 @@ class PoolState:
         yield "db_pool_invalidations_total", lb + (("kind", "hard"),), self.invalid_hard
         yield "db_pool_invalidations_total", lb + (("kind", "soft"),), self.invalid_soft
         yield "telemetry_owner_overflow_total", lb, self.owner_overflow
+        for (owner, site), n in list(self.leaked.items()):
+            yield "db_pool_connections_leaked_total", lb + (("owner", owner), ("call_site", site)), n
+        for (owner, site), n in list(self.gc_returned.items()):
+            yield "db_pool_connections_gc_returned_total", lb + (("owner", owner), ("call_site", site)), n
         yield "db_pool_checkout_wait_seconds", lb, self.wait
         yield "db_pool_connect_seconds", lb, self.connect_time
         for owner, hist in list(self.hold.items()):
