@@ -139,6 +139,8 @@ _SPECS: list[MetricSpec] = [
         "(an upper bound: it includes that statement's own run time). PostgreSQL engines.",
         "", WAIT_BUCKETS,
     ),
+    MetricSpec("db_transaction_idle_seconds", HISTOGRAM, ("service", "pool", "owner"), "seconds",
+               "Per transaction: the time it sat open between its statements, measured by the client (an awaited call inside it). PostgreSQL engines.", "", WAIT_BUCKETS),
     MetricSpec(
         "db_transaction_end_seconds", HISTOGRAM, POOL, "seconds",
         "Commit or rollback round trips, measured by the client: a plain round trip on the "

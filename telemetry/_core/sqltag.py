@@ -25,6 +25,7 @@ would lose a trailing tag.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -51,6 +52,9 @@ class _Config:
     #: the server connection the transaction already has: the baseline the first statement's
     #: wait is read against)
     observe_end: Any = None
+    #: (connection record, seconds): the transaction that just ended sat idle that long between
+    #: its statements (from its begin to its commit or rollback, its statements' time excluded)
+    observe_idle: Any = None
 
 
 CONFIG = _Config()
@@ -105,6 +109,7 @@ def reset() -> None:
     """A new identity (service, fork): tags are rebuilt from now on."""
     with _lock:
         _tags.clear()
+    PINGS.clear()
 
 
 def _traced(text: str) -> str:
@@ -118,49 +123,108 @@ def _traced(text: str) -> str:
     return text[:-3] + f",traceparent='{parent}'*/ "
 
 
-#: set on a connection record when its transaction begins; the first statement takes it
+#: set on a connection record when its transaction begins: True, the first statement takes it;
+#: EACH on an autocommit connection, where every statement is a transaction of its own
 _FIRST = "_telemetry_first_statement"
+EACH = "each"
+#: while a transaction is open: when its last statement ended (or it began), and the seconds it
+#: sat idle between statements so far (the code doing something else, an awaited call)
+_LAST = "_telemetry_statement_end"
+_IDLE = "_telemetry_transaction_idle"
 _perf = time.perf_counter
 
 
-def _first(context: Any) -> Any:
-    """The connection record if this statement is the first of its transaction, else None."""
-    rec = getattr(getattr(context, "_dbapi_connection", None), "_connection_record", None)
-    if rec is not None and rec.__dict__.pop(_FIRST, False):
-        return rec
-    return None
+def _rec(context: Any) -> Any:
+    """The connection record a statement runs on."""
+    return getattr(getattr(context, "_dbapi_connection", None), "_connection_record", None)
 
 
-def _timed(rec: Any, t0: float, what: str = "first") -> None:
-    """Hand ``rec``'s round trip since ``t0`` to ``CONFIG.observe_<what>`` (first or end)."""
+def _after(rec: Any, t0: float) -> None:
+    """A statement on ``rec`` ran from ``t0`` to now: the first of its transaction (or any, in
+    autocommit) is timed; inside a transaction, the gap before it counts as idle."""
+    t1 = _perf()
+    d = rec.__dict__
+    first = d.get(_FIRST)
+    if first:
+        if first is True:
+            del d[_FIRST]
+        _timed(rec, t1 - t0)
+    last = d.get(_LAST)
+    if last is not None:
+        d[_IDLE] = d.get(_IDLE, 0.0) + (t0 - last)
+        d[_LAST] = t1
+
+
+def _timed(rec: Any, seconds: float, what: str = "first") -> None:
+    """Hand ``rec``'s ``seconds`` to ``CONFIG.observe_<what>`` (first, end or idle)."""
     try:
         observe = getattr(CONFIG, f"observe_{what}")
         if observe is not None:
-            observe(rec, _perf() - t0)
+            observe(rec, seconds)
     except Exception as exc:
         hook_error(f"sqltag.{what}", exc)
 
 
+#: pool_pre_ping's round trip (seconds) by the checking-out thread or asyncio task, until that
+#: checkout takes it: behind a transaction pooler the ping waits for a server connection, and
+#: it is that wait, not the pool's (bounded: a checkout that fails after its ping leaves one)
+PINGS: dict[Any, float] = {}
+MAX_PINGS = 1000
+
+
+def holder_key() -> Any:
+    """The checking-out thread, or the asyncio task (SQLAlchemy's greenlet runs inside it)."""
+    loop = asyncio._get_running_loop()
+    return threading.get_ident() if loop is None else asyncio.current_task(loop)
+
+
+def _autocommit(dbapi_connection: Any) -> bool:
+    """Whether the driver connection runs each statement in its own transaction (psycopg,
+    psycopg2, SQLAlchemy's asyncpg adapter all say so in ``autocommit``)."""
+    driver = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)  # a pool's fairy
+    return getattr(driver, "autocommit", False) is True
+
+
 def tag_dialect(dialect: Any) -> None:
-    """Tag every statement this dialect runs from now on, and time the first statement of each
-    transaction: behind a transaction pooler that is when a server connection is assigned
-    (idempotent; PostgreSQL only)."""
+    """Tag every statement this dialect runs from now on; time the first statement of each
+    transaction (behind a transaction pooler that is when a server connection is assigned; in
+    autocommit every statement), each commit or rollback, and the time a transaction sat idle
+    between its statements (idempotent; PostgreSQL only)."""
     if getattr(dialect, "name", None) != "postgresql" or dialect.__dict__.get(_ATTR):
         return
     percent = getattr(dialect, "paramstyle", "") in ("format", "pyformat")
     do_execute, no_params, many = dialect.do_execute, dialect.do_execute_no_params, dialect.do_executemany
     do_begin = dialect.do_begin
     do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
+    do_ping = dialect.do_ping
+
+    def ping(dbapi_connection: Any) -> Any:
+        t0 = _perf()
+        try:
+            return do_ping(dbapi_connection)
+        finally:
+            try:
+                if len(PINGS) >= MAX_PINGS:
+                    PINGS.clear()
+                PINGS[holder_key()] = _perf() - t0
+            except Exception as exc:
+                hook_error("sqltag.ping", exc)
 
     def ended(end: Any, dbapi_connection: Any) -> Any:
         rec = getattr(dbapi_connection, "_connection_record", None)
-        if rec is None or rec.__dict__.get(_FIRST):  # no statement ran: no round trip to time
+        if rec is None:
+            return end(dbapi_connection)
+        d = rec.__dict__
+        last, idle = d.pop(_LAST, None), d.pop(_IDLE, 0.0)
+        if d.get(_FIRST):  # no statement ran (or autocommit): no round trip to time
             return end(dbapi_connection)
         t0 = _perf()
         try:
             return end(dbapi_connection)
         finally:
-            _timed(rec, t0, "end")
+            _timed(rec, _perf() - t0, "end")
+            if last is not None:
+                _timed(rec, idle + (t0 - last), "idle")
 
     def commit(dbapi_connection: Any) -> Any:
         return ended(do_commit, dbapi_connection)
@@ -171,7 +235,17 @@ def tag_dialect(dialect: Any) -> None:
     def begin(dbapi_connection: Any) -> Any:
         rec = getattr(dbapi_connection, "_connection_record", None)
         if rec is not None:
-            rec.__dict__[_FIRST] = True
+            try:
+                d = rec.__dict__
+                if _autocommit(dbapi_connection):
+                    d[_FIRST] = EACH
+                    d.pop(_LAST, None)
+                else:
+                    d[_FIRST] = True
+                    d[_LAST] = _perf()
+                    d[_IDLE] = 0.0
+            except Exception as exc:
+                hook_error("sqltag.begin", exc)
         return do_begin(dbapi_connection)
 
     def tagged(statement: str, with_params: bool) -> str:
@@ -189,44 +263,46 @@ def tag_dialect(dialect: Any) -> None:
             return statement
 
     def execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> Any:
-        rec = _first(context)
+        rec = _rec(context)
         if rec is None:
             return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
         t0 = _perf()
         try:
             return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
         finally:
-            _timed(rec, t0)
+            _after(rec, t0)
 
     def execute_no_params(cursor: Any, statement: str, context: Any = None) -> Any:
-        rec = _first(context)
+        rec = _rec(context)
         if rec is None:
             return no_params(cursor, tagged(statement, False), context)
         t0 = _perf()
         try:
             return no_params(cursor, tagged(statement, False), context)
         finally:
-            _timed(rec, t0)
+            _after(rec, t0)
 
     def executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> Any:
-        rec = _first(context)
+        rec = _rec(context)
         if rec is None:
             return many(cursor, tagged(statement, True), parameters, context)
         t0 = _perf()
         try:
             return many(cursor, tagged(statement, True), parameters, context)
         finally:
-            _timed(rec, t0)
+            _after(rec, t0)
 
     dialect.do_execute, dialect.do_execute_no_params, dialect.do_executemany = execute, execute_no_params, executemany
     dialect.do_begin, dialect.do_commit, dialect.do_rollback = begin, commit, rollback
+    dialect.do_ping = ping
     dialect.__dict__[_ATTR] = True
     _tagged.add(dialect)
 
 
 def untag_dialect(dialect: Any) -> None:
     if dialect.__dict__.pop(_ATTR, None):
-        for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_begin", "do_commit", "do_rollback"):
+        for name in ("do_execute", "do_execute_no_params", "do_executemany", "do_begin", "do_commit", "do_rollback",
+                     "do_ping"):  # fmt: skip
             dialect.__dict__.pop(name, None)
 
 

@@ -24,6 +24,7 @@ from .events import scan_leaks, scan_long_holds
 from .peers import (
     _observe_server_wait,
     _observe_transaction_end,
+    _observe_transaction_idle,
     _on_do_connect,
     application_name,
     owner_table,
@@ -73,6 +74,7 @@ def _load(settings: Any) -> None:
     _sqltag.CONFIG.tag = settings.statement_tag
     _sqltag.CONFIG.observe_first = _observe_server_wait
     _sqltag.CONFIG.observe_end = _observe_transaction_end
+    _sqltag.CONFIG.observe_idle = _observe_transaction_idle
     _sqltag.CONFIG.application = application_name()
     _sqltag.CONFIG.trace = settings.statement_tag_trace
     _sqltag.reset()

@@ -64,6 +64,15 @@ def _observe_server_wait(rec: Any, seconds: float) -> None:
         h.account.server_wait += seconds
 
 
+def _observe_transaction_idle(rec: Any, seconds: float) -> None:
+    """The transaction that just ended on a held connection sat ``seconds`` idle between its
+    statements (from ``_sqltag``): by owner."""
+    h = _held.get(rec)
+    if h is not None:
+        hist, _overflow = owner_histogram(h.state.transaction_idle, h.owner, WAIT_BUCKETS, CONFIG.max_owners)
+        hist.observe(seconds)
+
+
 def _observe_transaction_end(rec: Any, seconds: float) -> None:
     h = _held.get(rec)
     if h is not None:

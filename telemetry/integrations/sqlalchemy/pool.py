@@ -46,11 +46,13 @@ from telemetry._core.holds import SUSPECTS as _suspects
 from telemetry._core.log import hook_error
 from telemetry._core.otel_private import current_context_getter
 from telemetry._core.owner import ACCOUNT, OWNER
+from telemetry._core.sqltag import PINGS as _pings
+from telemetry._core.sqltag import holder_key as _holder_key
 from telemetry._core.stacks import checkout_site as _checkout_site
 from telemetry._core.stats import REGISTRY
 
 from .events import _critical_usage, _gc_returned, _on_failed, _released_after_long_hold
-from .peers import peer_of
+from .peers import _observe_server_wait, peer_of
 from .state import (
     _ATTR,
     _SKIP,
@@ -197,6 +199,9 @@ def _wrap_connect(orig: Any) -> Any:
             rec = fairy._connection_record
             if rec.__dict__.pop(_FRESH, False):  # connected during this checkout (rare path)
                 waited = _connected(st, rec, waited)
+            pinged = _pings.pop(_holder_key(), None) if _pings else None  # pool_pre_ping's round trip
+            if pinged is not None:
+                waited -= min(pinged, waited)
             wait = st.wait
             wait.counts[bisect_left(WAIT_BUCKETS, waited)] += 1
             wait.total += waited
@@ -226,6 +231,8 @@ def _wrap_connect(orig: Any) -> Any:
                     if loop is not _last_loop():
                         _new_loop(loop)
                 _held[rec] = h
+                if pinged is not None:  # a server connection's wait, as a transaction's first statement's
+                    _observe_server_wait(rec, pinged)
                 n = st.in_use = st.in_use + 1
                 if n >= st.critical_at:
                     _critical_usage(st, n)

@@ -82,7 +82,7 @@ class PoolState:
     __slots__ = (
         "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "refused", "cancelled",
         "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
-        "hold", "server_wait", "transaction_end", "leaked", "gc_returned", "pool_ref", "critical_at", "max_connections", "last_critical",
+        "hold", "server_wait", "transaction_end", "transaction_idle", "leaked", "gc_returned", "pool_ref", "critical_at", "max_connections", "last_critical",
         "last_timeout_log", "__weakref__",
     )  # fmt: skip
 
@@ -104,6 +104,7 @@ class PoolState:
         self.hold: dict[str, Histogram] = {}
         self.server_wait: dict[str, Histogram] = {}
         self.transaction_end = Histogram(WAIT_BUCKETS)
+        self.transaction_idle: dict[str, Histogram] = {}  # per transaction: idle between its statements
         #: connections that outlived their request or task / that only the garbage collector
         #: returned, by (owner, the line that checked them out)
         self.leaked: dict[tuple[str, str], int] = {}
@@ -167,6 +168,8 @@ class PoolState:
             yield "db_connection_hold_seconds", lb + (("owner", owner),), hist
         for owner, hist in list(self.server_wait.items()):
             yield "db_server_wait_seconds", lb + (("owner", owner),), hist
+        for owner, hist in list(self.transaction_idle.items()):
+            yield "db_transaction_idle_seconds", lb + (("owner", owner),), hist
         if self.transaction_end.count:
             yield "db_transaction_end_seconds", lb, self.transaction_end
 

@@ -32,6 +32,7 @@ from . import episode
 from .capacity import DOMINANT_HOLD_FACTOR, dominant, holders
 from .first_statement import first_statements
 from .leaks import leaks
+from .open_transactions import open_transactions
 
 #: what the findings read, by kind: gauges at their peak over the window (``*_view_up`` at
 #: their lowest), counters and histogram series as their increase over it
@@ -52,6 +53,7 @@ USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total", "db_p
                  "db_pool_connections_leaked_total", "db_pool_connections_gc_returned_total")
 USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
                    "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds",
+                   "db_transaction_idle_seconds",
                    "http_server_db_server_wait_seconds", "http_server_request_duration_seconds")
 _WINDOW = re.compile(r"^[1-9][0-9]*[smhd]$")
 
@@ -395,7 +397,7 @@ def _views(samples: Samples) -> list[str]:
 #: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
 PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
     ("budget", _budget, True), ("leak", leaks, True), ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
-    ("first_statement", first_statements, True), ("pool", _pools, False), ("threads", _threads, True), ("semaphore", _semaphores, True),
+    ("first_statement", first_statements, True), ("open_transaction", open_transactions, True), ("pool", _pools, False), ("threads", _threads, True), ("semaphore", _semaphores, True),
     ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
 )  # fmt: skip
 
