@@ -21,7 +21,7 @@ OLDEST=(
   "opentelemetry-exporter-otlp-proto-http==1.25.0"
   "opentelemetry-instrumentation==0.46b0" "opentelemetry-instrumentation-asgi==0.46b0"
   "opentelemetry-instrumentation-sqlalchemy==0.46b0"
-  "asyncpg==0.29.0" "psycopg[binary]==3.1.18" "psycopg2-binary==2.9.9" "aiosqlite==0.20.0"
+  "asyncpg==0.29.0" "psycopg[binary]==3.1.18" "psycopg2-binary==2.9.9" "psycopg-pool==3.2.0" "aiosqlite==0.20.0"
 )
 TOOLS=("grafanalib>=0.7" "pyyaml>=6" "rich>=13" "matplotlib>=3.7" "pytest>=8" "pytest-asyncio>=0.23" "pytest-xdist>=3.5")
 quiet() { grep -v '^WARNING: Location' || true; }

@@ -83,6 +83,8 @@ INTEGRATIONS: tuple[_Entry, ...] = (
            required="OTEL_METRICS_EXPORTER=otlp (otlp_metrics) needs the OpenTelemetry SDK and its OTLP exporter: "
                     "pip install 'poolsight[tracing]'"),
     _Entry("redis", lambda s: s.redis, ".integrations.redis", "RedisIntegration", ("redis",), ("redis",)),
+    _Entry("psycopg_pool", lambda s: s.psycopg_pool, ".integrations.psycopg_pool", "PsycopgPoolIntegration", ("psycopg_pool",), ("psycopg_pool",)),
+    _Entry("asyncpg_pool", lambda s: s.asyncpg_pool, ".integrations.asyncpg_pool", "AsyncpgPoolIntegration", ("asyncpg",), ("asyncpg",)),
     _Entry("celery", lambda s: s.celery, ".integrations.celery.tasks", "CeleryIntegration", ("celery",), ("celery",)),
     _Entry("asgi", lambda s: s.fastapi, ".integrations.asgi", "ASGIIntegration", ("starlette",), ("starlette", "fastapi")),
     _Entry("shared_view", lambda s: bool(s.server_view_url or s.pgbouncer_url or s.pooler_metrics_url),
@@ -158,6 +160,19 @@ def instrument_redis() -> None:
     """redis-py pools (sync and asyncio): in use, waiters, wait, timeouts, holds by owner, long
     holds (part of :func:`instrument`; call it alone to get only this)."""
     _verb("redis")
+
+
+def instrument_psycopg_pool() -> None:
+    """psycopg_pool's pools (sync and async): in use, idle, size, min and max, waiting requests,
+    wait, timeouts, holds by owner, long holds, leaks (part of :func:`instrument`; call it alone
+    to get only this)."""
+    _verb("psycopg_pool")
+
+
+def instrument_asyncpg_pool() -> None:
+    """asyncpg's pools (``asyncpg.create_pool()``): the same figures, named ``host:port/db``
+    (part of :func:`instrument`; call it alone to get only this)."""
+    _verb("asyncpg_pool")
 
 
 def instrument_fastapi(app: Any = None) -> None:

@@ -13,7 +13,8 @@ def test_public_api():
     assert set(telemetry.__all__) == {
         "DEFAULT_OWNER", "AddService", "ConfigError", "Semaphore", "Settings", "TelemetryMiddleware",
         "add_pid", "add_trace_context", "configure_logging", "current_owner", "db_owner", "flush",
-        "instrument", "instrument_celery", "instrument_fastapi", "instrument_redis", "instrument_sqlalchemy",
+        "instrument", "instrument_asyncpg_pool", "instrument_celery", "instrument_fastapi", "instrument_psycopg_pool",
+        "instrument_redis", "instrument_sqlalchemy",
         "is_instrumented", "metrics_app", "prepare_multiproc_dir", "scan_now",
         "start_metrics_server", "trace_ids", "uninstrument", "watch_event_loop",
     }  # fmt: skip

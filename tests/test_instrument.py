@@ -30,8 +30,9 @@ from .conftest import sample
 
 def _attached() -> dict[str, object]:
     """Everything the package can attach, as it stands now."""
+    import asyncpg.pool
+    import psycopg_pool
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-
 
     return {
         "Pool.connect": Pool.__dict__["connect"],
@@ -48,6 +49,9 @@ def _attached() -> dict[str, object]:
                                                     redis.asyncio.connection.ConnectionPool,
                                                     redis.asyncio.connection.BlockingConnectionPool)
                         for m in ("get_connection", "release")],
+        "psycopg pools": [cls.__dict__[m] for cls in (psycopg_pool.ConnectionPool, psycopg_pool.AsyncConnectionPool)
+                          for m in ("getconn", "putconn", "__init__")],
+        "asyncpg pools": [asyncpg.pool.Pool.__dict__[m] for m in ("_acquire", "release", "__init__")],
         "sql instrumentor": SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry,
         "collectors": len(list(prometheus_client.REGISTRY._collector_to_names)),
         "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("telemetry")),

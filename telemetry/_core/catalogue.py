@@ -76,12 +76,12 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "db_pool_size", GAUGE, POOL_PID, "connections",
-        "Configured pool_size (kept from the incident report; usage is NOT measured against it).",
+        "Connections the pool keeps open: SQLAlchemy's pool_size, psycopg_pool's and asyncpg's min_size (usage is NOT measured against it).",
         "db.client.connection.idle.max",
     ),
     MetricSpec(
         "db_pool_connections_max", GAUGE, POOL_PID, "connections",
-        "Most connections the pool can open: pool_size + max_overflow. Usage is in_use / this.",
+        "Most connections the pool can open: pool_size + max_overflow (psycopg_pool, asyncpg: max_size). Usage is in_use / this.",
         "db.client.connection.max",
     ),
     MetricSpec(
@@ -91,7 +91,7 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec(
         "db_pool_overflow", GAUGE, POOL_PID, "connections",
-        "Connections open beyond pool_size right now (negative while the pool is still filling).",
+        "Connections open beyond pool_size (min_size) right now (negative while the pool is still filling).",
     ),
     MetricSpec(
         "db_pool_pending_requests", GAUGE, POOL_PID, "requests",

@@ -236,6 +236,8 @@ class Settings:
     http_spans: str = _setting(("TELEMETRY_HTTP_SPANS",), _choice("server", "opentelemetry"), lambda: "server")
     celery: bool = _setting(("TELEMETRY_CELERY",), _bool, lambda: True)
     redis: bool = _setting(("TELEMETRY_REDIS",), _bool, lambda: True)
+    psycopg_pool: bool = _setting(("TELEMETRY_PSYCOPG_POOL",), _bool, lambda: True)
+    asyncpg_pool: bool = _setting(("TELEMETRY_ASYNCPG_POOL",), _bool, lambda: True)
     fastapi: bool = _setting(("TELEMETRY_FASTAPI",), _bool, lambda: True)
     loop_blocked_seconds: float = _setting(
         ("TELEMETRY_LOOP_BLOCKED_SECONDS",),

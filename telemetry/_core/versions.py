@@ -23,6 +23,8 @@ INSTRUMENTS: dict[str, tuple[str, str | None]] = {
     "celery": ("5.3", "6.0"),
     "kombu": ("5.3", "6.0"),
     "redis": ("5.0", "9.0"),
+    "psycopg_pool": ("3.2.0", "3.4"),
+    "asyncpg": ("0.29", "0.33"),
 }
 
 _reported: set[str] = set()

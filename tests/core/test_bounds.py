@@ -174,7 +174,7 @@ def test_leak_call_sites_and_suspect_owners_are_capped() -> None:
     """10,000 leaks from distinct lines: 20 call_site values per pool and counter, the rest
     folded into 'other'; the owners whose checkouts note their line stay at 32."""
     from telemetry._core import holds as _holds
-    from telemetry.integrations.sqlalchemy import events as _events
+    from telemetry._core import pools as _pools
     from telemetry.integrations.sqlalchemy.state import PoolState
 
     telemetry.instrument(service="api", tracing=False)
@@ -182,9 +182,9 @@ def test_leak_call_sites_and_suspect_owners_are_capped() -> None:
     for i in range(10_000):
         h = _holds.Held()
         h.state, h.owner, h.site, h.since, h.context = state, f"owner-{i % 50}", f"app.py:{i} in f", 0.0, None
-        _events._leaked(h, 2.0)
+        _pools.count_leak(h, "leaked", 100)
         _holds.suspect(h.owner)
     sites = {site for _owner, site in state.leaked}
-    assert len(sites - {"other"}) == _events.MAX_LEAK_SITES and "other" in sites
+    assert len(sites - {"other"}) == _pools.MAX_LEAK_SITES and "other" in sites
     assert sum(state.leaked.values()) == 10_000
     assert len(_holds.SUSPECTS) == _holds.MAX_SUSPECTS

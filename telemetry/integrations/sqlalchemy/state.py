@@ -14,8 +14,9 @@ from typing import Any
 
 from sqlalchemy.pool import Pool, QueuePool
 
-from telemetry._core.catalogue import CONNECT_BUCKETS, WAIT_BUCKETS
+from telemetry._core.catalogue import WAIT_BUCKETS
 from telemetry._core.holds import Held, HoldTable, owner_hold
+from telemetry._core.pools import PoolFigures, critical_at
 from telemetry._core.stats import Histogram, Sample
 
 _ATTR = "_telemetry_state"
@@ -75,41 +76,26 @@ class _Config:
 CONFIG = _Config()
 
 
-class PoolState:
-    """Everything measured for one named pool in this process (shared by the pools that
-    ``dispose()`` recreates under the same name, so counters never go backwards)."""
+class PoolState(PoolFigures):
+    """Everything measured for one named SQLAlchemy pool in this process: the figures every
+    pool reports (``_core.pools``), and SQLAlchemy's own (invalidations, the first statements,
+    the transactions' ends and idle time, the pool's gauges)."""
 
-    __slots__ = (
-        "name", "labels", "in_use", "pending", "ok", "timeouts", "errors", "refused", "cancelled",
-        "connects", "invalid_hard", "invalid_soft", "owner_overflow", "wait", "connect_time",
-        "hold", "server_wait", "transaction_end", "transaction_idle", "leaked", "gc_returned", "pool_ref", "critical_at", "max_connections", "last_critical",
-        "last_timeout_log", "__weakref__",
-    )  # fmt: skip
+    __slots__ = ("invalid_hard", "invalid_soft", "server_wait", "transaction_end", "transaction_idle", "pool_ref",
+                 "critical_at", "last_critical")  # fmt: skip
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.labels = (("service", CONFIG.service), ("pool", name))
         self.pool_ref: Any = None
         self.critical_at: float = math.inf
-        self.max_connections: int | None = None
-        self.reset()
+        super().__init__(name, CONFIG.service)
 
     def reset(self) -> None:
-        self.in_use = self.pending = 0
-        self.ok = self.timeouts = self.errors = self.cancelled = 0
-        self.refused: dict[str, int] = {}  # connects refused for a connection limit, by reason
-        self.connects = self.invalid_hard = self.invalid_soft = self.owner_overflow = 0
-        self.wait = Histogram(WAIT_BUCKETS)
-        self.connect_time = Histogram(CONNECT_BUCKETS)
-        self.hold: dict[str, Histogram] = {}
+        super().reset()
+        self.invalid_hard = self.invalid_soft = 0
         self.server_wait: dict[str, Histogram] = {}
         self.transaction_end = Histogram(WAIT_BUCKETS)
         self.transaction_idle: dict[str, Histogram] = {}  # per transaction: idle between its statements
-        #: connections that outlived their request or task / that only the garbage collector
-        #: returned, by (owner, the line that checked them out)
-        self.leaked: dict[tuple[str, str], int] = {}
-        self.gc_returned: dict[tuple[str, str], int] = {}
-        self.last_critical = self.last_timeout_log = -math.inf
+        self.last_critical = -math.inf
 
     def attach(self, pool: Pool) -> None:
         """Point the gauges at the newest pool of this name and size the critical threshold."""
@@ -119,26 +105,15 @@ class PoolState:
             self.max_connections = pool.size() + pool._max_overflow
         elif type(pool).__name__ == "AssertionPool":  # StaticPool shares one connection: no bound
             self.max_connections = 1
-        self.critical_at = math.inf
-        if self.max_connections:
-            ratio, top = CONFIG.critical_ratio, self.max_connections
-            n = max(1, math.floor(ratio * top))
-            while n / top <= ratio:
-                n += 1
-            self.critical_at = n
+        self.critical_at = critical_at(self.max_connections, CONFIG.critical_ratio)
 
-    def hold_histogram(self, owner: str) -> Histogram:
-        return owner_hold(self, owner, CONFIG.max_owners)
+    def hold_histogram(self, owner: str, limit: int | None = None) -> Histogram:
+        return owner_hold(self, owner, CONFIG.max_owners if limit is None else limit)
 
     def samples(self) -> Iterable[Sample]:
         lb = self.labels
         pool = self.pool_ref() if self.pool_ref is not None else None
-        yield "db_pool_connections_in_use", lb, self.in_use
-        yield "db_pool_pending_requests", lb, self.pending
-        flagged = TABLE.flagged_of(self)
-        yield "db_pool_connections_held_too_long", lb, flagged
-        for owner, n in TABLE.held_by_owner(self, CONFIG.max_owners).items():
-            yield "db_pool_connections_in_use_by_owner", lb + (("owner", owner),), n
+        yield from self.common_samples(TABLE, CONFIG.max_owners)
         if isinstance(pool, QueuePool):
             yield "db_pool_connections_idle", lb, pool.checkedin()
             yield "db_pool_size", lb, pool.size()
@@ -147,25 +122,8 @@ class PoolState:
             yield "db_pool_connections_max", lb, self.max_connections
         if CONFIG.connection_limit is not None:
             yield "db_server_connection_limit", lb, CONFIG.connection_limit
-        for result, n in (("ok", self.ok), ("timeout", self.timeouts), ("error", self.errors),
-                          ("cancelled", self.cancelled)):  # fmt: skip
-            yield "db_pool_checkouts_total", lb + (("result", result),), n
-        yield "db_pool_timeouts_total", lb, self.timeouts
-        yield "db_pool_connect_errors_total", lb, self.errors
-        for reason, n in list(self.refused.items()):
-            yield "db_pool_connects_refused_total", lb + (("reason", reason),), n
-        yield "db_pool_connects_total", lb, self.connects
         yield "db_pool_invalidations_total", lb + (("kind", "hard"),), self.invalid_hard
         yield "db_pool_invalidations_total", lb + (("kind", "soft"),), self.invalid_soft
-        yield "telemetry_owner_overflow_total", lb, self.owner_overflow
-        for (owner, site), n in list(self.leaked.items()):
-            yield "db_pool_connections_leaked_total", lb + (("owner", owner), ("call_site", site)), n
-        for (owner, site), n in list(self.gc_returned.items()):
-            yield "db_pool_connections_gc_returned_total", lb + (("owner", owner), ("call_site", site)), n
-        yield "db_pool_checkout_wait_seconds", lb, self.wait
-        yield "db_pool_connect_seconds", lb, self.connect_time
-        for owner, hist in list(self.hold.items()):
-            yield "db_connection_hold_seconds", lb + (("owner", owner),), hist
         for owner, hist in list(self.server_wait.items()):
             yield "db_server_wait_seconds", lb + (("owner", owner),), hist
         for owner, hist in list(self.transaction_idle.items()):
