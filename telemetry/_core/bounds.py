@@ -95,7 +95,9 @@ QUEUES = Capped("queue", 100)
 #: name is a foreign application; a client that rotates its name churns neither
 SERVICES = Capped("application", 100)
 FOREIGN = Capped("application", 20)
-ALL = (ROUTES, TASKS, QUEUES, SERVICES, FOREIGN)
+#: statement texts (literals removed) the server view names as running now, per deployment
+STATEMENTS = Capped("statement", 50)
+ALL = (ROUTES, TASKS, QUEUES, SERVICES, FOREIGN, STATEMENTS)
 
 
 class ServerOwners:

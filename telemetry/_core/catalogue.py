@@ -357,15 +357,14 @@ _SPECS: list[MetricSpec] = [
         "db_server_oldest_idle_in_transaction_seconds", GAUGE, ("application",), "seconds",
         "Longest time one of the application's backends has sat idle inside a transaction.", host_wide=True,
     ),
-    MetricSpec(
-        "db_server_connections_by_owner", GAUGE, ("service", "owner", "state"), "connections",
-        "Server backends joined to the owner (route template, task, db_owner) whose client "
-        "connection holds them right now, by backend state: what no server-side exporter can know.", host_wide=True,
-    ),
-    MetricSpec(
-        "db_server_lock_waiting", GAUGE, ("application",), "connections",
-        "Backends of the application waiting for a lock (pg_locks not granted).", host_wide=True,
-    ),
+    MetricSpec("db_server_connections_by_owner", GAUGE, ("service", "owner", "state"), "connections",
+               "Server backends joined to the owner (route template, task, db_owner) whose client connection holds them right now, by backend state: what no server-side exporter can know.", host_wide=True),
+    MetricSpec("db_server_statements_active", GAUGE, ("service", "owner", "statement"), "connections",
+               "Backends of an owner active on a statement right now, by its text without literals (160 characters, 50 texts).", host_wide=True),
+    MetricSpec("db_server_statement_running_seconds", GAUGE, ("service", "owner", "statement"), "seconds",
+               "How long the longest of those statements has run (now - query_start).", host_wide=True),
+    MetricSpec("db_server_lock_waiting", GAUGE, ("application",), "connections",
+               "Backends of the application waiting for a lock (pg_locks not granted).", host_wide=True),
     MetricSpec(
         "db_server_lock_wait_longest_seconds", GAUGE, (), "seconds",
         "The longest current lock wait on the server (pg_locks.waitstart).", host_wide=True,

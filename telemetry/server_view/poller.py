@@ -370,6 +370,11 @@ class _Poller(EventDetector, ClusterMember):
             if owner:
                 add("db_server_connections_by_owner",
                     (("service", service), ("owner", owner), ("state", state)))  # fmt: skip
+                if state == "active" and row.get("query_age") is not None:  # what it runs, for how long
+                    text = (("service", service), ("owner", owner),
+                            ("statement", _bounds.STATEMENTS(statement(row.get("query"), 160))))  # fmt: skip
+                    add("db_server_statements_active", text)
+                    add("db_server_statement_running_seconds", text, row["query_age"], max)
         longest = 0.0
         chain = {lk["pid"]: list(lk["blockers"] or []) for lk in locks}
         for lk in locks:

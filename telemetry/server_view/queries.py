@@ -122,6 +122,7 @@ select a.pid, coalesce(a.application_name, '') as app, coalesce(a.state, '') as 
        extract(epoch from a.xact_start)::float8 as xact_start,
        extract(epoch from now() - a.xact_start)::float8 as xact_age,
        extract(epoch from now() - a.state_change)::float8 as state_age,
+       extract(epoch from now() - a.query_start)::float8 as query_age,
        a.query, a.backend_type
 from pg_stat_activity a
 where a.pid <> pg_backend_pid() and a.backend_type = 'client backend'

@@ -46,7 +46,8 @@ USED_GAUGES = (
     "celery_worker_reserved", "celery_worker_pool_size", "asyncio_semaphore_waiters",
     "asyncio_semaphore_capacity", "db_pool_connections_held_too_long", "db_server_lock_waiting",
     "db_pool_connections_in_use_by_owner", "db_server_connection_limit", "db_pool_pending_requests",
-    "asyncio_thread_limiter_tokens", "asyncio_thread_limiter_borrowed",
+    "asyncio_thread_limiter_tokens", "asyncio_thread_limiter_borrowed", "db_server_statements_active",
+    "db_server_statement_running_seconds",
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total", "db_pool_connects_refused_total",

@@ -22,7 +22,7 @@ statements of at least ``FIRST_STATEMENT_FLOOR_SECONDS``.
 from __future__ import annotations
 
 from telemetry.server_view.model import POOLER_NAMES
-from telemetry.tools.findings import Finding, fmt_owners, merged, owners, rows
+from telemetry.tools.findings import Finding, across_hosts, fmt_owners, merged, owners, rows
 from telemetry.tools.samples import Samples, quantile
 
 #: a service whose checked-out connections spent at least this share of their hold time in the
@@ -138,6 +138,18 @@ def _kind(samples: Samples, service: str, pooler: str, named: dict[tuple[str, st
     return "unknown", f"{pooler}, and only {seen}, {on_server:.0f} on the server"
 
 
+def _statements(samples: Samples, service: str, limit: int = 3) -> str:
+    """What ``service``'s backends ran on the server (the server view: the text without literals,
+    the longest run), the longest first: " Running: 'GET /r' `select ...` (3 backends, 0.58 s)."."""
+    count = across_hosts(samples, "db_server_statements_active", ("service", "owner", "statement"))
+    longest = merged(samples, "db_server_statement_running_seconds", ("service", "owner", "statement"))
+    mine = sorted(((longest.get(k, 0.0), n, k) for k, n in count.items() if k[0] == service and n > 0), reverse=True)
+    if not mine:
+        return ""
+    return " Running: " + "; ".join(f"{k[1]!r} `{k[2]}` ({n:.0f} backend{'s' if n != 1 else ''}, the longest "
+                                      f"{seconds:.2f} s)" for seconds, n, k in mine[:limit]) + "."  # fmt: skip
+
+
 def first_statements(samples: Samples) -> list[Finding]:
     """One finding per service held up in its first statements: a queue for a server connection,
     slow statements, or unknown (see the module's docstring)."""
@@ -159,6 +171,7 @@ def first_statements(samples: Samples) -> list[Finding]:
         elif kind == "slow_statement":
             active = {k: n for k, n in running.items() if k[0] == service and n > 0}
             who = f" Active on the server now: {fmt_owners(active)}." if active else ""
+            who += _statements(samples, service)
             locks = sum(v for lb, v in rows(samples, "db_server_lock_waiting") if lb.get("application") == service)
             lock = " Some of them wait for locks: see Locks." if locks > 0 else ""
             out.append(Finding("slow_statement", f"Slow statements: {measured}, and {evidence}: that is the "
