@@ -188,3 +188,14 @@ def test_leak_call_sites_and_suspect_owners_are_capped() -> None:
     assert len(sites - {"other"}) == _pools.MAX_LEAK_SITES and "other" in sites
     assert sum(state.leaked.values()) == 10_000
     assert len(_holds.SUSPECTS) == _holds.MAX_SUSPECTS
+
+
+def test_statement_texts_the_server_view_names_are_capped() -> None:
+    """10,000 distinct statements (a client that interpolates values the literal stripper cannot
+    see, or generated SQL): 50 texts keep their names, the rest are 'other' and counted."""
+    from telemetry.server_view.model import statement
+
+    _bounds.reset()
+    seen = {_bounds.STATEMENTS(statement(f"select * from t{i} where id = {i}", 160)) for i in range(10_000)}
+    assert len(seen) == _bounds.STATEMENTS.cap + 1 and "other" in seen
+    assert "select * from t0 where id = ?" in seen  # the first keep their names, literals removed
