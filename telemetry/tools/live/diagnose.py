@@ -109,12 +109,48 @@ def ours(samples: Samples) -> bool:
 
 
 def all_findings(samples: Samples, *, pools: bool = True) -> list[Finding]:
-    """Every finding, most urgent first; ``pools=False``: those a pool-only report lacks."""
+    """Every finding, the one that explains most of the waiting first (``rank``); ``pools=False``:
+    those a pool-only report lacks."""
     out: list[Finding] = []
     for kind, part, beyond in PARTS:
         if beyond or pools:
             out.extend(f if isinstance(f, Finding) else Finding(kind, f) for f in part(samples))
-    return out
+    return rank(out, samples)
+
+
+def rank(found: list[Finding], samples: Samples) -> list[Finding]:
+    """The findings by the seconds of waiting each explains in the window, most first; ties keep
+    the order of ``PARTS`` (a cause before the pool it fills). Refused connects come first: they
+    are failures, not waits. What each explains: its service's checkout wait for the causes inside
+    a pool (a leak, an open transaction, the pool's holders, the thread limiter); its first
+    statements' time for a queue at the pooler or slow statements; the pooler's clients times
+    their oldest wait; the lock waiters times the longest wait; the semaphore's waits."""
+
+    def by_service(name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for lb, v in _rows(samples, name):
+            out[lb.get("service", "")] = out.get(lb.get("service", ""), 0.0) + v
+        return out
+
+    checkout, first = by_service("db_pool_checkout_wait_seconds_sum"), by_service("db_server_wait_seconds_sum")
+    waiting = sum(v for (_d, _u, state), v in _merged(samples, "pgbouncer_clients", ("database", "user", "state")).items()
+                  if state == "waiting")  # fmt: skip
+    oldest = max(_merged(samples, "pgbouncer_client_maxwait_seconds", ("database", "user")).values(), default=0.0)
+    blocked = sum(_merged(samples, "db_server_lock_waiting", ("application",)).values())
+    longest = max((v for _lb, v in _rows(samples, "db_server_lock_wait_longest_seconds")), default=0.0)
+    weights = {
+        "budget": float("inf"), "pooler": waiting * oldest, "locks": blocked * longest,
+        "semaphore": sum(by_service("asyncio_semaphore_wait_seconds_sum").values()),
+    }  # fmt: skip
+
+    def weight(f: Finding) -> float:
+        if f.kind in ("leak", "open_transaction", "pool", "threads"):
+            return checkout.get(f.service, 0.0)
+        if f.kind in ("server_wait", "slow_statement", "first_statement_unknown"):
+            return first.get(f.service, 0.0)
+        return weights.get(f.kind, 0.0)
+
+    return sorted(found, key=lambda f: -weight(f))
 
 
 def findings(samples: Samples) -> list[str]:
@@ -345,17 +381,17 @@ def _server(samples: Samples) -> list[str]:
             "the next pool growth gets refused (DbServerConnectionsNearMax)."]  # fmt: skip
 
 
-def _pools(samples: Samples) -> list[str]:
+def _pools(samples: Samples) -> list[Finding]:
     out = []
     starved = {f.service for f in first_statements(samples) if f.kind == "server_wait"}
     for service, usage in sorted(usage_by_service(samples).items()):
         if usage >= T.POOL_USAGE_WARNING and service not in starved:
             p95 = quantile(0.95, samples, "db_pool_checkout_wait_seconds", service=service)
-            out.append(f"Pool: the busiest {service} process has {usage * 100:.0f}% of its pool checked out "
-                       f"(checkout wait p95 {p95 or 0:.2f} s).{_holders(samples, service)}")  # fmt: skip
+            out.append(Finding("pool", f"Pool: the busiest {service} process has {usage * 100:.0f}% of its pool checked "
+                               f"out (checkout wait p95 {p95 or 0:.2f} s).{_holders(samples, service)}", service))  # fmt: skip
     blocked = {lb.get("service", ""): v for lb, v in _rows(samples, "event_loop_blocked_total") if v > 0}
     for service, n in sorted(blocked.items()):
-        out.append(f"Event loop: {service} was blocked {n:.0f} times (sync work inside async def).")
+        out.append(Finding("pool", f"Event loop: {service} was blocked {n:.0f} times (sync work inside async def).", service))
     return out
 
 
@@ -398,7 +434,7 @@ def _views(samples: Samples) -> list[str]:
 #: the findings in order of urgency: (kind, its function, whether a pool-only report lacks it)
 PARTS: tuple[tuple[str, Callable[[Samples], list[Any]], bool], ...] = (
     ("budget", _budget, True), ("leak", leaks, True), ("pooler", _pooler, True), ("locks", _locks, True), ("idle", _idle, True), ("server", _server, True),
-    ("first_statement", first_statements, True), ("open_transaction", open_transactions, True), ("pool", _pools, False), ("threads", _threads, True), ("semaphore", _semaphores, True),
+    ("first_statement", first_statements, True), ("open_transaction", open_transactions, True), ("threads", _threads, True), ("pool", _pools, False), ("semaphore", _semaphores, True),
     ("redis", _redis, True), ("celery", _celery, True), ("view", _views, True),
 )  # fmt: skip
 

@@ -196,3 +196,28 @@ def test_a_password_in_a_metrics_url_is_never_printed(serve: list[str], capsys: 
     assert rc == diagnose.EXIT_FINDINGS and "- unreadable:" in captured.out, captured.out
     for piece in ("s3cr", "p%40ss", "p@ss", "%3Ft"):
         assert piece not in captured.out + captured.err, (piece, captured.out)
+
+
+def _ranked_page(lock_seconds: float) -> str:
+    """api's pool full with 2 s of checkout wait; worker's transactions blocked on a lock, 3
+    waiters, the longest ``lock_seconds``."""
+    return (
+        'db_pool_connections_in_use{service="api",pool="p",pid="1"} 5\n'
+        'db_pool_connections_max{service="api",pool="p",pid="1"} 5\n'
+        'db_pool_checkout_wait_seconds_bucket{service="api",pool="p",le="+Inf"} 20\n'
+        'db_pool_checkout_wait_seconds_sum{service="api",pool="p"} 2\n'
+        'db_pool_checkout_wait_seconds_count{service="api",pool="p"} 20\n'
+        'db_server_lock_blocking{blocker_service="worker",blocker_owner="export",blocked_service="worker",'
+        'blocked_owner="save"} 3\n'
+        'db_server_lock_waiting{application="worker"} 3\n'
+        f"db_server_lock_wait_longest_seconds {lock_seconds}\n"
+    )
+
+
+def test_the_finding_that_explains_most_of_the_waiting_comes_first() -> None:
+    """One ranking (issue 33): 3 lock waiters of 10 s (30 s of waiting) before a pool whose callers
+    waited 2 s; 3 waiters of 0.1 s (0.3 s) after it. The same findings either way."""
+    long_locks = [f.kind for f in diagnose.all_findings(diagnose.parse(_ranked_page(10.0)))]
+    short_locks = [f.kind for f in diagnose.all_findings(diagnose.parse(_ranked_page(0.1)))]
+    assert long_locks == ["locks", "pool"], long_locks
+    assert short_locks == ["pool", "locks"], short_locks
