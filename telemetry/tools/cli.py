@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     bud.add_argument("--json", action="store_true", help="measure: print the advice as JSON")
     bud.add_argument("--hold-threshold", type=_positive(float), default=None,
                      help="measure: the hold threshold in seconds (default: the alert's, 5)")
+    bud.add_argument("--server-limit", type=_positive(int), default=None,
+                     help="measure: server connections the pooler (or server) allows, when not read from the view")
+    bud.add_argument("--client-limit", type=_positive(int), default=None,
+                     help="measure: client connections the pooler (or server) accepts, when not read from the view")
     diag = sub.add_parser(
         "diagnose", help="say where the time goes and who causes it, from hosts' /metrics"
     )
@@ -305,7 +309,9 @@ def _measured_budget(args: argparse.Namespace) -> int:
             w = capacity.from_prometheus(args.prometheus_url, window, seconds)
         else:
             w = capacity.scrape_window(args.urls, seconds)
-        advice = capacity.advise(w, args.margin, args.hold_threshold or T.HOLD_SECONDS_WARNING)
+        advice = capacity.advise(w, args.margin, args.hold_threshold or T.HOLD_SECONDS_WARNING,
+                                 (args.server_limit, "--server-limit") if args.server_limit else None,
+                                 (args.client_limit, "--client-limit") if args.client_limit else None)  # fmt: skip
     except (OSError, ValueError) as exc:
         print(f"telemetry budget: {exc}", file=sys.stderr)
         return 2

@@ -18,23 +18,35 @@ from telemetry import thresholds as T
 from telemetry.tools.live import capacity
 
 from . import alerting as _alerting
+from .scenarios import POOLER_CLIENTS, POOLER_SERVER_CONNECTIONS
 
 #: alerts a size that holds must not fire (on the demo's clock)
 POOL_ALERTS = ("DbPoolCheckoutTimeouts", "DbPoolCheckoutWaitHigh", "DbPoolUsageCritical")
+#: the limits the advice is told: the incident report's deployment on the embedded stack (its
+#: pooler maps to ~50 server connections; Supabase's pooler accepts 200 clients on the smallest
+#: compute sizes), the real stack's pgbouncer (``default_pool_size``, ``max_client_conn``)
+REPORT_LIMITS = ((50, "the report's pooler: ~50 server connections"), (200, "the pooler's 200 clients"))
+REAL_LIMITS = ((POOLER_SERVER_CONNECTIONS, "pgbouncer default_pool_size"), (POOLER_CLIENTS, "pgbouncer max_client_conn"))
+#: the processes of each service under the pipeline's knobs (a Celery service: its workers and
+#: the prefork parent, as the report counts them)
+PROCESSES = {"api": ("UVICORN_WORKERS", 0), "content-worker": ("CELERY_CONTENT_CONCURRENCY", 1),
+             "logs-worker": ("CELERY_LOGS_CONCURRENCY", 1), "workflow-worker": ("CELERY_WORKFLOW_CONCURRENCY", 1)}  # fmt: skip
 
 
 def overrides(advice: capacity.Advice) -> dict[str, dict[str, str]]:
     """Per service, the knobs of the reference pipeline that apply the advice; empty when nothing
-    is to be resized (it carries, or an owner is to be released)."""
+    is to be resized (it carries, or an owner is to be released). A throttled service gets its
+    semaphore (its share of the server limit per process) and the pool that holds its permits."""
     if advice.carries or any(p.release is not None for p in advice.pools):
         return {}
     out: dict[str, dict[str, str]] = {}
     for p in main_pools(advice):
         if not p.carries and p.grow:  # a full pool the load needs no more of: size is not the answer
             out.setdefault(p.service, {}).update(DB_POOL_SIZE=str(p.pool_size), DB_MAX_OVERFLOW=str(p.max_overflow))
-    for s in advice.semaphores:
-        if s.is_the_cap and s.semaphore == "MAX_DB_CONCURRENT":
-            out.setdefault(s.service, {})["MAX_DB_CONCURRENT"] = str(s.capacity_needed)
+    for sh in advice.limits.shares:
+        if sh.semaphore == "MAX_DB_CONCURRENT" and sh.semaphore_advised is not None:
+            out.setdefault(sh.service, {}).update(MAX_DB_CONCURRENT=str(sh.semaphore_advised),
+                                                  DB_POOL_SIZE=str(sh.pool_size), DB_MAX_OVERFLOW=str(sh.max_overflow))  # fmt: skip
     return out
 
 
@@ -48,11 +60,19 @@ def main_pools(advice: capacity.Advice) -> list[capacity.PoolAdvice]:
     return [best[s] for s in sorted(best)]
 
 
-def held(result: dict[str, Any], pool_timeout: float, services: set[str] | None = None) -> dict[str, Any]:
+#: the alerts on the queue the incident's api waited in: at the pooler, for a server connection
+QUEUE_ALERTS = ("PgbouncerClientsWaiting", "PgbouncerMaxWaitHigh", "DbServerWaitHigh")
+
+
+def held(result: dict[str, Any], pool_timeout: float, services: set[str] | None = None,
+         before: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Whether a run carried its load in ``services`` (the ones resized; default all): no API pool
     timeouts, their checkout wait p95 under the alert's threshold on the demo's clock, no pool
-    alert of theirs fired."""
-    threshold = T.WAIT_P95_SECONDS_WARNING * _alerting.rules_config(pool_timeout).seconds_scale
+    alert of theirs fired; the api's queue at the pooler or for a server connection (the
+    incident's own wait) under its alerts: none of them fired and its server wait p95 under the
+    threshold; and the content throughput not below ``before``'s (today's run) by more than 10%."""
+    scale = _alerting.rules_config(pool_timeout).seconds_scale
+    threshold = T.WAIT_P95_SECONDS_WARNING * scale
 
     def judged(service: str) -> bool:
         return services is None or service in services
@@ -61,11 +81,17 @@ def held(result: dict[str, Any], pool_timeout: float, services: set[str] | None 
              if judged(s) and v is not None and v > threshold}  # fmt: skip
     fired = sorted({a["alert"] for a in result["alerts"]
                     if a["alert"] in POOL_ALERTS and judged(a["labels"].get("service", ""))})  # fmt: skip
+    queued = sorted({a["alert"] for a in result["alerts"] if a["alert"] in QUEUE_ALERTS})
+    server_wait = result.get("api_server_wait_p95_seconds")
+    slow_server = server_wait is not None and server_wait > T.SERVER_WAIT_P95_SECONDS_WARNING * scale
     api_timeouts = result["api"]["pool_timeouts"] if judged("api") else 0
-    ok = not api_timeouts and not waits and not fired
+    done, was = result.get("tasks_succeeded") or 0, (before or {}).get("tasks_succeeded") or 0
+    slower = before is not None and done < 0.9 * was
+    ok = not api_timeouts and not waits and not fired and not queued and not slow_server and not slower
     return {"held": ok, "services": sorted(services) if services is not None else "all",
             "api_pool_timeouts": result["api"]["pool_timeouts"], "waits_over_threshold": waits,
-            "wait_threshold_seconds": threshold, "pool_alerts_fired": fired}  # fmt: skip
+            "wait_threshold_seconds": threshold, "pool_alerts_fired": fired, "queue_alerts_fired": queued,
+            "api_server_wait_p95_seconds": server_wait, "content_tasks": {"before": was, "advised": done}}  # fmt: skip
 
 
 def remedy_proof(advice: capacity.Advice, remedy: dict[str, Any], remedy_advice: capacity.Advice) -> dict[str, Any]:
@@ -79,25 +105,33 @@ def remedy_proof(advice: capacity.Advice, remedy: dict[str, Any], remedy_advice:
 
 
 def judge_plans(advice: capacity.Advice, plans: dict[str, dict[str, str]], seed: dict[str, str]) -> list[dict[str, Any]]:
-    """The report's plans beside the advice for the seed's load: per service and plan, the
-    pool (pool_size + max_overflow) and semaphore against what the advice asks."""
+    """The report's plans against both limits the seed's advice was told: each plan's client
+    connections (every process at pool_size + max_overflow) against the pooler's clients, and its
+    concurrent transactions at most (each process's pool, or its semaphore where one guards it)
+    against the server connections; beside them, what the advice asks."""
+    lim = advice.limits
+    throttled = {sh.service for sh in lim.shares if sh.semaphore_advised is not None}
     rows = []
     for name, env in plans.items():
         knobs = {**seed, **env}
         size, overflow, sem = int(knobs["DB_POOL_SIZE"]), int(knobs["DB_MAX_OVERFLOW"]), int(knobs["MAX_DB_CONCURRENT"])
-        for p in main_pools(advice):
-            if p.release is not None:
-                verdict = f"no size carries it: release {p.release.owner!r}"
-            else:
-                need = p.pool_size + p.max_overflow
-                verdict = "enough" if size + overflow >= need else f"short by {need - size - overflow} per process"
-            rows.append({"plan": name, "service": p.service, "plan_pool": f"{size}+{overflow}",
-                         "advised_pool": f"{p.pool_size}+{p.max_overflow}", "verdict": verdict})  # fmt: skip
-        for s in advice.semaphores:
-            if s.is_the_cap:
-                rows.append({"plan": name, "service": s.service, "plan_pool": f"semaphore {sem}",
-                             "advised_pool": f"semaphore {s.capacity_needed}",
-                             "verdict": "enough" if sem >= s.capacity_needed else f"short by {s.capacity_needed - sem}"})  # fmt: skip
+        procs = {svc: int(knobs[knob]) + extra for svc, (knob, extra) in PROCESSES.items() if knob in knobs}
+        clients = sum(n * (size + overflow) for n in procs.values())
+        concurrent = sum(n * (min(size + overflow, sem) if svc in throttled else size + overflow) for svc, n in procs.items())
+        verdicts = []
+        if lim.client.value is not None:
+            verdicts.append(f"{clients} client connections of {lim.client.value}: "
+                            + ("fits" if clients <= lim.client.value else "over the pooler's clients"))  # fmt: skip
+        if lim.server.value is not None:
+            verdicts.append(f"up to {concurrent} concurrent transactions of {lim.server.value} server connections: "
+                            + ("fits" if concurrent <= lim.server.value else "over: the pooler queues them, the api among them"))  # fmt: skip
+        advised = "; ".join(f"{sh.service} {sh.pool_size}+{sh.max_overflow}" + (f", {sh.semaphore}={sh.semaphore_advised}"
+                            if sh.semaphore_advised is not None else "") for sh in lim.shares)  # fmt: skip
+        rows.append({"plan": name, "service": "all", "plan_pool": f"{size}+{overflow}, semaphore {sem}, processes "
+                     + ", ".join(f"{svc} {n}" for svc, n in procs.items()), "advised_pool": advised,
+                     "clients": clients, "concurrent": concurrent, "verdict": "; ".join(verdicts) or "limits unknown",
+                     "fits": (lim.client.value is None or clients <= lim.client.value)
+                     and (lim.server.value is None or concurrent <= lim.server.value)})  # fmt: skip
     return rows
 
 
@@ -113,6 +147,9 @@ def render(entry: dict[str, Any]) -> list[str]:
                    if proof["held"] else f"did not hold ({proof})"))  # fmt: skip
     else:
         sizes = "; ".join(f"{svc}: " + ", ".join(f"{k}={v}" for k, v in knobs.items()) for svc, knobs in entry["overrides"].items())
+        tasks = proof.get("content_tasks") or {}
         out.append(f"  proof: re-run with {sizes}: " + ("held (no API pool timeouts, checkout wait p95 under "
-                   f"{proof['wait_threshold_seconds'] * 1000:.0f} ms, no pool alert)" if proof["held"] else f"did NOT hold: {proof}"))  # fmt: skip
+                   f"{proof['wait_threshold_seconds'] * 1000:.0f} ms, no pool alert, no queue at the pooler or for a "
+                   f"server connection, content tasks {tasks.get('advised', 0):.0f} against {tasks.get('before', 0):.0f})"
+                   if proof["held"] else f"did NOT hold: {proof}"))  # fmt: skip
     return out

@@ -92,11 +92,16 @@ def _run_one(scenario: str, args: Any, workdir: str, stack: Stack, console: Any,
     return demo, result
 
 
-def _advise(demo: Run, args: Any) -> _capacity.Advice | None:
+def _advise(demo: Run, args: Any, stack: Any) -> _capacity.Advice | None:
+    """The advice from the run's scrapes, against the deployment's limits: the real stack's
+    pgbouncer (its pool and max_client_conn), or on the embedded stack the report's own (~50
+    server connections behind Supabase's pooler, and its client limit)."""
     if len(demo.scrapes) < 2:
         return None
     window = _capacity.from_scrapes(demo.scrapes)
-    return _capacity.advise(window, hold_threshold=_alerting.hold_threshold_seconds(args.pool_timeout))
+    limits = _demo_advice.REAL_LIMITS if stack.name == "real" else _demo_advice.REPORT_LIMITS
+    return _capacity.advise(window, hold_threshold=_alerting.hold_threshold_seconds(args.pool_timeout),
+                            server=limits[0], client=limits[1])  # fmt: skip
 
 
 def run(args: Any) -> int:
@@ -127,7 +132,7 @@ def run(args: Any) -> int:
             raw[scenario] = {"metrics": demo.raw_metrics, "peaks": demo.peaks, "gauge_peaks": peaks, "events": demo.events,
                              "sustained": demo.sustained, "alerting": demo.alerting}  # fmt: skip
             console.print("  " + result["diagnosis"], markup=False, highlight=False)
-            got = _advise(demo, args)
+            got = _advise(demo, args, stack)
             if got is None:
                 continue
             advised[scenario] = got
@@ -136,7 +141,7 @@ def run(args: Any) -> int:
             if entry["overrides"] and args.prove_advice:
                 console.print(f"[bold]scenario {scenario}, re-run with the advised sizes[/]: {entry['overrides']}")
                 _rerun, again = _run_one(scenario, args, workdir, stack, console, entry["overrides"], f"{scenario}+advised")
-                entry["proof"] = _demo_advice.held(again, args.pool_timeout, set(entry["overrides"]))
+                entry["proof"] = _demo_advice.held(again, args.pool_timeout, set(entry["overrides"]), result)
                 entry["rerun"] = {k: again[k] for k in ("api", "checkout_wait_p95_seconds", "pool_usage_peak", "alerts")}
             elif any(p.release is not None for p in got.pools):
                 remedy = f"{scenario}-remedy"

@@ -121,6 +121,8 @@ def summarize(scenario: str, samples: Samples, peaks: dict[str, float], concepts
         "event_loop_blocked": total(samples, "event_loop_blocked_total"),
         "blocking_call_site": _blocking_site(events or []),
         "pooler_clients_waiting_peak": total(peaked, "pgbouncer_clients", state="waiting"),
+        # the api's first statements: its queue for a server connection, behind the pooler
+        "api_server_wait_p95_seconds": quantile(0.95, samples, "db_server_wait_seconds", service="api"),
         # API connections seen waiting for a row lock (server view; None without one)
         "api_lock_waits_peak": (
             total(peaked, "db_server_lock_blocking", blocked_service="api")

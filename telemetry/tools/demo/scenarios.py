@@ -53,6 +53,8 @@ GROUPS = (("content", "CELERY_CONTENT_CONCURRENCY"), ("logs", "CELERY_LOGS_CONCU
           ("workflow", "CELERY_WORKFLOW_CONCURRENCY"))  # fmt: skip
 #: the report's ~50 server connections behind the pooler, scaled to the demo's client count
 POOLER_SERVER_CONNECTIONS = 12
+#: the real stack's pgbouncer max_client_conn
+POOLER_CLIENTS = 500
 
 
 def choose(names: str, stack: str) -> list[str]:

@@ -59,8 +59,8 @@ class Window:
 GAUGES = ("db_pool_connections_in_use", "db_pool_connections_max", "db_pool_size", "db_pool_pending_requests",
           "db_pool_connections_held_too_long", "asyncio_semaphore_in_use", "asyncio_semaphore_waiters",
           "asyncio_semaphore_capacity", "db_server_connections_by_owner", "db_server_connection_limit",
-          "pgbouncer_pool_size", "db_server_connections_max")  # fmt: skip
-COUNTERS = ("db_pool_checkouts_total", "db_pool_timeouts_total")
+          "pgbouncer_pool_size", "db_server_connections_max", "pgbouncer_max_client_connections")  # fmt: skip
+COUNTERS = ("db_pool_checkouts_total", "db_pool_timeouts_total", "http_server_request_duration_seconds_count")
 HISTOGRAMS = ("db_connection_hold_seconds", "asyncio_semaphore_wait_seconds")
 
 
@@ -232,6 +232,9 @@ def advise_pool(w: Window, service: str, pool: str, margin: float = MARGIN,
 
 @dataclass(frozen=True)
 class SemaphoreAdvice:
+    """A ``telemetry.Semaphore`` as measured (per process); ``capacity_needed`` is its share of the
+    server limit per process (``limits``), never the queue behind it: a semaphore is a throttle."""
+
     service: str
     semaphore: str
     capacity: int
@@ -242,10 +245,11 @@ class SemaphoreAdvice:
 
     @property
     def is_the_cap(self) -> bool:
+        """Tasks queued behind it: where a throttled service's excess waits, by design."""
         return self.waiters_peak > 0
 
 
-def advise_semaphores(w: Window, margin: float = MARGIN) -> list[SemaphoreAdvice]:
+def advise_semaphores(w: Window) -> list[SemaphoreAdvice]:
     out = []
     keys = {(lb.get("service", ""), lb.get("semaphore", "")) for lb, _v in w.gauge("asyncio_semaphore_capacity", "max")}
     for service, sem in sorted(keys):
@@ -253,35 +257,8 @@ def advise_semaphores(w: Window, margin: float = MARGIN) -> list[SemaphoreAdvice
         waiters = max((v for _lb, v in w.gauge("asyncio_semaphore_waiters", "max", service=service, semaphore=sem)), default=0.0)
         in_use = max((v for _lb, v in w.gauge("asyncio_semaphore_in_use", "max", service=service, semaphore=sem)), default=0.0)
         acq = w.total("asyncio_semaphore_wait_seconds_count", service=service, semaphore=sem)
-        need = math.ceil((in_use + waiters) * (1 + margin)) if waiters > 0 else int(cap)
-        out.append(SemaphoreAdvice(service, sem, int(cap), waiters, in_use, acq / w.seconds if w.seconds else 0.0, need))
+        out.append(SemaphoreAdvice(service, sem, int(cap), waiters, in_use, acq / w.seconds if w.seconds else 0.0, int(cap)))
     return out
-
-
-@dataclass(frozen=True)
-class ServerAdvice:
-    limit: int | None  # the pooler's server connections, or the server's usable connections
-    limit_source: str
-    busy_little: float  # all services, λ W
-    measured_peak: float  # server connections the services occupied (the server view), or 0
-    needed: int
-    worst_case: int  # processes x (advised pool_size + max_overflow), all services
-
-    @property
-    def fits(self) -> bool:
-        return self.limit is None or self.needed <= self.limit
-
-
-def advise_server(w: Window, pools: list[PoolAdvice], margin: float = MARGIN) -> ServerAdvice:
-    limits = [("pgbouncer default_pool_size", v) for _lb, v in w.gauge("pgbouncer_pool_size", "max")]
-    limits += [("TELEMETRY_DB_CONNECTION_LIMIT", v) for _lb, v in w.gauge("db_server_connection_limit", "max")]
-    limits += [("server max_connections (usable)", v) for _lb, v in w.gauge("db_server_connections_max", "max")]
-    source, limit = min(limits, key=lambda kv: kv[1]) if limits else ("", None)
-    occupied = sum(v for lb, v in w.gauge("db_server_connections_by_owner", "max") if lb.get("state") != "idle")
-    busy = sum(p.busy_little for p in pools)
-    needed = math.ceil(max(busy, occupied) * (1 + margin))
-    worst = sum(p.processes * (p.pool_size + p.max_overflow) for p in pools)
-    return ServerAdvice(int(limit) if limit is not None else None, source, busy, occupied, needed, worst)
 
 
 @dataclass(frozen=True)
@@ -290,26 +267,32 @@ class Advice:
     margin: float
     pools: tuple[PoolAdvice, ...]
     semaphores: tuple[SemaphoreAdvice, ...]
-    server: ServerAdvice
+    limits: Any  # limits.Limits: the server and client limits and each service's share
 
     @property
     def carries(self) -> bool:
-        return all(p.carries for p in self.pools) and not any(s.is_the_cap for s in self.semaphores) and self.server.fits
+        """Every pool carries its own measured load and today's configuration fits both limits
+        (tasks queued behind a semaphore are its throttle working, not a failure)."""
+        return all(p.carries for p in self.pools) and self.limits.today_fits
 
 
-def advise(w: Window, margin: float = MARGIN, hold_threshold: float = T.HOLD_SECONDS_WARNING) -> Advice:
+def advise(w: Window, margin: float = MARGIN, hold_threshold: float = T.HOLD_SECONDS_WARNING,
+           server: tuple[int, str] | None = None, client: tuple[int, str] | None = None) -> Advice:  # fmt: skip
+    """The advice for the window; ``server`` / ``client``: the limits when told (``--server-limit``,
+    the demo's stand-in for the report's pooler), else read from the window."""
     if not 0 <= margin <= 4:
         raise ValueError(f"--margin {margin!r}: expected a fraction in [0, 4], e.g. 0.25 for 25% headroom")
     import dataclasses
 
+    from .limits import allocate
+
     keys = sorted({(lb.get("service", ""), lb.get("pool", "")) for lb, _v in w.gauge("db_pool_connections_max", "max")})
     pools = [advise_pool(w, s, p, margin, hold_threshold) for s, p in keys]
-    sems = advise_semaphores(w, margin)
-    # a semaphore raised to what its tasks need takes that many connections of its process's pool
-    for sem in (s for s in sems if s.is_the_cap):
-        pools = [dataclasses.replace(p, max_overflow=sem.capacity_needed - p.pool_size)
-                 if p.service == sem.service and p.pool_size + p.max_overflow < sem.capacity_needed else p for p in pools]  # fmt: skip
-    return Advice(w.seconds, margin, tuple(pools), tuple(sems), advise_server(w, pools, margin))
+    sems = advise_semaphores(w)
+    lim = allocate(w, pools, sems, margin, server, client)
+    advised = {sh.service: sh.semaphore_advised for sh in lim.shares if sh.semaphore_advised is not None}
+    sems = [dataclasses.replace(s, capacity_needed=advised.get(s.service, s.capacity)) for s in sems]
+    return Advice(w.seconds, margin, tuple(pools), tuple(sems), lim)
 
 
 def _s(x: float | None) -> str:
@@ -337,25 +320,21 @@ def render(a: Advice) -> list[str]:
                        "lock waits, a slow server: see telemetry diagnose)")  # fmt: skip
         else:
             verdict = "carries the load" if p.carries else "cannot carry the measured load"
-            out.append(f"{head}: pool_size={p.pool_size} max_overflow={p.max_overflow} ({now}: {verdict})")
+            guard = next((sh for sh in a.limits.shares if (sh.service, sh.pool) == (p.service, p.pool)
+                          and sh.semaphore_advised is not None), None)  # fmt: skip
+            with_sem = (f"; with {guard.semaphore}={guard.semaphore_advised} it holds those permits: pool_size="
+                        f"{guard.pool_size} max_overflow={guard.max_overflow}") if guard and (
+                        guard.pool_size, guard.max_overflow) != (p.pool_size, p.max_overflow) else ""  # fmt: skip
+            out.append(f"{head}: pool_size={p.pool_size} max_overflow={p.max_overflow} ({now}: {verdict}){with_sem}")
         who = ", ".join(f"{h.owner!r} {h.share * 100:.0f}% (p95 {_s(h.p95)})" for h in p.holders) or "-"
         out.append(f"  load: {p.checkouts_per_second:.1f} checkouts/s x hold {_s(p.hold_mean)} mean (p95 {_s(p.hold_p95)}) = "
                    f"{p.busy_little:.1f} connections busy (Little), measured mean {p.busy_measured:.1f}; busiest process mean "
                    f"{p.busiest_mean:.1f}, p99 {p.busiest_p99:.0f}, peak {p.busiest_peak:.0f}"
                    + (" (the pool was full: demand is above what it shows)" if p.saturated else "") + f"; held by {who}")  # fmt: skip
-    for s in a.semaphores:
-        if s.is_the_cap:
-            out.append(f"{s.service} semaphore {s.semaphore}: capacity {s.capacity_needed} (now {s.capacity}): up to "
-                       f"{s.waiters_peak:.0f} tasks waited behind {s.in_use_peak:.0f} permits in use; the pool must carry it too")  # fmt: skip
-    sv = a.server
-    if sv.limit is not None:
-        out.append(f"server side: the services keep {sv.busy_little:.1f} connections busy (Little)"
-                   + (f", {sv.measured_peak:.0f} occupied at the peak (server view)" if sv.measured_peak else "")
-                   + f"; needed {sv.needed} of {sv.limit} ({sv.limit_source}): " + ("fits" if sv.fits else
-                   f"raise {sv.limit_source} to {sv.needed} or shorten the transactions"))  # fmt: skip
-        if sv.worst_case > sv.limit:
-            out.append(f"  every process at its advised maximum would open {sv.worst_case} (> {sv.limit}): "
-                       "behind a transaction pooler that is fine, against the server directly it is not")  # fmt: skip
+    from .limits import render as render_limits
+
+    tops = {p.service: (p.holders[0].owner, p.holders[0].share) for p in a.pools if p.holders}
+    out.extend(render_limits(a.limits, tops))
     out.append("verdict: " + ("the current configuration carries the measured load" if a.carries else
                               "the current configuration cannot carry the measured load: change the settings above"))  # fmt: skip
     return out
@@ -364,4 +343,6 @@ def render(a: Advice) -> list[str]:
 def as_dict(a: Advice) -> dict[str, Any]:
     import dataclasses
 
-    return {**dataclasses.asdict(a), "carries": a.carries}
+    lim = a.limits
+    return {**dataclasses.asdict(a), "carries": a.carries,
+            "limits_verdict": {"binds": lim.binds, "fits": lim.fits, "today_fits": lim.today_fits}}  # fmt: skip

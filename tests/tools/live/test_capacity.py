@@ -87,19 +87,106 @@ def test_one_owner_holding_most_of_the_time_is_released_not_pooled():
     assert "release it, do not grow the pool: 'GET /stream' holds 95%" in text
 
 
-def test_the_semaphore_that_caps_throughput_and_the_server_limit():
-    sem = ('asyncio_semaphore_capacity{service="worker",semaphore="MAX_DB_CONCURRENT",pid="9"} 3\n'
-           'asyncio_semaphore_in_use{service="worker",semaphore="MAX_DB_CONCURRENT",pid="9"} 3\n'
-           'asyncio_semaphore_waiters{service="worker",semaphore="MAX_DB_CONCURRENT",pid="9"} W\n'
-           'pgbouncer_pool_size{database="app"} 2\n')  # fmt: skip
-    first = _page({"1": 1, "2": 1}, 0, {"x": (0, 0, {"+Inf": 0})}, extra=sem.replace("W", "0"))
-    last = _page({"1": 1, "2": 1}, 100, {"x": (100, 30, {"+Inf": 100})}, extra=sem.replace("W", "4"))
-    a = capacity.advise(_window([first, last], every=10.0), margin=0.0)
-    s = a.semaphores[0]
-    assert s.is_the_cap and s.capacity == 3 and s.capacity_needed == 7  # 3 held + 4 waiting
-    assert a.server.limit == 2 and a.server.limit_source == "pgbouncer default_pool_size"
-    assert a.server.busy_little == pytest.approx(3.0) and a.server.needed == 3 and not a.server.fits
-    assert not a.carries
+def _service(service: str, processes: int, busy: float, rate: float, hold: float, size: int, overflow: int,
+             t: float, pool: str = "main-db", semaphore: tuple[int, float] | None = None, requests: bool = False) -> str:
+    """One scrape at ``t`` seconds of a service's ``processes`` processes: each ``busy`` in use of
+    ``size + overflow``, ``rate`` checkouts a second (all processes) held ``hold`` s; a semaphore
+    (capacity, waiters) per process; request counts when it serves requests."""
+    lines = []
+    for pid in range(processes):
+        lb = f'service="{service}",pool="{pool}",pid="{service}-{pid}"'
+        lines += [f"db_pool_connections_in_use{{{lb}}} {busy}", f"db_pool_connections_max{{{lb}}} {size + overflow}",
+                  f"db_pool_size{{{lb}}} {size}"]  # fmt: skip
+        if semaphore is not None:
+            sl = f'service="{service}",semaphore="MAX_DB_CONCURRENT",pid="{service}-{pid}"'
+            lines += [f"asyncio_semaphore_capacity{{{sl}}} {semaphore[0]}", f"asyncio_semaphore_in_use{{{sl}}} {semaphore[0]}",
+                      f"asyncio_semaphore_waiters{{{sl}}} {semaphore[1]}"]  # fmt: skip
+    n = rate * t
+    lb = f'service="{service}",pool="{pool}"'
+    lines += [f'db_pool_checkouts_total{{{lb},result="ok"}} {n}', f'db_pool_timeouts_total{{{lb}}} 0',
+              f'db_connection_hold_seconds_bucket{{{lb},owner="work",le="+Inf"}} {n}',
+              f'db_connection_hold_seconds_count{{{lb},owner="work"}} {n}',
+              f'db_connection_hold_seconds_sum{{{lb},owner="work"}} {n * hold}']  # fmt: skip
+    if requests:
+        lines.append(f'http_server_request_duration_seconds_count{{service="{service}",method="GET",route="/r",status="200"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+def _report_deployment(noise: float = 0.0, seed: int = 0, stack: str = "") -> capacity.Window:
+    """The incident report's shape, as the demo measures it: the api (4 processes, 2+2, about 2
+    transactions at once), content-worker (6 processes, MAX_DB_CONCURRENT=3 with 27 tasks queued
+    behind it, about 12 at once), logs-worker (4 processes, no throttle, about 1), and the Celery
+    result backend's own pool in content-worker (idle). ``noise``: each rate and hold scaled by up
+    to that fraction, as three runs of one scenario differ."""
+    import random
+
+    rnd = random.Random(seed)
+
+    def j(x: float) -> float:
+        return x * (1 + rnd.uniform(-noise, noise))
+
+    pages = []
+    for t in (0.0, 30.0):
+        page = (_service("api", 4, 0.5, j(40.0), j(0.05), 2, 2, t, requests=True)
+                + _service("content-worker", 6, 2.0, j(60.0), j(0.2), 2, 2, t, semaphore=(3, 27))
+                + _service("content-worker", 6, 0.0, 0.0, 0.0, 5, 0, t, pool="results.db")
+                + _service("logs-worker", 4, 0.25, j(10.0), j(0.1), 2, 2, t) + stack)
+        pages.append(page)
+    return _window(pages, every=30.0)
+
+
+def test_the_report_deployment_is_split_within_both_limits():
+    """Told the report's pooler (50 server connections, 200 clients): the api's need comes first,
+    the throttled content-worker gets the rest per process as its semaphore (never the 38 the
+    queue behind it asked for), each pool is sized from its own demand (the result backend's
+    idle pool is not raised to the semaphore), and the advice fits both limits."""
+    a = capacity.advise(_report_deployment(), 0.25, server=(50, "the report's pooler"), client=(200, "Supavisor clients"))
+    lim = a.limits
+    shares = {sh.service: sh for sh in lim.shares}
+    api, content, logs = shares["api"], shares["content-worker"], shares["logs-worker"]
+    assert api.demand == pytest.approx(2.0) and api.share == math.ceil(2 + 3 * math.sqrt(2)) == 7
+    assert logs.share == math.ceil(logs.demand) == 1 and logs.semaphore_advised is None
+    assert lim.kept_free == 10  # 25% margin: 50 = 40 used at most + 10 free
+    assert content.share == 50 - 10 - 7 - 1 == 32 and content.semaphore_advised == 32 // 6 == 5
+    assert content.pool_size + content.max_overflow == 5  # the permits it guards, not 38
+    assert [s.capacity_needed for s in a.semaphores] == [5]
+    results = [o for o in lim.other_pools if o[1] == "results.db"]
+    assert results and results[0][3] + results[0][4] <= 1, results  # its own (idle) demand
+    assert lim.server_at_advice <= 50 and lim.client_worst <= 200 and lim.fits
+    assert lim.binds == "server"
+    text = "\n".join(capacity.render(a))
+    assert "MAX_DB_CONCURRENT=5 per process (now 3)" in text and "Its excess queues at MAX_DB_CONCURRENT" in text
+    assert "the server limit binds" in text and "capacity 38" not in text and "max_overflow=36" not in text
+
+
+def test_behind_a_pooler_of_12_the_workers_are_told_to_run_fewer_processes():
+    """pgbouncer's 12 server connections (the demo's real stack): 3 kept free, the api's 7 and
+    logs-worker's 1 first, content-worker's 1 left for 6 processes: one permit, one process."""
+    stack = 'pgbouncer_pool_size{database="app"} 12\npgbouncer_max_client_connections 100\n'
+    a = capacity.advise(_report_deployment(stack=stack), 0.25)
+    lim = a.limits
+    assert (lim.server.value, lim.server.source, lim.client.value) == (12, "pgbouncer default_pool_size", 100)
+    content = next(sh for sh in lim.shares if sh.service == "content-worker")
+    assert content.share == 12 - 3 - 7 - 1 == 1 and content.semaphore_advised == 1 and content.fewer_processes == 1
+    text = "\n".join(capacity.render(a))
+    assert "run 1 process, not 6" in text and "to need less: shorten 'work'" in text
+    assert content.pool_size + content.max_overflow == 1  # its one permit: the pool sized from its own demand
+    assert lim.server_at_advice == 7 + 1 + 1 and lim.fits
+    # today: 6 processes x 3 permits + the api's 7 + 1 = 26 concurrent transactions against 12
+    assert lim.server_today == 26 and not lim.today_fits and not a.carries
+
+
+def test_the_advice_is_stable_from_run_to_run():
+    """Three runs of the same scenario (rates and holds off by up to 10%): the advice within one
+    connection per process (or 20%) and the same verdict."""
+    runs = [capacity.advise(_report_deployment(0.10, seed), 0.25, server=(50, "pooler"), client=(200, "pooler"))
+            for seed in (1, 2, 3)]  # fmt: skip
+    for service in ("api", "content-worker", "logs-worker"):
+        picks = [next(sh for sh in a.limits.shares if sh.service == service) for a in runs]
+        for field in ("semaphore_advised", "pool_size", "max_overflow"):
+            values = [getattr(p, field) or 0 for p in picks]
+            assert max(values) - min(values) <= max(1, 0.2 * max(values)), (service, field, values)
+    assert len({(a.carries, a.limits.fits, a.limits.binds) for a in runs}) == 1
 
 
 def test_bad_windows_and_margins():
@@ -195,3 +282,23 @@ def test_a_full_pool_the_load_needs_no_more_of_is_not_resized():
     assert p.saturated and not p.grow and not p.carries and p.release is None
     assert "size is not the answer" in "\n".join(capacity.render(a))
     assert demo_advice.overrides(a) == {}
+
+
+def test_the_report_plans_are_judged_against_both_limits():
+    """Plan 1 (the demo's ``fixed``): 160 client connections fit the pooler's 200; up to 152
+    concurrent transactions do not fit its ~50 server connections; nor do the seed's 77 (the
+    incident)."""
+    from telemetry.tools.demo import advice as demo_advice
+    from telemetry.tools.demo.scenarios import _PLAN1, SEED
+
+    a = capacity.advise(_report_deployment(), 0.25, server=demo_advice.REPORT_LIMITS[0], client=demo_advice.REPORT_LIMITS[1])
+    rows = {r["plan"]: r for r in demo_advice.judge_plans(a, {"fixed": _PLAN1, "seed": {}}, SEED)}
+    fixed, seed = rows["fixed"], rows["seed"]
+    assert (fixed["clients"], fixed["concurrent"]) == (160, 20 + 4 * 8 + 5 * 10 + 5 * 10) and not fixed["fits"]
+    assert "160 client connections of 200: fits" in fixed["verdict"] and "152 concurrent transactions of 50" in fixed["verdict"]
+    assert seed["clients"] == (4 + 7 + 5 + 5) * 4 == 84 and seed["concurrent"] == 16 + 7 * 3 + 20 + 20 and not seed["fits"]
+    # the knobs the demo re-runs with where today's configuration does not fit (pgbouncer's 12):
+    # the semaphore from the share, the pool holding its one permit
+    stack = 'pgbouncer_pool_size{database="app"} 12\npgbouncer_max_client_connections 100\n'
+    over = demo_advice.overrides(capacity.advise(_report_deployment(stack=stack), 0.25))
+    assert over["content-worker"] == {"MAX_DB_CONCURRENT": "1", "DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0"}, over
