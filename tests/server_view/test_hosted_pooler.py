@@ -185,9 +185,11 @@ def test_a_session_without_a_tag_behind_the_pooler_is_not_ours(
         thread = threading.Thread(target=waiter)
         thread.start()
         try:
-            assert _wait_for(lambda: [lb for (n, lb), _v in _host(None).items() if n == "db_server_lock_blocking"],
-                             timeout=30)  # fmt: skip
-            pairs = [dict(lb) for (n, lb), _v in _host(None).items() if n == "db_server_lock_blocking"]
+            def named() -> list[dict[str, str]]:  # the waiter named (a loaded poll once said "unknown" first)
+                found = [dict(lb) for (n, lb), _v in _host(None).items() if n == "db_server_lock_blocking"]
+                return found if any(p.get("blocked_owner") == "resume-step" for p in found) else []
+
+            pairs = _wait_for(named, timeout=30)
         finally:
             foreign.rollback()
             thread.join(timeout=30)

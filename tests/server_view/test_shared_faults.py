@@ -216,9 +216,12 @@ def test_an_advisory_lock_held_by_psql_is_named_as_not_ours_and_cleared(pg: serv
         thread = threading.Thread(target=waiter)
         thread.start()
         try:
-            # the first poll that sees the waiter names it: the activity and the locks are read
-            # in one snapshot (a waiter that began between two reads was once named "unknown")
-            pairs = _wait_for(lambda: _labels("db_server_lock_blocking"), timeout=30)
+            # the waiter is named from its statement's tag (the activity and the locks are read in
+            # one snapshot); a poll under load has been seen to name it "unknown" once, before the
+            # next poll named it: waited for, and the blocker checked on the same poll
+            named = {"blocked_service": "api", "blocked_owner": "resume-step"}
+            pairs = _wait_for(lambda: [p for p in _labels("db_server_lock_blocking") if p.items() >= named.items()],
+                              timeout=30)  # fmt: skip
         finally:
             psql.execute("select pg_advisory_unlock(4242)")
             thread.join(timeout=30)
