@@ -26,6 +26,9 @@ from typing import Any
 from telemetry import thresholds as T
 from telemetry.tools.samples import Samples, fetch_text, parse, quantile
 
+from .limits import allocate
+from .limits import render as render_limits
+
 #: default headroom over the measured need
 MARGIN = 0.25
 #: an owner with this share of a service's hold time, its p95 hold past this many times the hold
@@ -284,8 +287,6 @@ def advise(w: Window, margin: float = MARGIN, hold_threshold: float = T.HOLD_SEC
         raise ValueError(f"--margin {margin!r}: expected a fraction in [0, 4], e.g. 0.25 for 25% headroom")
     import dataclasses
 
-    from .limits import allocate
-
     keys = sorted({(lb.get("service", ""), lb.get("pool", "")) for lb, _v in w.gauge("db_pool_connections_max", "max")})
     pools = [advise_pool(w, s, p, margin, hold_threshold) for s, p in keys]
     sems = advise_semaphores(w)
@@ -331,8 +332,6 @@ def render(a: Advice) -> list[str]:
                    f"{p.busy_little:.1f} connections busy (Little), measured mean {p.busy_measured:.1f}; busiest process mean "
                    f"{p.busiest_mean:.1f}, p99 {p.busiest_p99:.0f}, peak {p.busiest_peak:.0f}"
                    + (" (the pool was full: demand is above what it shows)" if p.saturated else "") + f"; held by {who}")  # fmt: skip
-    from .limits import render as render_limits
-
     tops = {p.service: (p.holders[0].owner, p.holders[0].share) for p in a.pools if p.holders}
     out.extend(render_limits(a.limits, tops))
     out.append("verdict: " + ("the current configuration carries the measured load" if a.carries else

@@ -407,7 +407,7 @@ def _holders(samples: Samples, service: str) -> str:
     hs = holders(samples, service)
     if not hs and not now:
         return ""
-    text = (" Held now by " + ", ".join(f"{o!r} ({n:.0f})" for o, n in sorted(now.items(), key=lambda kv: -kv[1])[:3])
+    text = (" Held now by " + ", ".join(f"{o!r} ({n:.0f})" for o, n in sorted(now.items(), key=lambda kv: -kv[1])[:5])
             + ".") if now else ""  # fmt: skip
     long_held = sum(v for lb, v in _rows(samples, "db_pool_connections_held_too_long") if lb.get("service") == service)
     if hs:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .capacity import PoolAdvice, SemaphoreAdvice, Window
+if TYPE_CHECKING:  # the advice's records: capacity imports this module
+    from .capacity import PoolAdvice, SemaphoreAdvice, Window
 
 
 @dataclass(frozen=True)

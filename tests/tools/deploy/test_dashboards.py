@@ -169,6 +169,9 @@ def _every_panel_returns_data(tmp_path, redis_server, pg, bouncer):
         assert any(f.startswith("Idle in transaction: a backend of api") for f in found), found
         assert any(f.startswith("Semaphore: ") and "MAX_DB_CONCURRENT" in f for f in found), found
         assert any(f.startswith("Redis: pool ") for f in found), found
+        # streams that keep their sessions are named from what is held now: none of their holds ended
+        pool = [f for f in found if f.startswith("Pool: the busiest api process")]
+        assert pool and "'GET /items/{item_id}/stream' (3)" in pool[0].split("Held now by")[1], found
         with pytest.raises(ValueError, match="--window"):
             diagnose.from_prometheus(f"http://127.0.0.1:{prom}", "15 minutes")
     finally:
