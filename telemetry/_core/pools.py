@@ -19,11 +19,13 @@ from typing import Any
 
 from .catalogue import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from .holds import SUSPECTS, Held, HoldTable, OwnerRow, owner_hold, suspect
+from .integration import Integration
 from .log import emit, hook_error, suppressed, trace_ids
 from .otel_private import current_context_getter
 from .owner import ACCOUNT, OWNER
+from .peers import peer_of as _peer_of
 from .stacks import checkout_site
-from .stats import Histogram, Sample
+from .stats import OWNER_SOURCES, REGISTRY, Histogram, Sample
 
 _perf = time.perf_counter
 
@@ -280,3 +282,57 @@ def released(table: HoldTable, key: Any, config: PoolConfig) -> None:
     if len(_free) < _MAX_FREE:
         h.account = h.context = h.task = None  # keep nothing of the request alive
         _free.append(h)
+
+
+class LibraryPoolIntegration(Integration):
+    """The lifecycle of a library's pools (psycopg_pool's, asyncpg's): its settings copy, its
+    ``HoldTable``, its figures by pool name, the class-level patches ``(class, attribute,
+    wrapper factory)``, its owner rows for the server view; ``forget()`` drops what the library
+    module keeps of the pools it has seen (at uninstall and in a forked child)."""
+
+    config: PoolConfig
+    table: HoldTable
+    figures: dict[str, PoolFigures]
+    patches: tuple[tuple[type, str, Callable[[Any], Any]], ...] = ()
+
+    def __init__(self) -> None:
+        self.patched: list[tuple[type, str, Any]] = []
+        self.scan_leaks = leak_scanner(self.table, lambda: self.config.max_owners)
+
+    def owner_table(self) -> list[OwnerRow]:
+        return owner_rows(self.table, self.config.service, _peer_of)
+
+    def forget(self) -> None:
+        """Drop the library module's own memory of pools (overridden where it keeps one)."""
+
+    def install(self, runtime: Any) -> None:
+        self.config.load(runtime.settings)
+        for st in self.figures.values():
+            st.labels = (("service", self.config.service), ("pool", st.name))
+        if not self.patched:
+            for cls, attr, wrap in self.patches:
+                orig = cls.__dict__[attr]
+                self.patched.append((cls, attr, orig))
+                setattr(cls, attr, wrap(orig))
+        if self.owner_table not in OWNER_SOURCES:
+            OWNER_SOURCES.append(self.owner_table)
+
+    def uninstall(self) -> None:
+        while self.patched:
+            cls, attr, orig = self.patched.pop()
+            setattr(cls, attr, orig)
+        if self.owner_table in OWNER_SOURCES:
+            OWNER_SOURCES.remove(self.owner_table)
+        mine = tuple(type(st) for st in self.figures.values())
+        REGISTRY.discard(lambda source: isinstance(source, mine) and source in self.figures.values())
+        self.figures.clear()
+        self.table.clear()
+        self.forget()
+
+    def after_fork(self) -> None:
+        self.table.after_fork()
+        self.forget()
+
+    def tick(self, now: float) -> None:
+        self.table.scan(now, self.config.hold_threshold)
+        self.scan_leaks(now)

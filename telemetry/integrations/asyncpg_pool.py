@@ -30,9 +30,8 @@ import asyncpg.pool
 from telemetry._core import peers as _peers
 from telemetry._core import pools as _pools
 from telemetry._core.holds import HoldTable
-from telemetry._core.integration import Integration
 from telemetry._core.log import hook_error
-from telemetry._core.stats import OWNER_SOURCES, REGISTRY, Sample
+from telemetry._core.stats import REGISTRY, Sample
 
 _perf = time.perf_counter
 CONFIG = _pools.PoolConfig()
@@ -189,49 +188,15 @@ def _wrap_init(orig: Any) -> Any:
     return __init__
 
 
-_PATCHES = (("_acquire", _wrap_acquire), ("release", _wrap_release), ("__init__", _wrap_init))
-_patched: list[tuple[str, Any]] = []
-_scan_leaks = _pools.leak_scanner(TABLE, lambda: CONFIG.max_owners)
+_PATCHES = ((Pool, "_acquire", _wrap_acquire), (Pool, "release", _wrap_release), (Pool, "__init__", _wrap_init))
 
 
-def owner_table() -> list[Any]:
-    return _pools.owner_rows(TABLE, CONFIG.service, _peers.peer_of)
-
-
-class AsyncpgPoolIntegration(Integration):
+class AsyncpgPoolIntegration(_pools.LibraryPoolIntegration):
     """Every asyncpg pool of the process."""
 
     name = "asyncpg_pool"
+    config, table, figures, patches = CONFIG, TABLE, _figures, _PATCHES  # type: ignore[assignment]
 
-    def install(self, runtime: Any) -> None:
-        CONFIG.load(runtime.settings)
-        for st in _figures.values():
-            st.labels = (("service", CONFIG.service), ("pool", st.name))
-        if not _patched:
-            for attr, wrap in _PATCHES:
-                orig = Pool.__dict__[attr]
-                _patched.append((attr, orig))
-                setattr(Pool, attr, wrap(orig))
-        if owner_table not in OWNER_SOURCES:
-            OWNER_SOURCES.append(owner_table)
-
-    def uninstall(self) -> None:
-        while _patched:
-            attr, orig = _patched.pop()
-            setattr(Pool, attr, orig)
-        if owner_table in OWNER_SOURCES:
-            OWNER_SOURCES.remove(owner_table)
-        REGISTRY.discard(lambda source: isinstance(source, AsyncpgPoolFigures))
-        _figures.clear()
-        _live.clear()
+    def forget(self) -> None:
+        _live.clear()  # a forked child's pools are the parent's, not its own to use
         _last[0] = None
-        TABLE.clear()
-
-    def after_fork(self) -> None:
-        TABLE.after_fork()
-        _live.clear()  # the parent's pools are not the child's to use
-        _last[0] = None
-
-    def tick(self, now: float) -> None:
-        TABLE.scan(now, CONFIG.hold_threshold)
-        _scan_leaks(now)

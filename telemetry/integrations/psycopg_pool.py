@@ -25,9 +25,8 @@ import psycopg_pool
 from telemetry._core import peers as _peers
 from telemetry._core import pools as _pools
 from telemetry._core.holds import HoldTable
-from telemetry._core.integration import Integration
 from telemetry._core.log import hook_error
-from telemetry._core.stats import OWNER_SOURCES, REGISTRY, Sample
+from telemetry._core.stats import REGISTRY, Sample
 
 _perf = time.perf_counter
 CONFIG = _pools.PoolConfig()
@@ -190,44 +189,10 @@ _PATCHES = (
     (psycopg_pool.AsyncConnectionPool, "putconn", _wrap_putconn_async),
     (psycopg_pool.AsyncConnectionPool, "__init__", _wrap_init),
 )
-_patched: list[tuple[type, str, Any]] = []
-_scan_leaks = _pools.leak_scanner(TABLE, lambda: CONFIG.max_owners)
 
 
-def owner_table() -> list[Any]:
-    return _pools.owner_rows(TABLE, CONFIG.service, _peers.peer_of)
-
-
-class PsycopgPoolIntegration(Integration):
+class PsycopgPoolIntegration(_pools.LibraryPoolIntegration):
     """Every psycopg_pool pool of the process."""
 
     name = "psycopg_pool"
-
-    def install(self, runtime: Any) -> None:
-        CONFIG.load(runtime.settings)
-        for st in _figures.values():
-            st.labels = (("service", CONFIG.service), ("pool", st.name))
-        if not _patched:
-            for cls, attr, wrap in _PATCHES:
-                orig = cls.__dict__[attr]
-                _patched.append((cls, attr, orig))
-                setattr(cls, attr, wrap(orig))
-        if owner_table not in OWNER_SOURCES:
-            OWNER_SOURCES.append(owner_table)
-
-    def uninstall(self) -> None:
-        while _patched:
-            cls, attr, orig = _patched.pop()
-            setattr(cls, attr, orig)
-        if owner_table in OWNER_SOURCES:
-            OWNER_SOURCES.remove(owner_table)
-        REGISTRY.discard(lambda source: isinstance(source, PsycopgPoolFigures))
-        _figures.clear()
-        TABLE.clear()
-
-    def after_fork(self) -> None:
-        TABLE.after_fork()
-
-    def tick(self, now: float) -> None:
-        TABLE.scan(now, CONFIG.hold_threshold)
-        _scan_leaks(now)
+    config, table, figures, patches = CONFIG, TABLE, _figures, _PATCHES  # type: ignore[assignment]
