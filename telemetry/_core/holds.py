@@ -88,12 +88,13 @@ class OwnerRow(NamedTuple):
     since: float  # epoch seconds the hold began
     trace_id: str
     local_address: str = ""  # the client side's address (rows of older versions lack it)
+    cursor: str = ""  # the server-side cursor it has open: its FETCH and CLOSE carry no tag
 
     @classmethod
     def read(cls, row: Any) -> OwnerRow | None:
         """A row as a process file holds it (a list), or None when it is not one."""
         try:
-            return row if isinstance(row, cls) else cls(*row[:7])
+            return row if isinstance(row, cls) else cls(*row[:8])
         except TypeError:
             return None
 

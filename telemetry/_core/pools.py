@@ -193,9 +193,11 @@ def leak_scanner(table: HoldTable, max_owners: Callable[[], int]) -> Callable[[f
     return lambda now: table.scan_leaks(now, LEAK_GRACE_SECONDS, found)
 
 
-def owner_rows(table: HoldTable, service: str, peer: Callable[[Any], Any]) -> list[OwnerRow]:
+def owner_rows(table: HoldTable, service: str, peer: Callable[[Any], Any],
+               cursor: Callable[[Any], str] | None = None) -> list[OwnerRow]:  # fmt: skip
     """The connections of ``table`` held right now whose server identity ``peer(key)`` knows
-    (``(backend pid, local port, local address)``), as the rows the shared view joins on."""
+    (``(backend pid, local port, local address)``), as the rows the shared view joins on;
+    ``cursor(key)``: the server-side cursor open on it (joins its untagged FETCH and CLOSE)."""
     out: list[OwnerRow] = []
     now_wall, now = time.time(), _perf()
     for key, h in list(table.held.items()):
@@ -207,7 +209,7 @@ def owner_rows(table: HoldTable, service: str, peer: Callable[[Any], Any]) -> li
             continue
         trace_id = trace_ids(h.context).get("trace_id", "") if h.context is not None else ""
         out.append(OwnerRow(found[0], found[1], service, h.owner, round(now_wall - (now - h.since), 3),
-                            trace_id, found[2] if len(found) > 2 else ""))  # fmt: skip
+                            trace_id, found[2] if len(found) > 2 else "", cursor(key) if cursor else ""))  # fmt: skip
     return out
 
 

@@ -131,6 +131,9 @@ EACH = "each"
 #: sat idle between statements so far (the code doing something else, an awaited call)
 _LAST = "_telemetry_statement_end"
 _IDLE = "_telemetry_transaction_idle"
+#: the name of the server-side cursor a statement declared on the record (psycopg's ServerCursor,
+#: psycopg2's named cursor): its FETCH and CLOSE, issued by the driver, carry no tag
+CURSOR = "_telemetry_cursor"
 _perf = time.perf_counter
 
 
@@ -266,6 +269,9 @@ def tag_dialect(dialect: Any) -> None:
         rec = _rec(context)
         if rec is None:
             return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
+        name = getattr(cursor, "name", None)
+        if name:  # a server-side cursor: its FETCH and CLOSE are joined to the owner by this name
+            rec.__dict__[CURSOR] = name
         t0 = _perf()
         try:
             return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
@@ -276,6 +282,9 @@ def tag_dialect(dialect: Any) -> None:
         rec = _rec(context)
         if rec is None:
             return no_params(cursor, tagged(statement, False), context)
+        name = getattr(cursor, "name", None)
+        if name:
+            rec.__dict__[CURSOR] = name
         t0 = _perf()
         try:
             return no_params(cursor, tagged(statement, False), context)

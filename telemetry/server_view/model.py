@@ -95,6 +95,10 @@ def chain_root(blockers: list[int], chain: dict[int, list[int]]) -> int:
     return blockers[0]
 
 
+#: a driver's statement on a server-side cursor: FETCH FORWARD 10 FROM "c_7f_1", CLOSE "c_7f_1"
+_CURSOR_STATEMENT = re.compile(r'(?is)^\s*(?:fetch|move|close)\b[^"]*?"?([A-Za-z_][\w$]*)"?\s*;?\s*$')
+
+
 class Owners:
     """The host's held connections, joined by the keys a server or pooler row carries: the
     backend pid (a direct connection) or the client's address *and* port (the pooler's
@@ -104,6 +108,8 @@ class Owners:
     def __init__(self, rows: list[Any]) -> None:
         self.by_pid: dict[Any, OwnerRow] = {}
         self.by_peer: dict[tuple[str, int], OwnerRow] = {}
+        self.by_cursor: dict[str, OwnerRow | None] = {}
+        ambiguous: set[str] = set()
         for raw in rows:
             row = OwnerRow.read(raw)
             if row is None:
@@ -112,6 +118,17 @@ class Owners:
                 self.by_pid[row.backend_pid] = row
             if row.local_port and row.local_address:
                 self.by_peer[(str(row.local_address), int(row.local_port))] = row
+            if row.cursor:  # a name two holders use (a fixed name in two processes) joins neither
+                name = str(row.cursor)
+                self.by_cursor[name] = row if name not in self.by_cursor and name not in ambiguous else None
+                if self.by_cursor[name] is None:
+                    ambiguous.add(name)
+
+    def cursor(self, query: str | None) -> OwnerRow | None:
+        """The holder of the server-side cursor a driver's ``FETCH``, ``MOVE`` or ``CLOSE`` names
+        (they carry no statement tag: the cursor's name, published by its holder, joins them)."""
+        match = _CURSOR_STATEMENT.match(query or "")
+        return self.by_cursor.get(match.group(1)) if match else None
 
     def peer(self, addr: Any, port: Any) -> OwnerRow | None:
         if not addr or not port:

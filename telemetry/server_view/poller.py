@@ -317,7 +317,7 @@ class _Poller(EventDetector, ClusterMember):
                 known = owners.peer(client.get("addr"), client.get("port"))
             if known is None:
                 known = owners.peer(row.get("client_addr"), row.get("client_port"))
-            return known
+            return known or owners.cursor(row.get("query"))
 
         def owner_of(row: dict[str, Any]) -> tuple[str, str, str, str]:
             """(service, owner, host, trace_id) of the client holding this backend: from the

@@ -12,8 +12,9 @@ import textwrap
 import threading
 from collections.abc import Iterator
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import telemetry
@@ -423,3 +424,73 @@ def test_with_tags_off_no_tag_is_read(pg: services.Postgres, supavisor: Renaming
         named = _host(None)
     assert _value(named, "db_server_connections_by_owner", owner="GET /reports/{id}") is None
     assert _value(named, "db_server_statement_tags_rejected_total") is None  # not read, so not judged
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_a_streaming_route_behind_the_renaming_pooler_is_named(pg: services.Postgres, supavisor: RenamingProxy,
+                                                               driver: str) -> None:
+    """A route streams rows through a server-side cursor (stream_results): between its batches
+    the backend runs the driver's untagged FETCH, or sits idle in the transaction after one, on a
+    server connection named "Supavisor". The cursor's name, published by its holder, names the
+    route (issue 34)."""
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    engine = create_engine(supavisor.url(driver), pool_size=1, max_overflow=0,
+                           connect_args={"prepare_threshold": None} if driver == "psycopg" else {})  # fmt: skip
+    seen: list[str] = []
+    stop = threading.Event()
+    owner = "GET /exports/{eid}/stream"
+
+    def stream() -> None:
+        with telemetry.db_owner(owner), engine.connect() as conn:
+            rows = conn.execution_options(stream_results=True, max_row_buffer=5).execute(
+                text("select n from generate_series(1, 100000) n"))
+            try:
+                for _ in rows:
+                    if stop.wait(0.05):
+                        break
+            finally:
+                rows.close()  # the driver's CLOSE of the cursor
+
+    def fetching() -> bool:  # the server shows the driver's FETCH (or the transaction it left idle)
+        with psycopg.connect(_direct(pg), autocommit=True) as probe:
+            found = probe.execute("select query from pg_stat_activity where application_name = 'Supavisor' "
+                                  "and query ilike 'fetch%'").fetchall()  # fmt: skip
+        seen.extend(r[0] for r in found)
+        return bool(found)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        assert _wait_for(fetching, timeout=30), seen
+        named = _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api", owner=owner),
+                          timeout=30)  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(30)
+        engine.dispose()
+    assert seen and "/*" not in seen[0], seen  # the FETCH itself carries no tag
+    assert named and named >= 1
+
+
+def test_a_statement_run_by_exec_driver_sql_is_tagged(pg: services.Postgres, supavisor: RenamingProxy) -> None:
+    """SQLAlchemy's exec_driver_sql goes through the dialect's execute: tagged like the rest, so
+    behind the renaming pooler its backend is named (issue 34)."""
+    telemetry.instrument(service="api", server_view_url=_direct(pg), shared_view_interval_seconds=0.2)
+    engine = create_engine(supavisor.url(), pool_size=1, max_overflow=0, connect_args={"prepare_threshold": None})
+    stop, owner = threading.Event(), "POST /reports/raw"
+
+    def raw() -> None:
+        with telemetry.db_owner(owner), engine.connect() as conn:
+            while not stop.is_set():
+                conn.exec_driver_sql("select pg_sleep(0.3)")
+
+    thread = threading.Thread(target=raw)
+    thread.start()
+    try:
+        named = _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api", owner=owner),
+                          timeout=30)  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(30)
+        engine.dispose()
+    assert named and named >= 1

@@ -148,3 +148,22 @@ def test_a_new_leader_of_the_host_never_reports_what_the_last_one_reported(tmp_p
     elsewhere = _Poller(types.SimpleNamespace(multiproc_dir=str(tmp_path / "other-host"), shared_view_cluster=True))
     elsewhere.recall()  # another host's directory holds none of them: it relies on NOTIFY
     assert not elsewhere.locks_reported and not elsewhere.idle_reported
+
+
+def test_a_cursor_statement_is_joined_by_the_cursor_name_its_holder_published() -> None:
+    """The driver's FETCH, MOVE and CLOSE carry no tag: the holder's published cursor name joins
+    them; a name two holders publish (a fixed name in two processes) joins neither."""
+    from telemetry._core.holds import OwnerRow
+    from telemetry.server_view.model import Owners
+
+    rows = [OwnerRow(None, None, "api", "GET /export", 0.0, "", "", "c_7f3a_1"),
+            OwnerRow(None, None, "api", "GET /a", 0.0, "", "", "fixed"),
+            OwnerRow(None, None, "worker", "nightly", 0.0, "", "", "fixed"),
+            [11, 5432, "api", "old-row", 0.0, "", ""]]  # a row of an older version: no cursor  # fmt: skip
+    owners = Owners(rows)
+    for query in ('FETCH FORWARD 10 FROM "c_7f3a_1"', 'close "c_7f3a_1"', "MOVE 5 IN c_7f3a_1;"):
+        found = owners.cursor(query)
+        assert found is not None and found.owner == "GET /export", query
+    assert owners.cursor('FETCH FORWARD 10 FROM "fixed"') is None
+    assert owners.cursor("select * from c_7f3a_1") is None and owners.cursor(None) is None
+    assert owners.by_pid[11].owner == "old-row"

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from telemetry._core import peers as _peers
+from telemetry._core import sqltag as _sqltag
 from telemetry._core.catalogue import WAIT_BUCKETS
 from telemetry._core.holds import OwnerRow
 from telemetry._core.log import hook_error
@@ -73,7 +74,8 @@ def owner_table() -> list[OwnerRow]:
     """The connections held right now whose server identity is known, as :class:`OwnerRow`
     records (written to the process file; ``_shared_model.Owners`` joins server and pooler rows
     to owners through them)."""
-    return owner_rows(TABLE, CONFIG.service, lambda rec: getattr(rec, "_telemetry_peer", None))
+    return owner_rows(TABLE, CONFIG.service, lambda rec: getattr(rec, "_telemetry_peer", None),
+                      lambda rec: rec.__dict__.get(_sqltag.CURSOR, ""))  # fmt: skip
 
 
 __all__ = ["peer_of"]  # re-exported: the SQLAlchemy pool reads the peer of each new connection
