@@ -33,6 +33,13 @@ PROCESSES = {"api": ("UVICORN_WORKERS", 0), "content-worker": ("CELERY_CONTENT_C
              "logs-worker": ("CELERY_LOGS_CONCURRENCY", 1), "workflow-worker": ("CELERY_WORKFLOW_CONCURRENCY", 1)}  # fmt: skip
 
 
+def shared(pool: str) -> bool:
+    """The pools that meet the deployment's limits: the pipeline's database (on the embedded stack
+    a SQLite file standing for the report's PostgreSQL), never the embedded broker's and result
+    backend's SQLite files (standing for Redis)."""
+    return pool.endswith("/pipeline.db") or not pool.startswith("sqlite")
+
+
 def overrides(advice: capacity.Advice) -> dict[str, dict[str, str]]:
     """Per service, the knobs of the reference pipeline that apply the advice; empty when nothing
     is to be resized (it carries, or an owner is to be released). A throttled service gets its

@@ -101,7 +101,7 @@ def _advise(demo: Run, args: Any, stack: Any) -> _capacity.Advice | None:
     window = _capacity.from_scrapes(demo.scrapes)
     limits = _demo_advice.REAL_LIMITS if stack.name == "real" else _demo_advice.REPORT_LIMITS
     return _capacity.advise(window, hold_threshold=_alerting.hold_threshold_seconds(args.pool_timeout),
-                            server=limits[0], client=limits[1])  # fmt: skip
+                            server=limits[0], client=limits[1], shared=_demo_advice.shared)  # fmt: skip
 
 
 def run(args: Any) -> int:

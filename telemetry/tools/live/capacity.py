@@ -26,7 +26,7 @@ from typing import Any
 from telemetry import thresholds as T
 from telemetry.tools.samples import Samples, fetch_text, parse, quantile
 
-from .limits import allocate
+from .limits import allocate, on_a_server
 from .limits import render as render_limits
 
 #: default headroom over the measured need
@@ -280,9 +280,11 @@ class Advice:
 
 
 def advise(w: Window, margin: float = MARGIN, hold_threshold: float = T.HOLD_SECONDS_WARNING,
-           server: tuple[int, str] | None = None, client: tuple[int, str] | None = None) -> Advice:  # fmt: skip
+           server: tuple[int, str] | None = None, client: tuple[int, str] | None = None,
+           shared: Callable[[str], bool] = on_a_server) -> Advice:  # fmt: skip
     """The advice for the window; ``server`` / ``client``: the limits when told (``--server-limit``,
-    the demo's stand-in for the report's pooler), else read from the window."""
+    the demo's stand-in for the report's pooler), else read from the window; ``shared``: which
+    pools meet them (by name; default: all but SQLite's)."""
     if not 0 <= margin <= 4:
         raise ValueError(f"--margin {margin!r}: expected a fraction in [0, 4], e.g. 0.25 for 25% headroom")
     import dataclasses
@@ -290,7 +292,7 @@ def advise(w: Window, margin: float = MARGIN, hold_threshold: float = T.HOLD_SEC
     keys = sorted({(lb.get("service", ""), lb.get("pool", "")) for lb, _v in w.gauge("db_pool_connections_max", "max")})
     pools = [advise_pool(w, s, p, margin, hold_threshold) for s, p in keys]
     sems = advise_semaphores(w)
-    lim = allocate(w, pools, sems, margin, server, client)
+    lim = allocate(w, pools, sems, margin, server, client, shared)
     advised = {sh.service: sh.semaphore_advised for sh in lim.shares if sh.semaphore_advised is not None}
     sems = [dataclasses.replace(s, capacity_needed=advised.get(s.service, s.capacity)) for s in sems]
     return Advice(w.seconds, margin, tuple(pools), tuple(sems), lim)

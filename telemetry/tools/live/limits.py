@@ -19,6 +19,7 @@ sized from its own demand; the pool a semaphore guards holds at least its permit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,9 +102,18 @@ def limits_of(w: Window, server: tuple[int, str] | None = None, client: tuple[in
             Limit(client[0], client[1]) if client else Limit(None, "unknown"))  # fmt: skip
 
 
+def on_a_server(pool: str) -> bool:
+    """Whether a pool's connections go to a database server (and so meet its limits): all but
+    SQLite's (a file, no server, no pooler)."""
+    return not pool.startswith("sqlite")
+
+
 def allocate(w: Window, pools: list[PoolAdvice], semaphores: list[SemaphoreAdvice], margin: float,
-             server: tuple[int, str] | None = None, client: tuple[int, str] | None = None) -> Limits:  # fmt: skip
+             server: tuple[int, str] | None = None, client: tuple[int, str] | None = None,
+             shared: Callable[[str], bool] = on_a_server) -> Limits:  # fmt: skip
+    """Split the limits among ``pools`` whose connections meet them (``shared(pool name)``)."""
     srv, cli = limits_of(w, server, client)
+    pools = [p for p in pools if shared(p.pool)]
     requests = {lb.get("service", "") for n, lb, v in w.increase if n == "http_server_request_duration_seconds_count" and v > 0}
     busiest: dict[str, PoolAdvice] = {}
     demand: dict[str, float] = {}
