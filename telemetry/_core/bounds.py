@@ -97,7 +97,9 @@ SERVICES = Capped("application", 100)
 FOREIGN = Capped("application", 20)
 #: statement texts (literals removed) the server view names as running now, per deployment
 STATEMENTS = Capped("statement", 50)
-ALL = (ROUTES, TASKS, QUEUES, SERVICES, FOREIGN, STATEMENTS)
+#: the calls (CLIENT span names) a transaction awaited
+CALLS = Capped("call", 50)
+ALL = (ROUTES, TASKS, QUEUES, SERVICES, FOREIGN, STATEMENTS, CALLS)
 
 
 class ServerOwners:

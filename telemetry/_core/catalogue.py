@@ -125,12 +125,9 @@ _SPECS: list[MetricSpec] = [
         "db.client.connection.use_time", HOLD_BUCKETS,
     ),
     MetricSpec("db_pool_connects_total", COUNTER, POOL, "connections", "New DBAPI connections opened."),
-    MetricSpec(
-        "db_pool_connect_seconds", HISTOGRAM, POOL, "seconds",
-        "Time to open a new connection during a checkout: the driver's connect and the "
-        "dialect's set-up queries, including any wait in a transaction pooler's queue on the way.",
-        "db.client.connection.create_time", CONNECT_BUCKETS,
-    ),
+    MetricSpec("db_pool_connect_seconds", HISTOGRAM, POOL, "seconds",
+               "Time to open a new connection during a checkout: the driver's connect and the dialect's set-up queries, including any wait in a transaction pooler's queue on the way.",
+               "db.client.connection.create_time", CONNECT_BUCKETS),
     MetricSpec(
         "db_server_wait_seconds", HISTOGRAM, ("service", "pool", "owner"), "seconds",
         "Per transaction: the round trip of its first statement, measured by the client. A "
@@ -141,6 +138,8 @@ _SPECS: list[MetricSpec] = [
     ),
     MetricSpec("db_transaction_idle_seconds", HISTOGRAM, ("service", "pool", "owner"), "seconds",
                "Per transaction: the time it sat open between its statements, measured by the client (an awaited call inside it). PostgreSQL engines.", "", WAIT_BUCKETS),
+    MetricSpec("db_transaction_idle_calls_total", COUNTER, POOL + ("owner", "call"), "transactions",
+               "Transactions idle 0.1 s or more between statements, by the call their trace's CLIENT spans show they awaited (50 names)."),
     MetricSpec(
         "db_transaction_end_seconds", HISTOGRAM, POOL, "seconds",
         "Commit or rollback round trips, measured by the client: a plain round trip on the "

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from telemetry._core import calls as _calls
 from telemetry._core.integration import Integration
 from telemetry._core.log import INTERNAL, hook_error
 from telemetry._core.otel_private import set_resource_attribute
@@ -393,11 +394,26 @@ class TracingIntegration(Integration):
         self.sql_instrumentor: Any = None
 
     def install(self, runtime: Any) -> None:
-        setup(runtime.settings.service)
+        provider = setup(runtime.settings.service)
         if runtime.settings.trace_sql:
             self.sql_instrumentor = _instrument_sql()
+        _calls.RECENT.enabled = True  # the calls a transaction waited for (its trace's CLIENT spans)
+        if provider is not None and not getattr(provider, "_telemetry_calls", False):
+            from opentelemetry.sdk.trace import SpanProcessor
+
+            class CallsProcessor(SpanProcessor):
+                """Notes the ended CLIENT spans (inert once uninstrumented: a processor cannot be
+                removed from a provider)."""
+
+                def on_end(self, span: Any) -> None:
+                    _calls.noted(span)
+
+            provider.add_span_processor(CallsProcessor())
+            provider._telemetry_calls = True
 
     def uninstall(self) -> None:
+        _calls.RECENT.enabled = False
+        _calls.RECENT.clear()
         if self.sql_instrumentor is not None:
             self.sql_instrumentor.uninstrument()
             self.sql_instrumentor = None

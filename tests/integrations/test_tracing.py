@@ -39,8 +39,9 @@ if pid == 0:
 os.waitpid(pid, 0)
 child = os.read(r, 100).decode()
 processors = trace.get_tracer_provider()._active_span_processor._span_processors
+exporting = [p for p in processors if type(p).__name__ != "CallsProcessor"]  # ours notes CLIENT spans only
 print(json.dumps({"counts": counts, "elapsed": elapsed, "parent": parent, "child": child,
-                  "processors": len(processors)}))
+                  "processors": len(exporting)}))
 """
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from telemetry._core import bounds as _bounds
+from telemetry._core import calls as _calls
 from telemetry._core import peers as _peers
 from telemetry._core import sqltag as _sqltag
 from telemetry._core.catalogue import WAIT_BUCKETS
 from telemetry._core.holds import OwnerRow
-from telemetry._core.log import hook_error
+from telemetry._core.log import hook_error, trace_ids
 from telemetry._core.peers import has_application_name as _has_application_name
 from telemetry._core.peers import peer_of
 from telemetry._core.pools import owner_rows
@@ -55,13 +57,26 @@ def _observe_server_wait(rec: Any, seconds: float) -> None:
         h.account.server_wait += seconds
 
 
+#: an idle transaction this long names the call its trace's spans show it waited for
+IDLE_CALL_SECONDS = 0.1
+
+
 def _observe_transaction_idle(rec: Any, seconds: float) -> None:
     """The transaction that just ended on a held connection sat ``seconds`` idle between its
-    statements (from ``_sqltag``): by owner."""
+    statements (from ``_sqltag``): by owner, and by the call it awaited where a span shows it."""
     h = _held.get(rec)
-    if h is not None:
-        hist, _overflow = owner_histogram(h.state.transaction_idle, h.owner, WAIT_BUCKETS, CONFIG.max_owners)
-        hist.observe(seconds)
+    if h is None:
+        return
+    hist, _overflow = owner_histogram(h.state.transaction_idle, h.owner, WAIT_BUCKETS, CONFIG.max_owners)
+    hist.observe(seconds)
+    if seconds >= IDLE_CALL_SECONDS and _calls.RECENT.enabled and h.context is not None:
+        trace_id = trace_ids(h.context).get("trace_id")
+        since = time.time_ns() - int((_perf() - h.since) * 1e9)
+        found = _calls.RECENT.awaited(int(trace_id, 16), since) if trace_id else None
+        if found is not None:
+            owner = h.owner if h.owner in h.state.transaction_idle else "other"
+            key = (owner, _bounds.CALLS(found[0]))
+            h.state.idle_calls[key] = h.state.idle_calls.get(key, 0) + 1
 
 
 def _observe_transaction_end(rec: Any, seconds: float) -> None:

@@ -81,8 +81,8 @@ class PoolState(PoolFigures):
     pool reports (``_core.pools``), and SQLAlchemy's own (invalidations, the first statements,
     the transactions' ends and idle time, the pool's gauges)."""
 
-    __slots__ = ("invalid_hard", "invalid_soft", "server_wait", "transaction_end", "transaction_idle", "pool_ref",
-                 "critical_at", "last_critical")  # fmt: skip
+    __slots__ = ("invalid_hard", "invalid_soft", "server_wait", "transaction_end", "transaction_idle", "idle_calls",
+                 "pool_ref", "critical_at", "last_critical")  # fmt: skip
 
     def __init__(self, name: str) -> None:
         self.pool_ref: Any = None
@@ -95,6 +95,7 @@ class PoolState(PoolFigures):
         self.server_wait: dict[str, Histogram] = {}
         self.transaction_end = Histogram(WAIT_BUCKETS)
         self.transaction_idle: dict[str, Histogram] = {}  # per transaction: idle between its statements
+        self.idle_calls: dict[tuple[str, str], int] = {}  # (owner, the call it awaited): transactions
         self.last_critical = -math.inf
 
     def attach(self, pool: Pool) -> None:
@@ -128,6 +129,8 @@ class PoolState(PoolFigures):
             yield "db_server_wait_seconds", lb + (("owner", owner),), hist
         for owner, hist in list(self.transaction_idle.items()):
             yield "db_transaction_idle_seconds", lb + (("owner", owner),), hist
+        for (owner, call), n in list(self.idle_calls.items()):
+            yield "db_transaction_idle_calls_total", lb + (("owner", owner), ("call", call)), n
         if self.transaction_end.count:
             yield "db_transaction_end_seconds", lb, self.transaction_end
 

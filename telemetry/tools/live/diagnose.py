@@ -51,7 +51,8 @@ USED_GAUGES = (
 )  # fmt: skip
 USED_LOWEST = ("db_server_view_up", "pgbouncer_view_up")
 USED_COUNTERS = ("event_loop_blocked_total", "redis_pool_checkouts_total", "db_pool_connects_refused_total",
-                 "db_pool_connections_leaked_total", "db_pool_connections_gc_returned_total")
+                 "db_pool_connections_leaked_total", "db_pool_connections_gc_returned_total",
+                 "db_transaction_idle_calls_total")
 USED_HISTOGRAMS = ("db_pool_checkout_wait_seconds", "redis_connection_hold_seconds", "asyncio_semaphore_wait_seconds",
                    "db_server_wait_seconds", "db_connection_hold_seconds", "db_transaction_end_seconds",
                    "db_transaction_idle_seconds",

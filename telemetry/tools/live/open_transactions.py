@@ -40,11 +40,15 @@ def open_transactions(samples: Samples) -> list[Finding]:
         p95 = quantile(0.95, samples, "db_transaction_idle_seconds", service=service, owner=owner)
         if p95 is None or p95 < FIRST_STATEMENT_FLOOR_SECONDS:
             continue
+        calls = {lb.get("call", ""): v for lb, v in _rows(samples, "db_transaction_idle_calls_total")
+                 if (lb.get("service", ""), lb.get("owner", "")) == (service, owner) and v > 0}  # fmt: skip
+        awaited = (" The call its traces show it awaited: " + ", ".join(f"{c!r} ({n:.0f} transactions)" for c, n in
+                   sorted(calls.items(), key=lambda kv: -kv[1])[:2]) + ".") if calls else ""  # fmt: skip
         out.append(Finding("open_transaction", (
             f"Open transactions: {service}'s {owner!r} transactions sat idle between their statements for "
             f"{min(1.0, seconds / hold) * 100:.0f}% of its connections' hold time ({seconds:.1f} s of {hold:.1f} s; "
             f"p95 {p95:.2f} s per transaction): the code awaited or did something else (an HTTP or LLM call) inside "
-            "the transaction, holding its connection, and behind a transaction pooler its server connection, idle. "
+            f"the transaction, holding its connection, and behind a transaction pooler its server connection, idle.{awaited} "
             "Commit (or end the session) before that call and begin a new transaction after it; a bigger pool "
             "would be held the same way."), service))  # fmt: skip
     return out

@@ -71,6 +71,35 @@ def test_a_transaction_open_across_an_awaited_call_is_named(pg: services.Postgre
     assert _value("db_transaction_idle_seconds_count", owner="POST /summaries") == 3
 
 
+def test_the_awaited_call_is_named_where_a_span_shows_it(pg: services.Postgres) -> None:
+    """With tracing on, the request's trace holds the CLIENT span of the call awaited inside the
+    transaction (an HTTP call to a model): the finding names it."""
+    from opentelemetry import trace
+
+    telemetry.instrument(service="api", tracing=True)
+    tracer = trace.get_tracer("test")
+    engine = create_async_engine(pg.url().replace("+psycopg", "+asyncpg"), pool_size=3, max_overflow=0)
+
+    async def one() -> None:
+        with tracer.start_as_current_span("POST /summaries", kind=trace.SpanKind.SERVER):
+            async with telemetry.db_owner("POST /summaries"), engine.begin() as conn:
+                await conn.execute(text("select 1"))
+                with tracer.start_as_current_span("POST llm.internal/v1/chat/completions", kind=trace.SpanKind.CLIENT):
+                    await asyncio.sleep(0.6)
+                with tracer.start_as_current_span("GET cache.internal/short", kind=trace.SpanKind.CLIENT):
+                    await asyncio.sleep(0.05)  # a shorter call: not the one named
+                await conn.execute(text("select 2"))
+
+    async def main() -> None:
+        await asyncio.gather(*(one() for _ in range(3)))
+        await engine.dispose()
+
+    asyncio.run(main())
+    found = [f.text for f in diagnose.all_findings(parse(generate_latest().decode())) if f.kind == "open_transaction"]
+    assert found and "The call its traces show it awaited: 'POST llm.internal/v1/chat/completions' (3 transactions)" in found[0], found
+    assert "cache.internal" not in found[0]
+
+
 def test_a_connection_held_across_the_await_after_its_commit_is_not_an_open_transaction(pg: services.Postgres) -> None:
     async def body(engine: Any) -> None:
         async with engine.connect() as conn:
