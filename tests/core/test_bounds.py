@@ -199,3 +199,18 @@ def test_statement_texts_the_server_view_names_are_capped() -> None:
     seen = {_bounds.STATEMENTS(statement(f"select * from t{i} where id = {i}", 160)) for i in range(10_000)}
     assert len(seen) == _bounds.STATEMENTS.cap + 1 and "other" in seen
     assert "select * from t0 where id = ?" in seen  # the first keep their names, literals removed
+
+
+def test_the_awaited_calls_and_the_traces_kept_are_capped() -> None:
+    """10,000 distinct call names: 50 keep their names; 10,000 traces noted: the last 1,000 kept."""
+    from telemetry._core import calls as _calls
+
+    _bounds.reset()
+    seen = {_bounds.CALLS(f"POST host-{i}/v1") for i in range(10_000)}
+    assert len(seen) == _bounds.CALLS.cap + 1 and "other" in seen
+    recent = _calls.RecentCalls()
+    for trace in range(10_000):
+        for n in range(20):
+            recent.note(trace, 1_000 + n, n, f"call {n}")
+    assert len(recent._calls) == _calls.MAX_TRACES and all(len(v) == _calls.PER_TRACE for v in recent._calls.values())
+    assert recent.awaited(9_999, 0) == ("call 19", 19 / 1e9) and recent.awaited(0, 0) is None
