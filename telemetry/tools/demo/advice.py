@@ -54,6 +54,9 @@ def overrides(advice: capacity.Advice) -> dict[str, dict[str, str]]:
         if sh.semaphore == "MAX_DB_CONCURRENT" and sh.semaphore_advised is not None:
             out.setdefault(sh.service, {}).update(MAX_DB_CONCURRENT=str(sh.semaphore_advised),
                                                   DB_POOL_SIZE=str(sh.pool_size), DB_MAX_OVERFLOW=str(sh.max_overflow))  # fmt: skip
+            knob = PROCESSES.get(sh.service)
+            if sh.fewer_processes is not None and knob is not None and knob[1]:  # its worker processes
+                out[sh.service][knob[0]] = str(sh.fewer_processes)
     return out
 
 

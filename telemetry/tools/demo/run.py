@@ -207,7 +207,8 @@ class Run:
             base = env if first is None else others
             proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "telemetry.tools.demo.pipeline.worker", "worker",
-                 "--pool", "prefork", "-Q", queue, "-n", f"{queue}@%h", "--concurrency", env[knob],
+                 "--pool", "prefork", "-Q", queue, "-n", f"{queue}@%h",
+                 "--concurrency", self.overrides.get(f"{queue}-worker", {}).get(knob, env[knob]),
                  "-l", "warning"],
                 cwd=root, env={**base, "WORKER_SERVICE": f"{queue}-worker", **self.overrides.get(f"{queue}-worker", {})}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,

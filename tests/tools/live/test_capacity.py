@@ -301,4 +301,5 @@ def test_the_report_plans_are_judged_against_both_limits():
     # the semaphore from the share, the pool holding its one permit
     stack = 'pgbouncer_pool_size{database="app"} 12\npgbouncer_max_client_connections 100\n'
     over = demo_advice.overrides(capacity.advise(_report_deployment(stack=stack), 0.25))
-    assert over["content-worker"] == {"MAX_DB_CONCURRENT": "1", "DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0"}, over
+    assert over["content-worker"] == {"MAX_DB_CONCURRENT": "1", "DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0",
+                                      "CELERY_CONTENT_CONCURRENCY": "1"}, over  # and one process: its share
