@@ -186,7 +186,8 @@ def render(lim: Limits, holders: dict[str, tuple[str, float]]) -> list[str]:
                 many = f"{sh.fewer_processes} process{'es' if sh.fewer_processes != 1 else ''}"
                 out.append(f"    its share carries {many} at one permit each: run {many}, not {sh.processes}")
         top = holders.get(sh.service)
-        short = sh.fewer_processes is not None or (sh.semaphore_advised is not None and sh.demand > sh.share) or not lim.fits
+        short = (sh.fewer_processes is not None or (sh.semaphore_advised is not None and sh.demand > sh.share)
+                 or (not lim.fits and sh.demand >= 1))  # fmt: skip
         if top is not None and not sh.serves_requests and short:
             out.append(f"    to need less: shorten {top[0]!r}'s holds ({top[1] * 100:.0f}% of {sh.service}'s hold time: "
                        "release the session across slow calls, batch the saves) or run fewer processes")  # fmt: skip
@@ -194,6 +195,10 @@ def render(lim: Limits, holders: dict[str, tuple[str, float]]) -> list[str]:
         out.append(f"  client connections: every process at its advised maximum opens {lim.client_worst} of {c.value}: "
                    + ("fits" if lim.client_worst <= c.value else "too many: lower max_overflow or run fewer processes"))  # fmt: skip
     if s.value is not None:
+        firm = sum(sh.share for sh in lim.shares if sh.semaphore_advised is None)
+        over = (f"does not fit: the services that serve requests and the workers without a throttle already need "
+                f"{firm} of the {s.value - lim.kept_free} left after the margin (a service's wait at the pooler "
+                "lengthens its holds, and so its measured need): shorten their holds, or raise the limit")  # fmt: skip
         out.append(f"  server connections: at the advised concurrency at most {lim.server_at_advice:.0f} concurrent "
-                   f"transactions of {s.value}: " + ("fits" if lim.server_at_advice <= s.value else "does not fit"))  # fmt: skip
+                   f"transactions of {s.value}: " + ("fits" if lim.server_at_advice <= s.value else over))  # fmt: skip
     return out

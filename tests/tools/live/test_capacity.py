@@ -112,7 +112,7 @@ def _service(service: str, processes: int, busy: float, rate: float, hold: float
     return "\n".join(lines) + "\n"
 
 
-def _report_deployment(noise: float = 0.0, seed: int = 0, stack: str = "") -> capacity.Window:
+def _report_deployment(noise: float = 0.0, seed: int = 0, stack: str = "", api_rate: float = 40.0) -> capacity.Window:
     """The incident report's shape, as the demo measures it: the api (4 processes, 2+2, about 2
     transactions at once), content-worker (6 processes, MAX_DB_CONCURRENT=3 with 27 tasks queued
     behind it, about 12 at once), logs-worker (4 processes, no throttle, about 1), and the Celery
@@ -127,7 +127,7 @@ def _report_deployment(noise: float = 0.0, seed: int = 0, stack: str = "") -> ca
 
     pages = []
     for t in (0.0, 30.0):
-        page = (_service("api", 4, 0.5, j(40.0), j(0.05), 2, 2, t, requests=True)
+        page = (_service("api", 4, 0.5, j(api_rate), j(0.05), 2, 2, t, requests=True)
                 + _service("content-worker", 6, 2.0, j(60.0), j(0.2), 2, 2, t, semaphore=(3, 27))
                 + _service("content-worker", 6, 0.0, 0.0, 0.0, 5, 0, t, pool="results.db")
                 + _service("logs-worker", 4, 0.25, j(10.0), j(0.1), 2, 2, t) + stack)
@@ -171,9 +171,19 @@ def test_behind_a_pooler_of_12_the_workers_are_told_to_run_fewer_processes():
     text = "\n".join(capacity.render(a))
     assert "run 1 process, not 6" in text and "to need less: shorten 'work'" in text
     assert content.pool_size + content.max_overflow == 1  # its one permit: the pool sized from its own demand
-    assert lim.server_at_advice == 7 + 1 + 1 and lim.fits
+    assert lim.server_at_advice == 7 + 1 + 1 and lim.fits and "does not fit" not in text
     # today: 6 processes x 3 permits + the api's 7 + 1 = 26 concurrent transactions against 12
     assert lim.server_today == 26 and not lim.today_fits and not a.carries
+
+
+def test_when_the_first_services_alone_exceed_the_limit_it_says_so():
+    """The api's demand grows to 4.4 transactions at once (as its wait at a full pooler lengthens
+    its holds): with logs-worker it needs 12 of the 9 left of 12 after the margin."""
+    stack = 'pgbouncer_pool_size{database="app"} 12\npgbouncer_max_client_connections 100\n'
+    a = capacity.advise(_report_deployment(stack=stack, api_rate=88.0), 0.25)
+    text = "\n".join(capacity.render(a))
+    assert not a.limits.fits and a.limits.server_at_advice > 12
+    assert "does not fit: the services that serve requests and the workers without a throttle already need 12 of the 9" in text
 
 
 def test_the_advice_is_stable_from_run_to_run():
