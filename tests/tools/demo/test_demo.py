@@ -278,6 +278,15 @@ def test_demo_on_the_real_stack(tmp_path):
     # its victims: the workflow task and the task's page update the row (a victim that waited less
     # than a flush interval may read 'unknown': its process had not yet published its owner)
     assert "'advance_workflow'" in locks[0] or "'POST /tasks/{task_id}/seen'" in locks[0], locks[0]
+    # the capacity advice holds on this stack too: where it changed sizes (the seed: pgbouncer's 12
+    # server connections split, MAX_DB_CONCURRENT from content-worker's share), its re-run had no
+    # API pool timeouts and no queue at the pooler or for a server connection, at today's throughput
+    advice = report["advice"]
+    assert advice["seed"]["overrides"], advice["seed"]["text"]
+    for name, entry in advice.items():
+        if entry["overrides"]:
+            assert entry["proof"]["held"], (name, entry["proof"])
+    assert "the server limit binds" in "\n".join(advice["seed"]["text"])
     html = (tmp_path / "report.html").read_text()
     assert "pgbouncer clients waiting for a server connection" in html
 
