@@ -313,3 +313,14 @@ def test_the_report_plans_are_judged_against_both_limits():
     over = demo_advice.overrides(capacity.advise(_report_deployment(stack=stack), 0.25))
     assert over["content-worker"] == {"MAX_DB_CONCURRENT": "1", "DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0",
                                       "CELERY_CONTENT_CONCURRENCY": "1"}, over  # and one process: its share
+
+
+def test_the_alerts_the_advice_proof_reads_are_shipped_ones():
+    """A proof that reads an alert no rule defines can never see it fire: every name it reads is
+    one of the shipped rules."""
+    from telemetry.tools.demo import advice as demo_advice
+    from telemetry.tools.deploy.alert_specs import build_alerts
+    from telemetry.tools.deploy.rules import RulesConfig
+
+    shipped = {a.name for a in build_alerts(RulesConfig())}
+    assert set(demo_advice.POOL_ALERTS) | set(demo_advice.QUEUE_ALERTS) <= shipped
