@@ -79,8 +79,7 @@ def held(result: dict[str, Any], pool_timeout: float, services: set[str] | None 
     """Whether a run carried its load in ``services`` (the ones resized; default all): no API pool
     timeouts, their checkout wait p95 under the alert's threshold on the demo's clock, no pool
     alert of theirs fired; the api's queue at the pooler or for a server connection (the
-    incident's own wait) under its alerts: none of them fired and its server wait p95 under the
-    threshold; and the content throughput not below ``before``'s (today's run) by more than 10%
+    incident's own wait) under its alerts: none of them fired; and the content throughput not below ``before``'s (today's run) by more than 10%
     (or two tasks, in a short run)."""
     scale = _alerting.rules_config(pool_timeout).seconds_scale
     threshold = T.WAIT_P95_SECONDS_WARNING * scale
@@ -93,12 +92,13 @@ def held(result: dict[str, Any], pool_timeout: float, services: set[str] | None 
     fired = sorted({a["alert"] for a in result["alerts"]
                     if a["alert"] in POOL_ALERTS and judged(a["labels"].get("service", ""))})  # fmt: skip
     queued = sorted({a["alert"] for a in result["alerts"] if a["alert"] in QUEUE_ALERTS})
+    # reported, not judged: the first statements' p95 holds their own run time too (the alert
+    # DbServerWaitHigh, read above, is what says a queue); on the demo's clock its threshold is 33 ms
     server_wait = result.get("api_server_wait_p95_seconds")
-    slow_server = server_wait is not None and server_wait > T.SERVER_WAIT_P95_SECONDS_WARNING * scale
     api_timeouts = result["api"]["pool_timeouts"] if judged("api") else 0
     done, was = result.get("tasks_succeeded") or 0, (before or {}).get("tasks_succeeded") or 0
     slower = before is not None and done < was - max(2.0, 0.1 * was)  # a short run: a task or two either way
-    ok = not api_timeouts and not waits and not fired and not queued and not slow_server and not slower
+    ok = not api_timeouts and not waits and not fired and not queued and not slower
     return {"held": ok, "services": sorted(services) if services is not None else "all",
             "api_pool_timeouts": result["api"]["pool_timeouts"], "waits_over_threshold": waits,
             "wait_threshold_seconds": threshold, "pool_alerts_fired": fired, "queue_alerts_fired": queued,
