@@ -79,8 +79,9 @@ def start_postgres(max_connections: int = 40) -> contextlib.AbstractContextManag
     return _or_missing(stack.start_postgres(max_connections))
 
 
-def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> contextlib.AbstractContextManager[Pgbouncer]:
-    return _or_missing(stack.start_pgbouncer(pg, pool_size))
+def start_pgbouncer(pg: Postgres, pool_size: int = 4,
+                    pool_mode: str = "transaction") -> contextlib.AbstractContextManager[Pgbouncer]:  # fmt: skip
+    return _or_missing(stack.start_pgbouncer(pg, pool_size, pool_mode))
 
 
 def start_redis(port: int | None = None) -> contextlib.AbstractContextManager[Redis]:

@@ -89,12 +89,13 @@ class OwnerRow(NamedTuple):
     trace_id: str
     local_address: str = ""  # the client side's address (rows of older versions lack it)
     cursor: str = ""  # the server-side cursor it has open: its FETCH and CLOSE carry no tag
+    conn: str = ""  # its statement tags' token, ``service/pid@host#slot`` (they carry no owner)
 
     @classmethod
     def read(cls, row: Any) -> OwnerRow | None:
         """A row as a process file holds it (a list), or None when it is not one."""
         try:
-            return row if isinstance(row, cls) else cls(*row[:8])
+            return row if isinstance(row, cls) else cls(*row[:9])
         except TypeError:
             return None
 

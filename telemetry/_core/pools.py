@@ -194,22 +194,26 @@ def leak_scanner(table: HoldTable, max_owners: Callable[[], int]) -> Callable[[f
 
 
 def owner_rows(table: HoldTable, service: str, peer: Callable[[Any], Any],
-               cursor: Callable[[Any], str] | None = None) -> list[OwnerRow]:  # fmt: skip
+               cursor: Callable[[Any], str] | None = None,
+               token: Callable[[Any], str] | None = None) -> list[OwnerRow]:  # fmt: skip
     """The connections of ``table`` held right now whose server identity ``peer(key)`` knows
-    (``(backend pid, local port, local address)``), as the rows the shared view joins on;
-    ``cursor(key)``: the server-side cursor open on it (joins its untagged FETCH and CLOSE)."""
+    (``(backend pid, local port, local address)``) or whose statement tags carry a token, as the
+    rows the shared view joins on; ``cursor(key)``: the server-side cursor open on it (joins its
+    untagged FETCH and CLOSE); ``token(key)``: its tags' ``service/pid@host#slot``."""
     out: list[OwnerRow] = []
     now_wall, now = time.time(), _perf()
     for key, h in list(table.held.items()):
         try:
             found = peer(key)
+            conn = token(key) if token else ""
         except Exception:  # a connection closed meanwhile: not joined this time
-            found = None
-        if not found:
+            found, conn = None, ""
+        if not found and not conn:
             continue
+        found = found or (None, None)
         trace_id = trace_ids(h.context).get("trace_id", "") if h.context is not None else ""
-        out.append(OwnerRow(found[0], found[1], service, h.owner, round(now_wall - (now - h.since), 3),
-                            trace_id, found[2] if len(found) > 2 else "", cursor(key) if cursor else ""))  # fmt: skip
+        out.append(OwnerRow(found[0], found[1], service, h.owner, round(now_wall - (now - h.since), 3), trace_id,
+                            found[2] if len(found) > 2 else "", cursor(key) if cursor else "", conn))  # fmt: skip
     return out
 
 

@@ -253,6 +253,9 @@ class Settings:
     statement_tag: bool = _setting(("TELEMETRY_STATEMENT_TAG",), _bool, lambda: True)
     shared_view_cluster: bool = _setting(("TELEMETRY_SHARED_VIEW_CLUSTER",), _bool, lambda: True)
     statement_tag_trace: bool = _setting(("TELEMETRY_STATEMENT_TAG_TRACE",), _bool, lambda: False)
+    statement_tag_owner: str = _setting(
+        ("TELEMETRY_STATEMENT_TAG_OWNER",), _choice("auto", "text", "token"), lambda: "auto"
+    )
     server_view_url: str | None = _setting(("TELEMETRY_SERVER_VIEW_URL",), _dsn, lambda: None, secret=True)
     pgbouncer_url: str | None = _setting(("TELEMETRY_PGBOUNCER_URL",), _dsn, lambda: None, secret=True)
     pooler_metrics_url: str | None = _setting(("TELEMETRY_POOLER_METRICS_URL",), _http_url, lambda: None, secret=True)

@@ -14,10 +14,16 @@ would lose a trailing tag.
   on each PostgreSQL engine's dialect instance (every statement SQLAlchemy runs goes through
   them), never an engine-level event listener (SQLAlchemy never turns its ``_has_events`` path
   off again: about +30 us on every statement).
-* Bounded texts: the tag holds the process's ``service/pid@host`` and the owner (route template,
-  task name, ``db_owner``; capped like the owner label), no per-request id unless the user asks
-  for the trace id (``statement_tag_trace``), so prepared-statement caches (asyncpg's,
-  psycopg's, pgbouncer's ``max_prepared_statements``) see a bounded set of texts per process.
+* Texts a prepared-statement cache can keep: where the connection's driver prepares statements
+  and caches them by their text (SQLAlchemy's asyncpg adapter and its statement cache, psycopg 3
+  with a ``prepare_threshold``), an owner in the text would make one prepared statement per
+  statement and owner (2,000 Parse messages for 500 owners, against 1). Such a connection's tag
+  carries a token instead, the connection's slot in this process (``conn='3'``), the same for
+  every statement it runs: the process publishes which owner holds each slot (its owner rows)
+  and the server view joins the two. Elsewhere (psycopg2, psycopg 3 with
+  ``prepare_threshold=None``, asyncpg without its cache: each statement is parsed anyway) the tag
+  carries the owner itself (route template, task name, ``db_owner``; capped like the owner
+  label), which survives any pooler and host (``statement_tag_owner``; docs/hosted-poolers.md).
 * Safe: URL-encoding leaves no quote, no ``*/``, no newline in a value; with the ``format`` and
   ``pyformat`` parameter styles (psycopg, psycopg2) a ``%`` is doubled when parameters are
   passed, as the driver expects.
@@ -46,6 +52,9 @@ class _Config:
     application = ""  # service/pid@host, set by the SQLAlchemy integration (and after fork)
     trace = False
     tag = True  # statement tags (statement_tag); the first-statement timing is always on
+    #: where the owner goes (statement_tag_owner): "auto" (a token on connections that cache
+    #: prepared statements, the owner's name elsewhere), "text" (always the name), "token"
+    owner_form = "auto"
     #: (connection record, seconds): the first statement of a transaction took that long
     observe_first: Any = None
     #: (connection record, seconds): its commit or rollback took that long (a plain round trip on
@@ -106,10 +115,74 @@ def _make(owner: str) -> tuple[str, str]:
 
 
 def reset() -> None:
-    """A new identity (service, fork): tags are rebuilt from now on."""
+    """A new identity (service, fork): tags are rebuilt from now on, slots given anew."""
+    global _generation
     with _lock:
         _tags.clear()
+        _slot_tags.clear()
+        _slots.clear()
+        _generation += 1
     PINGS.clear()
+
+
+# --------------------------------------------------------------------------- connection tokens
+
+#: on a connection record: (generation, slot), slot -1 when its tag carries the owner's name
+SLOT = "_telemetry_tag_slot"
+_generation = 0
+#: the slots of this process's live tokened connections (the lowest free one is given: a bounded
+#: set of texts per process, whatever the pools' churn)
+_slots: set[int] = set()
+_slot_tags: dict[int, tuple[str, str]] = {}
+
+
+def _prepares(rec: Any) -> bool:
+    """Whether ``rec``'s driver prepares statements and keeps them by their text: SQLAlchemy's
+    asyncpg adapter with its statement cache (``prepared_statement_cache_size``, 100 by default),
+    psycopg 3 with a ``prepare_threshold`` (5 by default)."""
+    adapter = getattr(rec, "dbapi_connection", None)
+    if hasattr(adapter, "_prepared_statement_cache"):
+        return adapter._prepared_statement_cache is not None
+    return getattr(getattr(rec, "driver_connection", None), "prepare_threshold", None) is not None
+
+
+def _free(generation: int, slot: int) -> None:
+    with _lock:
+        if generation == _generation:
+            _slots.discard(slot)
+
+
+def _slot_of(rec: Any) -> tuple[int, int]:
+    """(generation, slot) of ``rec``, decided at its first statement (rare path)."""
+    form = CONFIG.owner_form
+    if form == "text" or (form == "auto" and not _prepares(rec)):
+        found = (_generation, -1)
+    else:
+        with _lock:
+            slot = next(n for n in range(len(_slots) + 1) if n not in _slots)
+            _slots.add(slot)
+            found = (_generation, slot)
+        weakref.finalize(rec, _free, found[0], slot)
+    rec.__dict__[SLOT] = found
+    return found
+
+
+def token_of(rec: Any) -> str:
+    """``service/pid@host#slot`` of a tokened connection record (what its owner row carries and
+    the server view joins the tag's ``application`` and ``conn`` on), else ""."""
+    found = rec.__dict__.get(SLOT)
+    if not found or found[1] < 0 or found[0] != _generation:
+        return ""
+    return f"{CONFIG.application}#{found[1]}"
+
+
+def _slot_tag(slot: int) -> tuple[str, str]:
+    with _lock:
+        tag = _slot_tags.get(slot)
+        if tag is None:
+            text = f"/*application='{_quote(CONFIG.application)}',conn='{slot}'*/ "
+            tag = _slot_tags[slot] = (text, text.replace("%", "%%"))
+        return tag
 
 
 def _traced(text: str) -> str:
@@ -251,10 +324,17 @@ def tag_dialect(dialect: Any) -> None:
                 hook_error("sqltag.begin", exc)
         return do_begin(dbapi_connection)
 
-    def tagged(statement: str, with_params: bool) -> str:
+    def tagged(statement: str, with_params: bool, rec: Any = None) -> str:
         if not CONFIG.tag:
             return statement
         try:
+            if rec is not None:
+                found = rec.__dict__.get(SLOT)
+                if found is None or found[0] != _generation:
+                    found = _slot_of(rec)
+                if found[1] >= 0:  # a token: the same text for every owner (no trace id either)
+                    pair = _slot_tags.get(found[1]) or _slot_tag(found[1])
+                    return (pair[1] if (percent and with_params) else pair[0]) + statement
             owner = _owner_get()
             pair = _tags.get(owner) or _make(owner)
             text = pair[1] if (percent and with_params) else pair[0]
@@ -274,7 +354,7 @@ def tag_dialect(dialect: Any) -> None:
             rec.__dict__[CURSOR] = name
         t0 = _perf()
         try:
-            return do_execute(cursor, tagged(statement, parameters is not None), parameters, context)
+            return do_execute(cursor, tagged(statement, parameters is not None, rec), parameters, context)
         finally:
             _after(rec, t0)
 
@@ -287,7 +367,7 @@ def tag_dialect(dialect: Any) -> None:
             rec.__dict__[CURSOR] = name
         t0 = _perf()
         try:
-            return no_params(cursor, tagged(statement, False), context)
+            return no_params(cursor, tagged(statement, False, rec), context)
         finally:
             _after(rec, t0)
 
@@ -297,7 +377,7 @@ def tag_dialect(dialect: Any) -> None:
             return many(cursor, tagged(statement, True), parameters, context)
         t0 = _perf()
         try:
-            return many(cursor, tagged(statement, True), parameters, context)
+            return many(cursor, tagged(statement, True, rec), parameters, context)
         finally:
             _after(rec, t0)
 

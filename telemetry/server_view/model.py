@@ -109,6 +109,7 @@ class Owners:
         self.by_pid: dict[Any, OwnerRow] = {}
         self.by_peer: dict[tuple[str, int], OwnerRow] = {}
         self.by_cursor: dict[str, OwnerRow | None] = {}
+        self.by_conn: dict[str, OwnerRow] = {}
         ambiguous: set[str] = set()
         for raw in rows:
             row = OwnerRow.read(raw)
@@ -118,6 +119,8 @@ class Owners:
                 self.by_pid[row.backend_pid] = row
             if row.local_port and row.local_address:
                 self.by_peer[(str(row.local_address), int(row.local_port))] = row
+            if row.conn:
+                self.by_conn[str(row.conn)] = row
             if row.cursor:  # a name two holders use (a fixed name in two processes) joins neither
                 name = str(row.cursor)
                 self.by_cursor[name] = row if name not in self.by_cursor and name not in ambiguous else None
@@ -129,6 +132,11 @@ class Owners:
         (they carry no statement tag: the cursor's name, published by its holder, joins them)."""
         match = _CURSOR_STATEMENT.match(query or "")
         return self.by_cursor.get(match.group(1)) if match else None
+
+    def token(self, tag: dict[str, str]) -> OwnerRow | None:
+        """The holder of the connection a token tag (``application`` and ``conn``, no owner)
+        names: its process publishes the slot with its owner."""
+        return self.by_conn.get(f"{tag.get('application', '')}#{tag.get('conn', '')}")
 
     def peer(self, addr: Any, port: Any) -> OwnerRow | None:
         if not addr or not port:

@@ -335,6 +335,10 @@ class _Poller(EventDetector, ClusterMember):
                     t_service, _tpid, t_host = parse_application(tag["application"])
                     trace = tag.get("traceparent", "").split("-")
                     t_service = _bounds.SERVICES(t_service)
+                    if "conn" in tag and "owner" not in tag:  # a token: its process says who holds it
+                        held = owners.token(tag)
+                        return (t_service, _bounds.SERVER_OWNERS(t_service, str(held.owner)) if held else "",
+                                t_host, str(held.trace_id or "") if held else "")  # fmt: skip
                     return (t_service, _bounds.SERVER_OWNERS(t_service, tag.get("owner", "")), t_host,
                             trace[1] if len(trace) == 4 else "")  # fmt: skip
             _name, _pid, host = parse_application(row["app"])

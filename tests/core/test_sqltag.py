@@ -52,16 +52,24 @@ def _async(url: str, **kwargs: Any) -> list[str]:
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("driver, kwargs, run", [
-    ("psycopg", {}, _sync),
-    ("psycopg", {"connect_args": {"prepare_threshold": 0}}, _sync),  # every statement prepared
-    ("psycopg2", {}, _sync),
-    ("psycopg", {}, _async),
-    ("asyncpg", {}, _async),
-    ("asyncpg", {"connect_args": {"statement_cache_size": 0}}, _async),
-])  # fmt: skip
-def test_every_driver_sends_a_tag_the_server_shows(pg: services.Postgres, driver: str, kwargs: dict, run: Any) -> None:
-    telemetry.instrument(service="api")
+#: (driver, engine arguments, run, whether the driver keeps prepared statements by their text)
+DRIVERS = [
+    ("psycopg", {}, _sync, True),  # prepare_threshold=5 by default
+    ("psycopg", {"connect_args": {"prepare_threshold": 0}}, _sync, True),  # every statement prepared
+    ("psycopg", {"connect_args": {"prepare_threshold": None}}, _sync, False),  # never (transaction poolers)
+    ("psycopg2", {}, _sync, False),
+    ("psycopg", {}, _async, True),
+    ("asyncpg", {}, _async, True),  # SQLAlchemy's statement cache (prepared_statement_cache_size=100)
+    ("asyncpg", {"connect_args": {"statement_cache_size": 0}}, _async, True),  # asyncpg's own cache only
+    ("asyncpg", {"connect_args": {"prepared_statement_cache_size": 0}}, _async, False),
+]
+
+
+@pytest.mark.parametrize("driver, kwargs, run, prepares", DRIVERS)
+def test_every_driver_sends_a_tag_the_server_shows(pg: services.Postgres, driver: str, kwargs: dict, run: Any,
+                                                   prepares: bool) -> None:  # fmt: skip
+    """``statement_tag_owner="text"``: the owner's name in every tag, whatever the driver."""
+    telemetry.instrument(service="api", statement_tag_owner="text")
     queries = run(pg.url(driver), **kwargs)
     assert queries[0] != queries[1]  # both statements seen, each with its tag
     for query in queries:
@@ -71,6 +79,22 @@ def test_every_driver_sends_a_tag_the_server_shows(pg: services.Postgres, driver
         assert service == "api" and int(pid) > 0 and host
         assert query.endswith("pg_backend_pid()") or query.endswith("= $1") or query.endswith("= 1")
         assert query.count("*/") == 1  # the owner's "*/" was escaped, not written
+
+
+@pytest.mark.parametrize("driver, kwargs, run, prepares", DRIVERS)
+def test_a_driver_that_caches_prepared_statements_gets_a_token(pg: services.Postgres, driver: str, kwargs: dict,
+                                                               run: Any, prepares: bool) -> None:  # fmt: skip
+    """The default (``auto``): a connection whose driver keeps prepared statements by their text
+    carries its slot (one text per statement, whoever runs it); the others the owner's name."""
+    telemetry.instrument(service="api")
+    queries = run(pg.url(driver), **kwargs)
+    for query in queries:
+        tag = _sqltag.parse(query)
+        assert tag["application"].startswith("api/"), query
+        if prepares:
+            assert "owner" not in tag and tag["conn"] == "0", query  # the process's first connection
+        else:
+            assert tag["owner"] == OWNER and "conn" not in tag, query
 
 
 def test_the_setting_turns_it_off_and_uninstrument_removes_it(pg: services.Postgres) -> None:

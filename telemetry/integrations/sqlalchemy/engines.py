@@ -77,6 +77,7 @@ def _load(settings: Any) -> None:
     _sqltag.CONFIG.observe_idle = _observe_transaction_idle
     _sqltag.CONFIG.application = application_name()
     _sqltag.CONFIG.trace = settings.statement_tag_trace
+    _sqltag.CONFIG.owner_form = settings.statement_tag_owner
     _sqltag.reset()
 
 

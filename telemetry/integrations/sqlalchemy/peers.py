@@ -90,7 +90,7 @@ def owner_table() -> list[OwnerRow]:
     records (written to the process file; ``_shared_model.Owners`` joins server and pooler rows
     to owners through them)."""
     return owner_rows(TABLE, CONFIG.service, lambda rec: getattr(rec, "_telemetry_peer", None),
-                      lambda rec: rec.__dict__.get(_sqltag.CURSOR, ""))  # fmt: skip
+                      lambda rec: rec.__dict__.get(_sqltag.CURSOR, ""), _sqltag.token_of)  # fmt: skip
 
 
 __all__ = ["peer_of"]  # re-exported: the SQLAlchemy pool reads the peer of each new connection

@@ -136,9 +136,9 @@ class Pgbouncer:
 
 
 @contextlib.contextmanager
-def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
-    """pgbouncer (Debian package, run as the postgres user) on a free port, transaction mode,
-    ``default_pool_size=pool_size``, admin console database ``pgbouncer``."""
+def start_pgbouncer(pg: Postgres, pool_size: int = 4, pool_mode: str = "transaction") -> Iterator[Pgbouncer]:
+    """pgbouncer (Debian package, run as the postgres user) on a free port, transaction mode
+    unless told, ``default_pool_size=pool_size``, admin console database ``pgbouncer``."""
     path = shutil.which("pgbouncer") or (
         "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None
     )
@@ -152,7 +152,7 @@ def start_pgbouncer(pg: Postgres, pool_size: int = 4) -> Iterator[Pgbouncer]:
         fh.write(
             f"[databases]\npostgres = host=127.0.0.1 port={pg.port} dbname=postgres\n"
             f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-            f"auth_type = trust\nauth_file = {workdir}/userlist.txt\npool_mode = transaction\n"
+            f"auth_type = trust\nauth_file = {workdir}/userlist.txt\npool_mode = {pool_mode}\n"
             f"default_pool_size = {pool_size}\nmax_client_conn = 500\nadmin_users = postgres\n"
             f"stats_users = monitor\nlogfile = {workdir}/pgbouncer.log\n"
             "ignore_startup_parameters = extra_float_digits,statement_timeout\n"
