@@ -210,7 +210,7 @@ def owner_rows(table: HoldTable, service: str, peer: Callable[[Any], Any],
             found, conn = None, ""
         if not found and not conn:
             continue
-        found = found or (None, None)
+        found = found or (None, None, "")
         trace_id = trace_ids(h.context).get("trace_id", "") if h.context is not None else ""
         out.append(OwnerRow(found[0], found[1], service, h.owner, round(now_wall - (now - h.since), 3), trace_id,
                             found[2] if len(found) > 2 else "", cursor(key) if cursor else "", conn))  # fmt: skip

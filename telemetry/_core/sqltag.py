@@ -140,7 +140,7 @@ def _prepares(rec: Any) -> bool:
     """Whether ``rec``'s driver prepares statements and keeps them by their text: SQLAlchemy's
     asyncpg adapter with its statement cache (``prepared_statement_cache_size``, 100 by default),
     psycopg 3 with a ``prepare_threshold`` (5 by default)."""
-    adapter = getattr(rec, "dbapi_connection", None)
+    adapter: Any = getattr(rec, "dbapi_connection", None)
     if hasattr(adapter, "_prepared_statement_cache"):
         return adapter._prepared_statement_cache is not None
     return getattr(getattr(rec, "driver_connection", None), "prepare_threshold", None) is not None

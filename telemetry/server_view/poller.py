@@ -2,8 +2,7 @@
 that hold their connections.
 
 What every process contributes: its PostgreSQL connections carry ``application_name =
-service/pid@host`` (``_pool``), and its process file lists the connections it holds right now with
-their server backend pid and local TCP port (``_pool.owner_table``).
+service/pid@host``, its process file the connections it holds now (``peers.owner_table``).
 
 What one process per host does (the *leader*: whoever holds a POSIX record lock on
 ``<multiproc_dir>/telemetry-shared-view.lock``; a lone process without a directory is its own
@@ -17,8 +16,9 @@ gauges without a ``pid`` label), the last good ones kept and marked stale on fai
 The join to owners: a server backend is held by the client connection with the same backend pid
 (a direct connection) or, through pgbouncer, by the client that ``SHOW SERVERS.link`` points at,
 identified by its TCP port in ``SHOW CLIENTS``; both keys are in the owner tables of the host's
-processes. Owners on other hosts are not known here: their application name still names the
-service, process and host, and that host's leader names the owner (see docs/shared-view.md).
+processes. Behind a pooler that renames its clients, the statement tags name the owner; a tag
+that carries a connection's token is joined through its process's owner rows, which the other
+hosts tell over the server (``tokens``; docs/shared-view.md, docs/hosted-poolers.md).
 """
 
 from __future__ import annotations
@@ -70,12 +70,14 @@ from .queries import (
     host_owners,
     listen,
 )
+from .tokens import TOKEN_CHANNEL, TokenTable
 
 
-class _Poller(EventDetector, ClusterMember):
+class _Poller(EventDetector, ClusterMember, TokenTable):
     """The leader's work, one round per interval (in the shared-view thread)."""
 
     def __init__(self, settings: Any) -> None:
+        TokenTable.__init__(self)
         self.settings = settings
         self.server_conn: Any = None
         self.pooler_conn: Any = None
@@ -104,9 +106,10 @@ class _Poller(EventDetector, ClusterMember):
         view, and the reverse."""
         s = self.settings
         turn = self.cluster_turn()
-        if turn == "wait":
+        if turn == "wait":  # another host polls: it learns who holds this host's tokens
+            self.tell_tokens(host_owners(s.multiproc_dir))
             return
-        owners = Owners(host_owners(s.multiproc_dir))
+        owners = Owners(host_owners(s.multiproc_dir) + self.told_rows())
         pooler = None
         if s.pooler_metrics_url and not s.pgbouncer_url:  # the pooler's own metrics: no console
             try:
@@ -165,12 +168,13 @@ class _Poller(EventDetector, ClusterMember):
             if target == "db_server":  # the lease, kept by the server itself (PostgreSQL 14+)
                 with contextlib.suppress(Exception):
                     fetch_rows(conn, f"set idle_session_timeout = {int(self.lease() * 1000)}")
-                with contextlib.suppress(Exception):  # the episodes other hosts' leaders report
+                with contextlib.suppress(Exception):  # the episodes other hosts' leaders report, their tokens
                     listen(conn, EVENT_CHANNEL, self.heard)
+                    listen(conn, TOKEN_CHANNEL, self.heard_tokens)
         with Deadline(conn, timeout):
             out = [fetch_rows(conn, sql) for sql in sqls]
-        for payload in drain(conn):  # psycopg2 keeps them on the connection
-            self.heard(payload)
+        for channel, payload in drain(conn):  # psycopg2 keeps them on the connection
+            (self.heard if channel == EVENT_CHANNEL else self.heard_tokens)(payload)
         return out
 
     # ---------------------------------------------------------------- the pooler's metrics

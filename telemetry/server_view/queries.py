@@ -77,20 +77,22 @@ def connect(url: str, timeout: float, *, admin: bool) -> Any:
 
 
 def listen(conn: Any, channel: str, handler: Callable[[str], None]) -> None:
-    """``LISTEN channel`` on ``conn``. psycopg 3 calls ``handler`` with each payload as it
-    reads a query's results; psycopg2 keeps them on the connection (see :func:`drain`)."""
+    """``LISTEN channel`` on ``conn``. psycopg 3 calls ``handler`` with each payload of the
+    channel as it reads a query's results; psycopg2 keeps them on the connection (see
+    :func:`drain`)."""
     add = getattr(conn, "add_notify_handler", None)
     if add is not None:
-        add(lambda n: handler(n.payload))
+        add(lambda n: handler(n.payload) if n.channel == channel else None)
     fetch_rows(conn, f"listen {channel}")
 
 
-def drain(conn: Any) -> list[str]:
-    """The payloads psycopg2 received with the last queries (psycopg 3 hands them over itself)."""
+def drain(conn: Any) -> list[tuple[str, str]]:
+    """(channel, payload) of what psycopg2 received with the last queries (psycopg 3 hands them
+    over itself)."""
     notifies = getattr(conn, "notifies", None)
     if not isinstance(notifies, list) or not notifies:
         return []
-    out = [n.payload for n in notifies]
+    out = [(n.channel, n.payload) for n in notifies]
     del notifies[:]
     return out
 

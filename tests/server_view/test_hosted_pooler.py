@@ -33,7 +33,8 @@ _NEIGHBOUR = textwrap.dedent(
     import telemetry
     url, holders, sql = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     telemetry.instrument(service="worker", tracing=False)
-    engine = create_engine(url, pool_size=holders, max_overflow=0)
+    # behind pgbouncer in transaction mode: psycopg must not prepare statements (docs/hosted-poolers.md)
+    engine = create_engine(url, pool_size=holders, max_overflow=0, connect_args={"prepare_threshold": None})
     ready = threading.Barrier(holders + 1)
     releases = [threading.Event() for _ in range(holders)]
 
@@ -302,7 +303,7 @@ def _hold_each(url: str, owners: list[str]) -> tuple[list[threading.Thread], thr
     the returned event is set."""
     from sqlalchemy import create_engine
 
-    engine = create_engine(url, pool_size=len(owners), max_overflow=0)
+    engine = create_engine(url, pool_size=len(owners), max_overflow=0, connect_args={"prepare_threshold": None})
     ready = threading.Barrier(len(owners) + 1)
     release = threading.Event()
 

@@ -329,7 +329,9 @@ def test_one_poller_for_two_hosts_names_both_sides_of_a_lock(pg: services.Postgr
     """Host 1 (a directory, three processes): the worker holds the row lock; host 2: this process
     waits on it. Each host has one monitoring connection (its leader), and of those exactly one
     holds the deployment's advisory lock and runs the query set; that one poller names the
-    blocker's owner and the blocked owner alike (the statement tags carry both)."""
+    blocker's owner and the blocked owner alike. Their psycopg connections prepare statements,
+    so the tags carry each connection's token, not its owner: the host that follows tells the
+    poller who holds its tokens, over the server."""
     host1, host2 = str(tmp_path / "h1"), str(tmp_path / "h2")
     os.mkdir(host1)
     os.mkdir(host2)
