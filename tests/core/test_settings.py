@@ -24,6 +24,7 @@ from telemetry import Settings
         ({"TELEMETRY_MAX_OWNERS": "0"}, r"TELEMETRY_MAX_OWNERS='0': expected a whole number >= 1"),
         ({"TELEMETRY_FLUSH_INTERVAL_SECONDS": "0"}, r"TELEMETRY_FLUSH_INTERVAL_SECONDS='0': expected a number in \[0.01, 60\]"),
         ({"OTEL_SERVICE_NAME": 'a"b'}, r"OTEL_SERVICE_NAME='a\"b'"),
+        ({"TELEMETRY_STATEMENT_TAG_OWNER": "owner"}, r"TELEMETRY_STATEMENT_TAG_OWNER=.owner.: expected one of auto, text, token"),
     ],
 )
 def test_bad_environment_names_the_variable(env, message):

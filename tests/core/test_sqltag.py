@@ -123,3 +123,27 @@ def test_parse_reads_only_tags() -> None:
     assert _sqltag.parse("select 1") == {}
     assert _sqltag.parse("/* a comment */ select 1") == {}
     assert _sqltag.parse("/*application='api%2F1%40h',owner='x%27y'*/ select 1") == {"application": "api/1@h", "owner": "x'y"}
+
+
+def test_token_slots_are_reused_as_connections_come_and_go(pg: services.Postgres) -> None:
+    """Slots are the lowest free ones: 20 connections opened and closed one after another
+    (``NullPool``) all carry slot 0, two held at once carry 0 and 1. The texts per process stay
+    as many as its connections at once, whatever the pool's churn."""
+    import gc
+
+    from sqlalchemy.pool import NullPool
+
+    telemetry.instrument(service="api")
+    engine = create_engine(pg.url(), poolclass=NullPool)
+    try:
+        slots = set()
+        for _ in range(20):
+            with engine.connect() as conn:
+                slots.add(_sqltag.parse(conn.execute(text(OWN_QUERY)).scalar())["conn"])
+            gc.collect()  # the closed connection's record goes: its slot is free again
+        assert slots == {"0"}
+        with engine.connect() as a, engine.connect() as b:
+            both = {_sqltag.parse(c.execute(text(OWN_QUERY)).scalar())["conn"] for c in (a, b)}
+        assert both == {"0", "1"}
+    finally:
+        engine.dispose()

@@ -167,3 +167,59 @@ def test_a_cursor_statement_is_joined_by_the_cursor_name_its_holder_published() 
     assert owners.cursor('FETCH FORWARD 10 FROM "fixed"') is None
     assert owners.cursor("select * from c_7f3a_1") is None and owners.cursor(None) is None
     assert owners.by_pid[11].owner == "old-row"
+
+
+def test_a_token_is_joined_to_the_row_its_process_published() -> None:
+    """A token tag (``application`` and ``conn``, no owner) joins the row that carries the same
+    ``service/pid@host#slot``: not another process's slot, not a row of an older version."""
+    from telemetry._core.holds import OwnerRow
+    from telemetry.server_view.model import Owners
+
+    owners = Owners([OwnerRow(None, None, "api", "GET /a", 0.0, "t1", "", "", "api/7@h#0"),
+                     OwnerRow(None, None, "api", "GET /b", 0.0, "", "", "", "api/8@h#0"),
+                     [11, 5432, "api", "old-row", 0.0, "", "", ""]])  # fmt: skip
+    found = owners.token({"application": "api/7@h", "conn": "0"})
+    assert found is not None and found.owner == "GET /a" and found.trace_id == "t1"
+    assert owners.token({"application": "api/7@h", "conn": "1"}) is None
+    assert owners.token({"application": "api/9@h", "conn": "0"}) is None
+    assert owners.by_pid[11].owner == "old-row"
+
+
+def test_tokens_told_across_hosts_are_quoted_chunked_and_bounded() -> None:
+    """What a following host tells: any owner's quotes stay inside the literal, each payload fits
+    a NOTIFY (8,000 bytes), at most ``TELL_MAX`` rows a round; what the poller keeps is bounded
+    and ages out."""
+    import json
+    import re
+
+    from telemetry._core.holds import OwnerRow
+    from telemetry.server_view import tokens
+
+    hostile = "GET /x'); drop table t; --" + "\u65e5" * 300
+    rows = [OwnerRow(None, None, "api", f"{hostile}{i}", 1.0, "", "", "", f"api/7@h#{i}") for i in range(2000)]
+    rows.append(OwnerRow(11, 5432, "api", "no token", 1.0, "", ""))  # joined by pid on its own host
+    sql = tokens.tell_sql(rows)
+    assert sql is not None
+    literals = re.findall(r"'((?:[^']|'')*)'", sql.split("array[", 1)[1])
+    payloads = [lit.replace("''", "'") for lit in literals]
+    assert payloads and all(len(p.encode()) < 8000 for p in payloads)
+    told = [item for p in payloads for item in json.loads(p)]
+    assert len(told) <= tokens.TELL_MAX and told[0][2].startswith("GET /x'); drop")
+    assert "no token" not in sql and tokens.tell_sql(rows[-1:]) is None
+
+    class Settings:
+        shared_view_interval_seconds, shared_view_timeout_seconds = 0.2, 0.1
+
+    table = tokens.TokenTable()
+    table.settings = Settings()
+    for p in payloads:
+        table.heard_tokens(p)
+    table.heard_tokens("lock|12|3.5")  # another channel's payload, or not ours: ignored
+    for start in range(0, tokens.HEARD_MAX + 2500, tokens.TELL_MAX):  # 12,500 tokens of many hosts
+        table.heard_tokens(json.dumps([[f"w/1@h#{i}", "w", "o", "", 0.0] for i in range(start, start + tokens.TELL_MAX)]))
+    assert len(table.told_tokens) == tokens.HEARD_MAX
+    assert {row.owner for row in table.told_rows()} <= {"o"} | {r.owner[: tokens.OWNER_CHARS] for r in rows}
+    for conn in table.told_tokens:  # heard long ago: a host that stopped telling released them
+        row, _at = table.told_tokens[conn]
+        table.told_tokens[conn] = (row, 0.0)
+    assert table.told_rows() == []
