@@ -1,13 +1,18 @@
 """Cost of the statement tag per statement, side by side in one run.
 
-Against a real PostgreSQL (``--database-url``, psycopg 3 and asyncpg): ``select 1`` executed
-``--n`` times on one checked-out connection, in a fresh process per configuration, the
-configurations alternating over ``--rounds``, best round kept:
+Against a real PostgreSQL (``--database-url``, psycopg 3 and asyncpg, their defaults: both
+prepare statements): a parameterised ``select`` executed ``--n`` times on one checked-out
+connection, in a fresh process per configuration, the configurations alternating over
+``--rounds``, best round kept:
 
 * bare: no telemetry;
-* telemetry, tag off: ``instrument(statement_tag=False)`` (the dialect's execute methods are
-  still wrapped: the first statement of each transaction is timed);
-* telemetry, tag on: ``instrument()`` (the default: every statement carries the tag).
+* tag-off: ``instrument(statement_tag=False)`` (the dialect's execute methods are still
+  wrapped: the first statement of each transaction is timed);
+* tag-text: ``statement_tag_owner="text"``: the owner's name in every tag;
+* tag-auto: ``instrument()`` (the default: on these drivers the connection's token).
+
+Two tables of round trips: one owner for every statement, then 500 owners taking turns (the
+owner's name in the text makes a prepared statement per owner: issue 34).
 
     python benchmarks/statement_tag.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
 """
@@ -21,24 +26,30 @@ import subprocess
 import sys
 
 CHILD = r"""
-import asyncio, json, sys, time
+import asyncio, contextlib, json, sys, time
 from sqlalchemy import create_engine, text
-config, url, driver, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+config, url, driver, n, owners = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+owner = contextlib.nullcontext
 if config != "bare":
     import telemetry
-    telemetry.instrument(service="bench", statement_tag=(config == "tag-on"), tracing=False)
-stmt = text("select 1")
+    telemetry.instrument(service="bench", statement_tag=(config != "tag-off"), tracing=False,
+                         statement_tag_owner="text" if config == "tag-text" else "auto")
+    owner = telemetry.db_owner
+names = [f"GET /route/{i}" for i in range(owners)]
+stmt = text("select cast(:x as int)")
 if driver == "asyncpg":
     from sqlalchemy.ext.asyncio import create_async_engine
 
     async def go():
         engine = create_async_engine(url.replace("postgresql://", "postgresql+asyncpg://"))
         async with engine.connect() as conn:
-            for _ in range(200):
-                await conn.execute(stmt)
+            for i in range(200):
+                with owner(names[i % owners]):
+                    await conn.execute(stmt, {"x": i})
             t0 = time.perf_counter()
-            for _ in range(n):
-                await conn.execute(stmt)
+            for i in range(n):
+                with owner(names[i % owners]):
+                    await conn.execute(stmt, {"x": i})
             elapsed = time.perf_counter() - t0
         await engine.dispose()
         return elapsed
@@ -47,17 +58,19 @@ if driver == "asyncpg":
 else:
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.connect() as conn:
-        for _ in range(200):
-            conn.execute(stmt)
+        for i in range(200):
+            with owner(names[i % owners]):
+                conn.execute(stmt, {"x": i})
         t0 = time.perf_counter()
-        for _ in range(n):
-            conn.execute(stmt)
+        for i in range(n):
+            with owner(names[i % owners]):
+                conn.execute(stmt, {"x": i})
         elapsed = time.perf_counter() - t0
     engine.dispose()
 print(json.dumps({"us": elapsed / n * 1e6}))
 """
 
-CONFIGS = ("bare", "tag-off", "tag-on")
+CONFIGS = ("bare", "tag-off", "tag-text", "tag-auto")
 
 MICRO = r"""
 import json, sys, time
@@ -71,8 +84,11 @@ class Cursor:
 class Driver:  # the DBAPI connection, in a transaction
     autocommit = False
 
+class Adapter:  # SQLAlchemy's asyncpg adapter, with its statement cache
+    _prepared_statement_cache = {}
+
 class Record:  # SQLAlchemy's connection record
-    pass
+    dbapi_connection = Adapter()
 
 class Fairy:  # what SQLAlchemy's execution context holds: the checked-out connection
     def __init__(self):
@@ -86,7 +102,8 @@ dialect = PGDialect_psycopg()
 if config != "bare":
     import telemetry
     from telemetry._core import sqltag as _sqltag
-    telemetry.instrument(service="bench", statement_tag=(config == "tag-on"), tracing=False)
+    telemetry.instrument(service="bench", statement_tag=(config != "tag-off"), tracing=False,
+                         statement_tag_owner="text" if config == "tag-text" else "auto")
     _sqltag.tag_dialect(dialect)
 cursor, params, context = Cursor(), {"x": 1}, Context()
 dialect.do_begin(context._dbapi_connection)  # inside a transaction: its idle time is measured
@@ -119,20 +136,22 @@ def main() -> None:
             micro[config] = min(micro[config], json.loads(out.stdout.strip().splitlines()[-1])["us"])
     for config in CONFIGS:
         print(f"{config:<10} {micro[config]:>13.3f} {micro[config] - micro['bare']:>+9.3f}")
-    print()
-    print(f"round trips: {args.n} x select 1 per round, {args.rounds} rounds, best round (microseconds per statement)")
-    print(f"{'driver':<9} {'configuration':<10} {'us/statement':>13} {'vs bare':>9}")
-    print("-" * 45)
-    for driver in ("psycopg", "asyncpg"):
-        best = {c: float("inf") for c in CONFIGS}
-        for _ in range(args.rounds):
+    for owners in (1, 500):
+        print()
+        print(f"round trips: {args.n} x a parameterised select per round, {owners} owner(s) taking turns, "
+              f"{args.rounds} rounds, best round (microseconds per statement)")  # fmt: skip
+        print(f"{'driver':<9} {'configuration':<13} {'us/statement':>13} {'vs tag-off':>11}")
+        print("-" * 49)
+        for driver in ("psycopg", "asyncpg"):
+            best = {c: float("inf") for c in CONFIGS}
+            for _ in range(args.rounds):
+                for config in CONFIGS:
+                    out = subprocess.run([sys.executable, "-c", CHILD, config, args.database_url, driver, str(args.n),
+                                          str(owners)], capture_output=True, text=True, env=env, check=True,
+                                         timeout=600)  # fmt: skip
+                    best[config] = min(best[config], json.loads(out.stdout.strip().splitlines()[-1])["us"])
             for config in CONFIGS:
-                out = subprocess.run([sys.executable, "-c", CHILD, config, args.database_url, driver, str(args.n)],
-                                     capture_output=True, text=True, env=env, check=True, timeout=600)  # fmt: skip
-                best[config] = min(best[config], json.loads(out.stdout.strip().splitlines()[-1])["us"])
-        for config in CONFIGS:
-            print(f"{driver:<9} {config:<10} {best[config]:>13.2f} {best[config] - best['bare']:>+9.2f}")
-
+                print(f"{driver:<9} {config:<13} {best[config]:>13.2f} {best[config] - best['tag-off']:>+11.2f}")
 
 if __name__ == "__main__":
     main()
