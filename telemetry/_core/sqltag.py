@@ -114,6 +114,13 @@ def _make(owner: str) -> tuple[str, str]:
         return tag
 
 
+def load(settings: Any, application: str) -> None:
+    """The settings of the tags, and this process's ``service/pid@host`` (at install, after fork)."""
+    CONFIG.tag, CONFIG.trace = settings.statement_tag, settings.statement_tag_trace
+    CONFIG.owner_form, CONFIG.application = settings.statement_tag_owner, application
+    reset()
+
+
 def reset() -> None:
     """A new identity (service, fork): tags are rebuilt from now on, slots given anew."""
     global _generation
@@ -121,6 +128,7 @@ def reset() -> None:
         _tags.clear()
         _slot_tags.clear()
         _slots.clear()
+        _conn_slots.clear()
         _generation += 1
     PINGS.clear()
 
@@ -172,6 +180,43 @@ def token_of(rec: Any) -> str:
     the server view joins the tag's ``application`` and ``conn`` on), else ""."""
     found = rec.__dict__.get(SLOT)
     if not found or found[1] < 0 or found[0] != _generation:
+        return ""
+    return f"{CONFIG.application}#{found[1]}"
+
+
+#: driver connections outside SQLAlchemy that carry a token (asyncpg's pool: its connections have
+#: slots and no ``__dict__``): id(connection) -> (generation, slot), dropped when it is collected
+_conn_slots: dict[int, tuple[int, int]] = {}
+
+
+def _drop_conn(key: int, generation: int, slot: int) -> None:
+    if _conn_slots.get(key, (None,))[0] == generation:
+        del _conn_slots[key]
+    _free(generation, slot)
+
+
+def conn_tag(conn: Any, prepares: bool) -> str:
+    """The tag of a statement on a driver connection outside SQLAlchemy (asyncpg's pool): its
+    token where its driver caches prepared statements (``prepares``), else the owner's name."""
+    form = CONFIG.owner_form
+    if form == "token" or (form == "auto" and prepares):
+        found = _conn_slots.get(id(conn))
+        if found is None or found[0] != _generation:
+            with _lock:
+                slot = next(n for n in range(len(_slots) + 1) if n not in _slots)
+                _slots.add(slot)
+                found = _conn_slots[id(conn)] = (_generation, slot)
+            weakref.finalize(conn, _drop_conn, id(conn), found[0], slot)
+        return (_slot_tags.get(found[1]) or _slot_tag(found[1]))[0]
+    owner = _owner_get()
+    text = (_tags.get(owner) or _make(owner))[0]
+    return _traced(text) if CONFIG.trace else text
+
+
+def conn_token(conn: Any) -> str:
+    """``service/pid@host#slot`` of a tokened driver connection (its owner row), else ""."""
+    found = _conn_slots.get(id(conn))
+    if not found or found[0] != _generation:
         return ""
     return f"{CONFIG.application}#{found[1]}"
 

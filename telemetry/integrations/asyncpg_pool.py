@@ -10,7 +10,14 @@ covered, created before or after ``instrument()``. ``asyncio.TimeoutError`` from
 ``timeout`` counts as a timeout. A pool created after ``instrument()`` names its connections
 ``service/pid@host`` (``server_settings``), unless the application named them; the server view
 joins the held connections to their owners by backend pid and local address and port.
-Statements are not tagged (asyncpg prepares each text: a tag per owner would multiply them).
+
+Statements on a pool's connections are tagged (``_core/sqltag.py``): ``Connection._get_statement``
+(every statement with parameters, ``fetch``, ``prepare``, ``executemany``, cursors) and
+``Connection.execute`` without arguments (the simple protocol: ``BEGIN``, scripts) are wrapped
+at class level, for connections that belong to a pool (SQLAlchemy's asyncpg connections are
+tagged by their dialect). With asyncpg's statement cache on (the default) the tag carries the
+connection's token, so the cache keeps one text per statement; with it off
+(``statement_cache_size=0``, behind a transaction pooler) the owner's name.
 
 asyncpg's ``Pool`` has ``__slots__`` and no weak reference: the pools seen are kept in a bounded
 table (``MAX_POOLS``) and dropped once closed.
@@ -25,10 +32,12 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
+import asyncpg.connection
 import asyncpg.pool
 
 from telemetry._core import peers as _peers
 from telemetry._core import pools as _pools
+from telemetry._core import sqltag as _sqltag
 from telemetry._core.holds import HoldTable
 from telemetry._core.log import hook_error
 from telemetry._core.stats import REGISTRY, Sample
@@ -164,7 +173,7 @@ def _wrap_release(orig: Any) -> Any:
             _pools.released(TABLE, connection, CONFIG)
         except Exception as exc:
             hook_error("asyncpg_pool.release", exc)
-        return orig(self, connection, timeout=timeout)
+        return orig(self, connection) if timeout is None else orig(self, connection, timeout=timeout)
 
     release.__wrapped__ = orig  # type: ignore[attr-defined]
     return release
@@ -188,7 +197,36 @@ def _wrap_init(orig: Any) -> Any:
     return __init__
 
 
-_PATCHES = ((Pool, "_acquire", _wrap_acquire), (Pool, "release", _wrap_release), (Pool, "__init__", _wrap_init))
+def _tagged(conn: Any, query: Any) -> Any:
+    """``query`` with its tag, on a pool's connection (``_proxy`` is set while a pool lends it)."""
+    try:
+        if _sqltag.CONFIG.tag and conn._proxy is not None and type(query) is str:
+            return _sqltag.conn_tag(conn, conn._stmt_cache_enabled) + query
+    except Exception as exc:
+        hook_error("asyncpg_pool.tag", exc)
+    return query
+
+
+def _wrap_get_statement(orig: Any) -> Any:
+    def _get_statement(self: Any, query: Any, timeout: Any, **kwargs: Any) -> Any:
+        return orig(self, _tagged(self, query), timeout, **kwargs)  # asyncpg's coroutine, awaited by the caller
+
+    _get_statement.__wrapped__ = orig  # type: ignore[attr-defined]
+    return _get_statement
+
+
+def _wrap_execute(orig: Any) -> Any:
+    def execute(self: Any, query: Any, *args: Any, timeout: Any = None) -> Any:
+        # with arguments asyncpg prepares it: _get_statement tags it
+        return orig(self, query if args else _tagged(self, query), *args, timeout=timeout)
+
+    execute.__wrapped__ = orig  # type: ignore[attr-defined]
+    return execute
+
+
+Connection = asyncpg.connection.Connection
+_PATCHES = ((Pool, "_acquire", _wrap_acquire), (Pool, "release", _wrap_release), (Pool, "__init__", _wrap_init),
+            (Connection, "_get_statement", _wrap_get_statement), (Connection, "execute", _wrap_execute))
 
 
 class AsyncpgPoolIntegration(_pools.LibraryPoolIntegration):
@@ -197,6 +235,18 @@ class AsyncpgPoolIntegration(_pools.LibraryPoolIntegration):
     name = "asyncpg_pool"
     config, table, figures, patches = CONFIG, TABLE, _figures, _PATCHES  # type: ignore[assignment]
 
+    def install(self, runtime: Any) -> None:
+        _sqltag.load(runtime.settings, _peers.application_name(runtime.settings.service))
+        super().install(runtime)
+
+    def token(self, key: Any) -> str:
+        return _sqltag.conn_token(getattr(key, "_con", None))
+
     def forget(self) -> None:
         _live.clear()  # a forked child's pools are the parent's, not its own to use
         _last[0] = None
+
+    def after_fork(self) -> None:
+        super().after_fork()
+        _sqltag.CONFIG.application = _peers.application_name(CONFIG.service)  # the child's own pid
+        _sqltag.reset()

@@ -178,3 +178,98 @@ def _copied(pg: services.Postgres, tag: str) -> None:
             conn.execute(f"{tag} select pg_sleep(60)")
         except psycopg.errors.QueryCanceled:
             pass
+
+
+def _pool_owners(dsn: str, marker: str, **pool_args: Any) -> list[str]:
+    """asyncpg's own pool (no SQLAlchemy): ``OWNERS`` owners, each running the same two
+    statements and one without arguments; returns what the server showed for one of them."""
+    import asyncpg
+
+    async def go() -> list[str]:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, **pool_args)
+        try:
+            for i in range(OWNERS):
+                with telemetry.db_owner(f"owner-{i}"):
+                    async with pool.acquire() as con, con.transaction():
+                        await con.fetchval(f"select $1::int as {marker}", i)
+                        await con.fetchval(f"select $1::int + 1 as {marker}", i)
+            with telemetry.db_owner("GET /one"):
+                return [await pool.fetchval("select query from pg_stat_activity where pid = pg_backend_pid()"),
+                        await pool.fetchval("select query from pg_stat_activity where pid = pg_backend_pid() and $1",
+                                            True)]  # fmt: skip
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("through", ["direct", "renaming pgbouncer"])
+def test_asyncpg_pools_statements_are_tagged_without_multiplying_them(pg: services.Postgres, logged: None,
+                                                                      session_pooler: RenamingProxy,
+                                                                      through: str) -> None:  # fmt: skip
+    """``asyncpg.create_pool()``: its statements carry the connection's token (its statement cache
+    is on), so 500 owners parse them as often as with tags off; with the cache off
+    (``statement_cache_size=0``, a transaction pooler's setting) they carry the owner's name;
+    with tags off, nothing."""
+    dsn = (_url(pg, session_pooler if through != "direct" else None, "asyncpg")
+           .replace("postgresql+asyncpg://", "postgresql://"))  # fmt: skip
+    counts, shown = {}, {}
+    for name, settings, pool_args in (("off", {"statement_tag": False}, {}), ("on", {}, {}),
+                                      ("uncached", {}, {"statement_cache_size": 0})):  # fmt: skip
+        telemetry.instrument(service="api", tracing=False, **settings)
+        marker = f"m_{uuid.uuid4().hex[:12]}"
+        start = _log_end(pg)
+        shown[name] = _pool_owners(dsn, marker, **pool_args)
+        counts[name] = _parses(pg, start, marker)
+        telemetry.uninstrument()
+    print(f"Parse messages, asyncpg pool {through}: {counts}")
+    assert counts["off"] >= 2 and counts["on"] <= counts["off"] * 1.1, counts
+    assert counts["uncached"] >= 2 * OWNERS, counts  # every statement parsed: its tag costs nothing more
+    assert [_sqltag.parse(q) for q in shown["off"]] == [{}, {}]
+    for query in shown["on"]:
+        tag = _sqltag.parse(query)
+        assert tag["application"].startswith("api/") and tag["conn"] in ("0", "1") and "owner" not in tag, query
+        assert query.count("*/") == 1, query
+    for query in shown["uncached"]:
+        assert _sqltag.parse(query)["owner"] == "GET /one", query
+
+
+def test_an_asyncpg_pool_route_behind_the_renaming_pooler_is_named(pg: services.Postgres,
+                                                                  session_pooler: RenamingProxy) -> None:  # fmt: skip
+    """A FastAPI-style lifespan pool (``asyncpg.create_pool()``) behind a pooler that renames its
+    clients: the route holding a connection in a transaction is named by its token; with tags off
+    it is not (the renaming pooler leaves nothing else to join on)."""
+    import asyncpg
+
+    dsn = session_pooler.url("asyncpg").replace("postgresql+asyncpg://", "postgresql://")
+    for tags in (True, False):
+        telemetry.instrument(service="api", server_view_url=pg.url().replace("+psycopg", ""), tracing=False,
+                             shared_view_interval_seconds=0.2, statement_tag=tags)  # fmt: skip
+        holding, release = threading.Event(), threading.Event()
+
+        async def hold(holding: threading.Event, release: threading.Event) -> None:
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+            try:
+                with telemetry.db_owner("GET /reports/{rid}"):
+                    async with pool.acquire() as con, con.transaction():
+                        await con.fetchval("select 1")
+                        holding.set()
+                        while not release.is_set():
+                            await asyncio.sleep(0.05)
+            finally:
+                await pool.close()
+
+        thread = threading.Thread(target=asyncio.run, args=(hold(holding, release),), daemon=True)
+        thread.start()
+        try:
+            assert holding.wait(30)
+            if tags:
+                assert _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api",
+                                                owner="GET /reports/{rid}") == 1, timeout=30)  # fmt: skip
+            else:
+                assert _wait_for(lambda: (_value(_host(None), "db_server_view_polls_total") or 0) >= 5, timeout=30)
+                assert _value(_host(None), "db_server_connections_by_owner", owner="GET /reports/{rid}") is None
+        finally:
+            release.set()
+            thread.join(30)
+        telemetry.uninstrument()

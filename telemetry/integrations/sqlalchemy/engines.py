@@ -71,14 +71,10 @@ _finalize: list[Any] = []  # SQLAlchemy's own _finalize_fairy while it is wrappe
 def _load(settings: Any) -> None:
     """The settings into the hot path's copy, and the statement tags wired to this process."""
     CONFIG.load(settings)
-    _sqltag.CONFIG.tag = settings.statement_tag
     _sqltag.CONFIG.observe_first = _observe_server_wait
     _sqltag.CONFIG.observe_end = _observe_transaction_end
     _sqltag.CONFIG.observe_idle = _observe_transaction_idle
-    _sqltag.CONFIG.application = application_name()
-    _sqltag.CONFIG.trace = settings.statement_tag_trace
-    _sqltag.CONFIG.owner_form = settings.statement_tag_owner
-    _sqltag.reset()
+    _sqltag.load(settings, application_name())
 
 
 def installed() -> bool:
