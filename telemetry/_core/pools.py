@@ -17,6 +17,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import peers as _peers
+from . import sqltag as _sqltag
 from .catalogue import CONNECT_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from .holds import SUSPECTS, Held, HoldTable, OwnerRow, owner_hold, suspect
 from .integration import Integration
@@ -311,6 +313,7 @@ class LibraryPoolIntegration(Integration):
     table: HoldTable
     figures: dict[str, PoolFigures]
     patches: tuple[tuple[type, str, Callable[[Any], Any]], ...] = ()
+    tags = False  # its patches tag statements: the tags' settings and this process's name are loaded
 
     def __init__(self) -> None:
         self.patched: list[tuple[type, str, Any]] = []
@@ -328,6 +331,8 @@ class LibraryPoolIntegration(Integration):
 
     def install(self, runtime: Any) -> None:
         self.config.load(runtime.settings)
+        if self.tags:
+            _sqltag.load(runtime.settings, _peers.application_name(runtime.settings.service))
         for st in self.figures.values():
             st.labels = (("service", self.config.service), ("pool", st.name))
         if not self.patched:
@@ -353,6 +358,9 @@ class LibraryPoolIntegration(Integration):
     def after_fork(self) -> None:
         self.table.after_fork()
         self.forget()
+        if self.tags:  # the child's own pid in its tags
+            _sqltag.CONFIG.application = _peers.application_name(self.config.service)
+            _sqltag.reset()
 
     def tick(self, now: float) -> None:
         self.table.scan(now, self.config.hold_threshold)

@@ -235,9 +235,7 @@ class AsyncpgPoolIntegration(_pools.LibraryPoolIntegration):
     name = "asyncpg_pool"
     config, table, figures, patches = CONFIG, TABLE, _figures, _PATCHES  # type: ignore[assignment]
 
-    def install(self, runtime: Any) -> None:
-        _sqltag.load(runtime.settings, _peers.application_name(runtime.settings.service))
-        super().install(runtime)
+    tags = True
 
     def token(self, key: Any) -> str:
         return _sqltag.conn_token(getattr(key, "_con", None))
@@ -245,8 +243,3 @@ class AsyncpgPoolIntegration(_pools.LibraryPoolIntegration):
     def forget(self) -> None:
         _live.clear()  # a forked child's pools are the parent's, not its own to use
         _last[0] = None
-
-    def after_fork(self) -> None:
-        super().after_fork()
-        _sqltag.CONFIG.application = _peers.application_name(CONFIG.service)  # the child's own pid
-        _sqltag.reset()

@@ -8,9 +8,15 @@ connections, in the same ``db_pool_*`` series as SQLAlchemy's pools, named by th
 async, so every pool of the process is covered, created before or after ``instrument()``. A
 pool created after it names its connections ``service/pid@host`` (unless the application set a
 name), and the server view joins its held connections to their owners by backend pid and local
-address and port, like any other pool's. Statements are not tagged (the driver's own cursor is
-not wrapped): behind a pooler that renames its clients, these holders are named only through
-the pooler's console.
+address and port, like any other pool's.
+
+Statements on a connection the pool has lent are tagged (``_core/sqltag.py``): psycopg's cursor
+``execute``, ``executemany``, ``stream`` and ``copy`` (sync, async, server-side) are wrapped at
+class level and tag only while ``conn._pool`` is set (psycopg_pool sets it while it lends the
+connection; SQLAlchemy's psycopg connections are tagged by their dialect). With a
+``prepare_threshold`` (psycopg's default) the tag carries the connection's token, so prepared
+statements stay one per text; with ``prepare_threshold=None`` (behind a transaction pooler) the
+owner's name.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import psycopg
 import psycopg_pool
 
 from telemetry._core import peers as _peers
 from telemetry._core import pools as _pools
+from telemetry._core import sqltag as _sqltag
 from telemetry._core.holds import HoldTable
 from telemetry._core.log import hook_error
 from telemetry._core.stats import REGISTRY, Sample
@@ -181,7 +189,48 @@ def _wrap_init(orig: Any) -> Any:
     return __init__
 
 
-_PATCHES = (
+def _tagged(cursor: Any, query: Any, with_params: bool) -> Any:
+    """``query`` with its tag, on a connection a pool has lent (a ``str``; a ``sql.Composed`` is
+    left alone); ``%`` doubled where parameters are passed."""
+    try:
+        conn = cursor._conn
+        if _sqltag.CONFIG.tag and conn._pool is not None and type(query) is str:
+            tag = _sqltag.conn_tag(conn, conn.prepare_threshold is not None)
+            return (tag.replace("%", "%%") if with_params else tag) + query
+    except Exception as exc:
+        hook_error("psycopg_pool.tag", exc)
+    return query
+
+
+def _wrap_statement(orig: Any) -> Any:
+    """``execute``, ``stream``, ``copy`` (the query, then its parameters): the driver's call is
+    handed back as it is (a coroutine, a generator, a context manager)."""
+
+    def method(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._conn, "_pool", None) is None:  # not lent by a pool (SQLAlchemy's, a bare one)
+            return orig(self, query, *args, **kwargs)
+        params = args[0] if args else kwargs.get("params")
+        return orig(self, _tagged(self, query, params is not None), *args, **kwargs)
+
+    method.__wrapped__ = orig  # type: ignore[attr-defined]
+    return method
+
+
+def _wrap_many(orig: Any) -> Any:
+    def executemany(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._conn, "_pool", None) is None:
+            return orig(self, query, *args, **kwargs)
+        return orig(self, _tagged(self, query, True), *args, **kwargs)
+
+    executemany.__wrapped__ = orig  # type: ignore[attr-defined]
+    return executemany
+
+
+_CURSORS = (psycopg.Cursor, psycopg.AsyncCursor, psycopg.ServerCursor, psycopg.AsyncServerCursor)
+_PATCHES = tuple(
+    (cls, name, _wrap_many if name == "executemany" else _wrap_statement)
+    for cls in _CURSORS for name in ("execute", "executemany", "stream", "copy") if name in cls.__dict__
+) + (
     (psycopg_pool.ConnectionPool, "getconn", _wrap_getconn),
     (psycopg_pool.ConnectionPool, "putconn", _wrap_putconn),
     (psycopg_pool.ConnectionPool, "__init__", _wrap_init),
@@ -196,3 +245,7 @@ class PsycopgPoolIntegration(_pools.LibraryPoolIntegration):
 
     name = "psycopg_pool"
     config, table, figures, patches = CONFIG, TABLE, _figures, _PATCHES  # type: ignore[assignment]
+    tags = True
+
+    def token(self, key: Any) -> str:
+        return _sqltag.conn_token(key)

@@ -273,3 +273,109 @@ def test_an_asyncpg_pool_route_behind_the_renaming_pooler_is_named(pg: services.
             release.set()
             thread.join(30)
         telemetry.uninstrument()
+
+
+def _psycopg_pool_owners(dsn: str, marker: str, prepare: Any) -> list[str]:
+    """psycopg_pool's ``AsyncConnectionPool`` (LangGraph's checkpointer's pool): ``OWNERS``
+    owners, each running the same two statements (``%s`` parameters) in a transaction; returns
+    what the server showed for one statement with and one without parameters."""
+    from psycopg_pool import AsyncConnectionPool
+
+    async def go() -> list[str]:
+        async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                       kwargs={"prepare_threshold": prepare}) as pool:  # fmt: skip
+            for i in range(OWNERS):
+                with telemetry.db_owner(f"owner-{i}"):
+                    async with pool.connection() as conn, conn.transaction():
+                        await conn.execute(f"select %s::int as {marker}", (i,))
+                        await conn.execute(f"select %s::int + 1 as {marker}", (i,))
+            with telemetry.db_owner("GET /one"):
+                async with pool.connection() as conn:
+                    own = "select query from pg_stat_activity where pid = pg_backend_pid()"
+                    plain = await (await conn.execute(own)).fetchone()
+                    bound = await (await conn.execute(own + " and %s", (True,))).fetchone()
+            return [plain[0], bound[0]]  # type: ignore[index]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("through", ["direct", "renaming pgbouncer"])
+def test_psycopg_pools_statements_are_tagged_without_multiplying_them(pg: services.Postgres, logged: None,
+                                                                      session_pooler: RenamingProxy,
+                                                                      through: str) -> None:  # fmt: skip
+    """psycopg_pool: with psycopg's ``prepare_threshold`` (5 by default; 0: every statement) the
+    tags carry the connection's token and 500 owners parse as often as with tags off; with
+    ``prepare_threshold=None`` (a transaction pooler's setting) they carry the owner's name, and
+    a ``%`` in a tag is doubled where parameters are passed (the statement still runs)."""
+    dsn = _url(pg, session_pooler if through != "direct" else None, "psycopg").replace("postgresql+psycopg://",
+                                                                                      "postgresql://")  # fmt: skip
+    counts, shown = {}, {}
+    for name, settings, prepare in (("off", {"statement_tag": False}, 0), ("on", {}, 0), ("default", {}, 5),
+                                    ("off-default", {"statement_tag": False}, 5), ("unprepared", {}, None)):  # fmt: skip
+        telemetry.instrument(service="api%", tracing=False, **settings)  # a "%" in the service's name
+        marker = f"m_{uuid.uuid4().hex[:12]}"
+        start = _log_end(pg)
+        shown[name] = _psycopg_pool_owners(dsn, marker, prepare)
+        counts[name] = _parses(pg, start, marker)
+        telemetry.uninstrument()
+    print(f"Parse messages, psycopg_pool {through}: {counts}")
+    assert counts["off"] >= 2 and counts["on"] <= counts["off"] * 1.1, counts
+    assert counts["off-default"] >= 2 and counts["default"] <= counts["off-default"] * 1.1, counts
+    assert counts["unprepared"] >= 2 * OWNERS, counts
+    assert [_sqltag.parse(q) for q in shown["off"]] == [{}, {}]
+    for query in shown["on"] + shown["default"]:
+        tag = _sqltag.parse(query)
+        assert tag["application"].startswith("api%/") and tag["conn"] in ("0", "1") and "owner" not in tag, query
+    for query in shown["unprepared"]:
+        assert _sqltag.parse(query)["owner"] == "GET /one", query
+
+
+@pytest.fixture(scope="module")
+def transaction_pooler(pg: services.Postgres) -> Iterator[RenamingProxy]:
+    """pgbouncer in transaction mode behind the renaming proxy (Supabase's port 6543)."""
+    with services.start_pgbouncer(pg, pool_size=4) as bouncer, RenamingProxy(bouncer.port) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_a_checkpointer_style_psycopg_pool_behind_the_renaming_pooler_is_named(
+    pg: services.Postgres, transaction_pooler: RenamingProxy, session_pooler: RenamingProxy, mode: str
+) -> None:
+    """LangGraph's ``AsyncPostgresSaver`` pattern: an ``AsyncConnectionPool`` whose connections
+    run in autocommit, a "put" holding one. Behind a renaming pooler in transaction mode
+    (``prepare_threshold=None``, as it must be there) its tags carry the owner's name; in session
+    mode (psycopg's default threshold) its token. Either way the server view names the owner; with
+    tags off, nobody is named."""
+    from psycopg_pool import AsyncConnectionPool
+
+    proxy, prepare = (transaction_pooler, None) if mode == "transaction" else (session_pooler, 5)
+    dsn = proxy.url().replace("postgresql+psycopg://", "postgresql://")
+    for tags in (True, False):
+        telemetry.instrument(service="agent", server_view_url=pg.url().replace("+psycopg", ""), tracing=False,
+                             shared_view_interval_seconds=0.2, statement_tag=tags)  # fmt: skip
+        holding, release = threading.Event(), threading.Event()
+
+        async def put(holding: threading.Event, release: threading.Event) -> None:
+            async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                           kwargs={"autocommit": True, "prepare_threshold": prepare}) as pool:  # fmt: skip
+                with telemetry.db_owner("checkpointer.aput"):
+                    async with pool.connection() as conn:
+                        await conn.execute("select pg_sleep(0.01)")
+                        holding.set()
+                        while not release.is_set():  # a long statement on the held connection
+                            await conn.execute("select pg_sleep(0.2)")
+
+        thread = threading.Thread(target=asyncio.run, args=(put(holding, release),), daemon=True)
+        thread.start()
+        try:
+            assert holding.wait(30)
+            if tags:
+                assert _wait_for(lambda: (_value(_host(None), "db_server_connections_by_owner", service="agent",
+                                                 owner="checkpointer.aput") or 0) >= 1, timeout=30)  # fmt: skip
+            else:
+                assert _wait_for(lambda: (_value(_host(None), "db_server_view_polls_total") or 0) >= 5, timeout=30)
+                assert _value(_host(None), "db_server_connections_by_owner", owner="checkpointer.aput") is None
+        finally:
+            release.set()
+            thread.join(30)
+        telemetry.uninstrument()
