@@ -40,6 +40,7 @@ class EventDetector:
     pooler_episodes: Any
     told: list[str]  # the episodes this round reported, to be told to the other hosts
     pending: list[tuple[str, dict[str, Any]]]  # their events, emitted once told
+    wait_for_token: Callable[[Any, list[tuple[dict[str, Any] | None, str]]], bool]  # tokens.TokenTable
 
     def heard(self, payload: str) -> None:
         """Another host's leader reported this episode: never report it again here."""
@@ -147,8 +148,10 @@ class EventDetector:
                 "relation": lk["relation"] or "", "lock_type": lk["locktype"], "mode": lk["mode"],
                 "blocker_pids": blockers, "lock_key": f"{key[0]}:{key[1]}",
             }  # fmt: skip
+            b_service, b_owner, b_host, b_trace = owner_of(blocker) if blocker is not None else ("", "", "", "")
+            if self.wait_for_token(("lock", key), [(waiting, w_owner), (blocker, b_owner)]):
+                continue
             if blocker is not None:
-                b_service, b_owner, b_host, b_trace = owner_of(blocker)
                 fields.update(
                     blocker_service=b_service, blocker_owner=b_owner or "unknown",
                     blocker_pid=blocker["pid"], blocker_host=b_host,
@@ -180,6 +183,8 @@ class EventDetector:
             if key in self.idle_reported or (row["state_age"] or 0.0) < threshold:
                 continue
             service, owner, host, trace = owner_of(row)
+            if self.wait_for_token(("idle", key), [(row, owner)]):
+                continue
             fields: dict[str, Any] = {
                 "idle_service": service, "idle_owner": owner or "unknown", "pid": row["pid"],
                 "host": host, "state": row["state"],

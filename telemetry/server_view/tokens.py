@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from telemetry._core import sqltag as _sqltag
 from telemetry._core.holds import OwnerRow
 
 #: where a following host tells the deployment's poller who holds its tokened connections
@@ -75,6 +76,34 @@ class TokenTable:
 
     def __init__(self) -> None:
         self.told_tokens: dict[str, tuple[OwnerRow, float]] = {}
+        #: episodes whose event waits for a token's holder: key -> when it first could be reported
+        self.awaiting: dict[Any, float] = {}
+
+    def horizon(self) -> float:
+        """How long a told row counts, and an event waits for one: three intervals and a timeout."""
+        s = self.settings
+        return 3 * s.shared_view_interval_seconds + s.shared_view_timeout_seconds
+
+    def wait_for_token(self, key: Any, parties: list[tuple[dict[str, Any] | None, str]]) -> bool:
+        """Whether an episode's event (a lock wait, an idle transaction) waits a round: one of its
+        ``(row, owner)`` parties is unnamed and its tag carries a token, whose holder its host
+        tells every interval. Past ``horizon()`` it is reported as it is (owner unknown)."""
+        pending = getattr(self.settings, "statement_tag", True) and any(
+            row is not None and not owner and row.get("state") != "idle"
+            and "conn" in (tag := _sqltag.parse(row.get("query"))) and "owner" not in tag
+            for row, owner in parties)  # fmt: skip
+        if not pending:
+            self.awaiting.pop(key, None)
+            return False
+        now = time.monotonic()
+        first = self.awaiting.setdefault(key, now)
+        if len(self.awaiting) > HEARD_MAX:  # episodes that ended while waiting
+            for old in sorted(self.awaiting, key=self.awaiting.__getitem__)[: len(self.awaiting) - HEARD_MAX]:
+                del self.awaiting[old]
+        if now - first < self.horizon():
+            return True
+        del self.awaiting[key]
+        return False
 
     def heard_tokens(self, payload: str) -> None:
         """A following host's rows: ``[[conn, service, owner, trace_id, since], ...]``."""
@@ -93,8 +122,7 @@ class TokenTable:
     def told_rows(self) -> list[OwnerRow]:
         """The rows heard within the last few intervals (a host tells every interval: a row not
         told again was released)."""
-        s = self.settings
-        horizon = time.monotonic() - (3 * s.shared_view_interval_seconds + s.shared_view_timeout_seconds)
+        horizon = time.monotonic() - self.horizon()
         for conn in [c for c, (_row, at) in self.told_tokens.items() if at < horizon]:
             del self.told_tokens[conn]
         return [row for row, _at in self.told_tokens.values()]

@@ -24,7 +24,7 @@ from telemetry._core import sqltag as _sqltag
 from .. import hostview, services
 from ..renaming_proxy import RenamingProxy
 
-pytestmark = [pytest.mark.integration, pytest.mark.matrix("shared_view", "sqlalchemy")]
+pytestmark = [pytest.mark.integration, pytest.mark.matrix("shared_view", "sqlalchemy", "asyncpg_pool", "psycopg_pool")]
 _host, _value, _wait_for = hostview.host, hostview.value, hostview.wait_for
 
 OWNERS = 500

@@ -223,3 +223,28 @@ def test_tokens_told_across_hosts_are_quoted_chunked_and_bounded() -> None:
         row, _at = table.told_tokens[conn]
         table.told_tokens[conn] = (row, 0.0)
     assert table.told_rows() == []
+
+
+def test_an_event_waits_for_a_tokens_holder_within_the_horizon() -> None:
+    """A lock or idle episode whose party carries a token nobody told yet waits (its host tells
+    every interval); a named party, an idle backend or a tag with the owner's name does not; past
+    the horizon the event goes out with the owner unknown."""
+    from telemetry.server_view import tokens
+
+    class Settings:
+        shared_view_interval_seconds, shared_view_timeout_seconds, statement_tag = 0.2, 0.1, True
+
+    table = tokens.TokenTable()
+    table.settings = Settings()
+    token = {"state": "active", "query": "/*application='w%2F1%40h',conn='0'*/ update t set n = 1"}
+    named = {"state": "active", "query": "/*application='w%2F1%40h',owner='x'*/ update t set n = 1"}
+    assert table.wait_for_token("k", [(token, ""), (None, "")])
+    assert not table.wait_for_token("k", [(token, "save-concept")]) and "k" not in table.awaiting  # told
+    assert not table.wait_for_token("n", [(named, "")])  # the owner's name: nothing to wait for
+    assert not table.wait_for_token("i", [({**token, "state": "idle"}, "")])
+    Settings.statement_tag = False
+    assert not table.wait_for_token("off", [(token, "")])  # tags off: no tag is read
+    Settings.statement_tag = True
+    assert table.wait_for_token("late", [(token, "")])
+    table.awaiting["late"] -= table.horizon() + 0.01  # nobody told it within the horizon
+    assert not table.wait_for_token("late", [(token, "")]) and "late" not in table.awaiting
