@@ -323,8 +323,12 @@ class LibraryPoolIntegration(Integration):
         """The token the statements of ``key``'s connection carry (where the library tags them)."""
         return ""
 
+    def cursor(self, key: Any) -> str:
+        """The server-side cursor ``key``'s connection has open (joins its untagged FETCH)."""
+        return ""
+
     def owner_table(self) -> list[OwnerRow]:
-        return owner_rows(self.table, self.config.service, _peer_of, None, self.token)
+        return owner_rows(self.table, self.config.service, _peer_of, self.cursor, self.token)
 
     def forget(self) -> None:
         """Drop the library module's own memory of pools (overridden where it keeps one)."""

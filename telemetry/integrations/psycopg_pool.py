@@ -146,6 +146,8 @@ def _wrap_getconn_async(orig: Any) -> Any:
 def _release(conn: Any) -> None:
     try:
         _pools.released(TABLE, conn, CONFIG)
+        if _open_cursors:
+            _open_cursors.pop(id(conn), None)
     except Exception as exc:
         hook_error("psycopg_pool.putconn", exc)
 
@@ -189,12 +191,23 @@ def _wrap_init(orig: Any) -> Any:
     return __init__
 
 
+#: id(a lent connection) -> the server-side cursor it declared last: its FETCH and CLOSE, issued by
+#: psycopg, carry no tag, and the owner rows publish the name that joins them (bounded)
+_open_cursors: dict[int, str] = {}
+MAX_OPEN_CURSORS = 1000
+
+
 def _tagged(cursor: Any, query: Any, with_params: bool) -> Any:
     """``query`` with its tag, on a connection a pool has lent (a ``str``; a ``sql.Composed`` is
     left alone); ``%`` doubled where parameters are passed."""
     try:
         conn = cursor._conn
         if _sqltag.CONFIG.tag and conn._pool is not None and type(query) is str:
+            name = getattr(cursor, "name", None)  # a server-side cursor's
+            if name:
+                if len(_open_cursors) >= MAX_OPEN_CURSORS:
+                    _open_cursors.clear()
+                _open_cursors[id(conn)] = name
             tag = _sqltag.conn_tag(conn, conn.prepare_threshold is not None)
             return (tag.replace("%", "%%") if with_params else tag) + query
     except Exception as exc:
@@ -249,3 +262,9 @@ class PsycopgPoolIntegration(_pools.LibraryPoolIntegration):
 
     def token(self, key: Any) -> str:
         return _sqltag.conn_token(key)
+
+    def cursor(self, key: Any) -> str:
+        return _open_cursors.get(id(key), "")
+
+    def forget(self) -> None:
+        _open_cursors.clear()

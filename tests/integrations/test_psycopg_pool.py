@@ -159,3 +159,37 @@ def test_a_connection_a_task_never_returns_is_a_leak(pg: services.Postgres) -> N
     pool.putconn(kept.pop())
     pool.close()
     assert leak and leak[0].startswith("Leaked connections: 1 of worker's connections"), leak
+
+
+def test_copy_and_server_side_cursors_on_a_lent_connection_are_tagged(pg: services.Postgres) -> None:
+    """The statements a lent connection runs besides ``execute``: a ``COPY`` (``cursor.copy()``,
+    seen on the server while rows are still being written) and a server-side cursor's
+    ``DECLARE`` carry the tag; psycopg's own ``FETCH`` carries none and is joined to the owner by
+    the cursor's name the owner rows publish; a connection that no pool lent carries no tag."""
+    from telemetry._core import sqltag
+    from telemetry.server_view.model import Owners
+    from telemetry.server_view.queries import host_owners
+
+    pg.psql("create table if not exists copied (n int)")
+    telemetry.instrument(service="api", tracing=False)
+    own = "select query from pg_stat_activity where pid = %s"
+    with psycopg.connect(_conninfo(pg), autocommit=True) as watcher, \
+            psycopg_pool.ConnectionPool(_conninfo(pg), min_size=1, max_size=1, open=True,
+                                        kwargs={"prepare_threshold": None}) as pool:  # fmt: skip
+        with telemetry.db_owner("POST /imports"), pool.connection() as conn:
+            pid = conn.info.backend_pid
+            with conn.cursor() as cur, cur.copy("copy copied (n) from stdin") as copy:
+                copy.write_row((1,))
+                copying = watcher.execute(own, (pid,)).fetchone()[0]  # type: ignore[index]
+            with conn.transaction(), conn.cursor(name="export") as cur:
+                cur.execute("select n from copied where n > %s", (0,))
+                declared = watcher.execute(own, (pid,)).fetchone()[0]  # type: ignore[index]
+                cur.fetchone()
+                fetched = watcher.execute(own, (pid,)).fetchone()[0]  # type: ignore[index]
+                holder = Owners(host_owners(None)).cursor(fetched)  # psycopg's FETCH: joined by the name
+        with psycopg.connect(_conninfo(pg)) as bare:
+            plain = bare.execute("select query from pg_stat_activity where pid = pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    assert sqltag.parse(copying)["owner"] == "POST /imports" and copying.endswith("copy copied (n) from stdin"), copying
+    assert sqltag.parse(declared)["owner"] == "POST /imports" and "declare" in declared.lower(), declared
+    assert sqltag.parse(fetched) == {} and holder is not None and holder.owner == "POST /imports", fetched
+    assert sqltag.parse(plain) == {}, plain
