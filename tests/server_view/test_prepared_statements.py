@@ -242,37 +242,20 @@ def test_an_asyncpg_pool_route_behind_the_renaming_pooler_is_named(pg: services.
     import asyncpg
 
     dsn = session_pooler.url("asyncpg").replace("postgresql+asyncpg://", "postgresql://")
-    for tags in (True, False):
-        telemetry.instrument(service="api", server_view_url=pg.url().replace("+psycopg", ""), tracing=False,
-                             shared_view_interval_seconds=0.2, statement_tag=tags)  # fmt: skip
-        holding, release = threading.Event(), threading.Event()
 
-        async def hold(holding: threading.Event, release: threading.Event) -> None:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-            try:
-                with telemetry.db_owner("GET /reports/{rid}"):
-                    async with pool.acquire() as con, con.transaction():
-                        await con.fetchval("select 1")
-                        holding.set()
-                        while not release.is_set():
-                            await asyncio.sleep(0.05)
-            finally:
-                await pool.close()
-
-        thread = threading.Thread(target=asyncio.run, args=(hold(holding, release),), daemon=True)
-        thread.start()
+    async def hold(holding: threading.Event, release: threading.Event) -> None:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
-            assert holding.wait(30)
-            if tags:
-                assert _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api",
-                                                owner="GET /reports/{rid}") == 1, timeout=30)  # fmt: skip
-            else:
-                assert _wait_for(lambda: (_value(_host(None), "db_server_view_polls_total") or 0) >= 5, timeout=30)
-                assert _value(_host(None), "db_server_connections_by_owner", owner="GET /reports/{rid}") is None
+            with telemetry.db_owner("GET /reports/{rid}"):
+                async with pool.acquire() as con, con.transaction():
+                    await con.fetchval("select 1")
+                    holding.set()
+                    while not release.is_set():
+                        await asyncio.sleep(0.05)
         finally:
-            release.set()
-            thread.join(30)
-        telemetry.uninstrument()
+            await pool.close()
+
+    _named_only_with_tags(pg, "api", "GET /reports/{rid}", hold)
 
 
 def _psycopg_pool_owners(dsn: str, marker: str, prepare: Any) -> list[str]:
@@ -350,31 +333,38 @@ def test_a_checkpointer_style_psycopg_pool_behind_the_renaming_pooler_is_named(
 
     proxy, prepare = (transaction_pooler, None) if mode == "transaction" else (session_pooler, 5)
     dsn = proxy.url().replace("postgresql+psycopg://", "postgresql://")
+
+    async def put(holding: threading.Event, release: threading.Event) -> None:
+        async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                       kwargs={"autocommit": True, "prepare_threshold": prepare}) as pool:  # fmt: skip
+            with telemetry.db_owner("checkpointer.aput"):
+                async with pool.connection() as conn:
+                    await conn.execute("select pg_sleep(0.01)")
+                    holding.set()
+                    while not release.is_set():  # a long statement on the held connection
+                        await conn.execute("select pg_sleep(0.2)")
+
+    _named_only_with_tags(pg, "agent", "checkpointer.aput", put)
+
+
+def _named_only_with_tags(pg: services.Postgres, service: str, owner: str, hold: Any) -> None:
+    """``hold(holding, release)`` (a coroutine, run in a thread of its own) holds a connection
+    behind a renaming pooler: with tags on, the server view names ``owner``; with tags off, it is
+    not named (the renaming pooler leaves nothing else to join on)."""
     for tags in (True, False):
-        telemetry.instrument(service="agent", server_view_url=pg.url().replace("+psycopg", ""), tracing=False,
+        telemetry.instrument(service=service, server_view_url=pg.url().replace("+psycopg", ""), tracing=False,
                              shared_view_interval_seconds=0.2, statement_tag=tags)  # fmt: skip
         holding, release = threading.Event(), threading.Event()
-
-        async def put(holding: threading.Event, release: threading.Event) -> None:
-            async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
-                                           kwargs={"autocommit": True, "prepare_threshold": prepare}) as pool:  # fmt: skip
-                with telemetry.db_owner("checkpointer.aput"):
-                    async with pool.connection() as conn:
-                        await conn.execute("select pg_sleep(0.01)")
-                        holding.set()
-                        while not release.is_set():  # a long statement on the held connection
-                            await conn.execute("select pg_sleep(0.2)")
-
-        thread = threading.Thread(target=asyncio.run, args=(put(holding, release),), daemon=True)
+        thread = threading.Thread(target=asyncio.run, args=(hold(holding, release),), daemon=True)
         thread.start()
         try:
             assert holding.wait(30)
             if tags:
-                assert _wait_for(lambda: (_value(_host(None), "db_server_connections_by_owner", service="agent",
-                                                 owner="checkpointer.aput") or 0) >= 1, timeout=30)  # fmt: skip
+                assert _wait_for(lambda: (_value(_host(None), "db_server_connections_by_owner", service=service,
+                                                 owner=owner) or 0) >= 1, timeout=30)  # fmt: skip
             else:
                 assert _wait_for(lambda: (_value(_host(None), "db_server_view_polls_total") or 0) >= 5, timeout=30)
-                assert _value(_host(None), "db_server_connections_by_owner", owner="checkpointer.aput") is None
+                assert _value(_host(None), "db_server_connections_by_owner", owner=owner) is None
         finally:
             release.set()
             thread.join(30)
