@@ -193,11 +193,15 @@ def test_pipeline_end_to_end(stack):
     assert [e for e in done_logs if e.get("trace_id") == TRACE_ID]
     assert all("trace_id" in e and len(e["trace_id"]) == 32 for e in done_logs)
 
-    # the blocked loop is named: the time.sleep line of the /blocking handler
+    # the blocked loop is named: the time.sleep line of the /blocking handler. Not necessarily the
+    # first block: on a loaded machine Celery's synchronous .delay() in POST /generate blocked the
+    # loop past the threshold too, and was named as such (a CI run)
     api_events = _json_lines(stack["api_log"])
     blocked = [e for e in api_events if e.get("event") == "event_loop_blocked" and e.get("status") == "blocked"]
     assert blocked, api_events[-20:]
-    assert "tools/demo/pipeline/api.py" in blocked[0]["call_site"] and "in blocking" in blocked[0]["call_site"]
+    sites = [e["call_site"] for e in blocked]
+    assert [s for s in sites if "tools/demo/pipeline/api.py" in s and "in blocking" in s], sites
+    assert all("tools/demo/pipeline/api.py" in s for s in sites), sites  # always the handler's own line
     assert blocked[0].get("trace_id") and len(blocked[0]["trace_id"]) == 32
 
 
