@@ -154,6 +154,21 @@ def _prepares(rec: Any) -> bool:
     return getattr(getattr(rec, "driver_connection", None), "prepare_threshold", None) is not None
 
 
+def _take_slot() -> tuple[int, int]:
+    """(generation, the lowest free slot), taken."""
+    with _lock:
+        slot = next(n for n in range(len(_slots) + 1) if n not in _slots)
+        _slots.add(slot)
+        return _generation, slot
+
+
+def _token(found: tuple[int, int] | None) -> str:
+    """``service/pid@host#slot`` of a connection's (generation, slot), "" without a current one."""
+    if not found or found[1] < 0 or found[0] != _generation:
+        return ""
+    return f"{CONFIG.application}#{found[1]}"
+
+
 def _free(generation: int, slot: int) -> None:
     with _lock:
         if generation == _generation:
@@ -166,11 +181,8 @@ def _slot_of(rec: Any) -> tuple[int, int]:
     if form == "text" or (form == "auto" and not _prepares(rec)):
         found = (_generation, -1)
     else:
-        with _lock:
-            slot = next(n for n in range(len(_slots) + 1) if n not in _slots)
-            _slots.add(slot)
-            found = (_generation, slot)
-        weakref.finalize(rec, _free, found[0], slot)
+        found = _take_slot()
+        weakref.finalize(rec, _free, *found)
     rec.__dict__[SLOT] = found
     return found
 
@@ -178,10 +190,7 @@ def _slot_of(rec: Any) -> tuple[int, int]:
 def token_of(rec: Any) -> str:
     """``service/pid@host#slot`` of a tokened connection record (what its owner row carries and
     the server view joins the tag's ``application`` and ``conn`` on), else ""."""
-    found = rec.__dict__.get(SLOT)
-    if not found or found[1] < 0 or found[0] != _generation:
-        return ""
-    return f"{CONFIG.application}#{found[1]}"
+    return _token(rec.__dict__.get(SLOT))
 
 
 #: driver connections outside SQLAlchemy that carry a token (asyncpg's pool: its connections have
@@ -202,11 +211,8 @@ def conn_tag(conn: Any, prepares: bool) -> str:
     if form == "token" or (form == "auto" and prepares):
         found = _conn_slots.get(id(conn))
         if found is None or found[0] != _generation:
-            with _lock:
-                slot = next(n for n in range(len(_slots) + 1) if n not in _slots)
-                _slots.add(slot)
-                found = _conn_slots[id(conn)] = (_generation, slot)
-            weakref.finalize(conn, _drop_conn, id(conn), found[0], slot)
+            found = _conn_slots[id(conn)] = _take_slot()
+            weakref.finalize(conn, _drop_conn, id(conn), *found)
         return (_slot_tags.get(found[1]) or _slot_tag(found[1]))[0]
     owner = _owner_get()
     text = (_tags.get(owner) or _make(owner))[0]
@@ -215,10 +221,7 @@ def conn_tag(conn: Any, prepares: bool) -> str:
 
 def conn_token(conn: Any) -> str:
     """``service/pid@host#slot`` of a tokened driver connection (its owner row), else ""."""
-    found = _conn_slots.get(id(conn))
-    if not found or found[0] != _generation:
-        return ""
-    return f"{CONFIG.application}#{found[1]}"
+    return _token(_conn_slots.get(id(conn)))
 
 
 def _slot_tag(slot: int) -> tuple[str, str]:
