@@ -105,7 +105,10 @@ class Owners:
     ``SHOW CLIENTS addr/port``, the server's ``client_addr/client_port``). Never by port alone:
     another host, or a psql session on another address, can use the same port number."""
 
-    def __init__(self, rows: list[Any]) -> None:
+    def __init__(self, rows: list[Any], refresh: Callable[[], list[Any]] | None = None) -> None:
+        #: read the rows again, once, when a token is missing: a statement that began after
+        #: ``rows`` were read carries a slot they do not show yet
+        self.refresh = refresh
         self.by_pid: dict[Any, OwnerRow] = {}
         self.by_peer: dict[tuple[str, int], OwnerRow] = {}
         self.by_cursor: dict[str, OwnerRow | None] = {}
@@ -136,7 +139,14 @@ class Owners:
     def token(self, tag: dict[str, str]) -> OwnerRow | None:
         """The holder of the connection a token tag (``application`` and ``conn``, no owner)
         names: its process publishes the slot with its owner."""
-        return self.by_conn.get(f"{tag.get('application', '')}#{tag.get('conn', '')}")
+        key = f"{tag.get('application', '')}#{tag.get('conn', '')}"
+        if key not in self.by_conn and self.refresh is not None:
+            refresh, self.refresh = self.refresh, None
+            for raw in refresh():
+                row = OwnerRow.read(raw)
+                if row is not None and row.conn:
+                    self.by_conn.setdefault(str(row.conn), row)
+        return self.by_conn.get(key)
 
     def peer(self, addr: Any, port: Any) -> OwnerRow | None:
         if not addr or not port:

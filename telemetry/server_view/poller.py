@@ -109,7 +109,7 @@ class _Poller(EventDetector, ClusterMember, TokenTable):
         if turn == "wait":  # another host polls: it learns who holds this host's tokens
             self.tell_tokens(host_owners(s.multiproc_dir))
             return
-        owners = Owners(host_owners(s.multiproc_dir) + self.told_rows())
+        owners = Owners(host_owners(s.multiproc_dir) + self.told_rows(), lambda: host_owners(s.multiproc_dir))
         pooler = None
         if s.pooler_metrics_url and not s.pgbouncer_url:  # the pooler's own metrics: no console
             try:
