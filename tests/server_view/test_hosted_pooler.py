@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -432,6 +433,23 @@ def test_with_tags_off_no_tag_is_read(pg: services.Postgres, supavisor: Renaming
     assert _value(named, "db_server_statement_tags_rejected_total") is None  # not read, so not judged
 
 
+def _named_while(work: Any, owner: str, stop: threading.Event, engine: Any, first: Any = None) -> Any:
+    """Run ``work`` in a thread until ``stop``; the api's server connections held by ``owner``
+    once named (after ``first()``, a (condition met, what to show if not) pair, holds)."""
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        if first is not None:
+            met, shown = first()
+            assert met, shown
+        return _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api", owner=owner),
+                         timeout=30)  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(30)
+        engine.dispose()
+
+
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_a_streaming_route_behind_the_renaming_pooler_is_named(pg: services.Postgres, supavisor: RenamingProxy,
                                                                driver: str) -> None:
@@ -464,16 +482,7 @@ def test_a_streaming_route_behind_the_renaming_pooler_is_named(pg: services.Post
         seen.extend(r[0] for r in found)
         return bool(found)
 
-    thread = threading.Thread(target=stream)
-    thread.start()
-    try:
-        assert _wait_for(fetching, timeout=30), seen
-        named = _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api", owner=owner),
-                          timeout=30)  # fmt: skip
-    finally:
-        stop.set()
-        thread.join(30)
-        engine.dispose()
+    named = _named_while(stream, owner, stop, engine, lambda: (_wait_for(fetching, timeout=30), seen))
     assert seen and "/*" not in seen[0], seen  # the FETCH itself carries no tag
     assert named and named >= 1
 
@@ -490,13 +499,5 @@ def test_a_statement_run_by_exec_driver_sql_is_tagged(pg: services.Postgres, sup
             while not stop.is_set():
                 conn.exec_driver_sql("select pg_sleep(0.3)")
 
-    thread = threading.Thread(target=raw)
-    thread.start()
-    try:
-        named = _wait_for(lambda: _value(_host(None), "db_server_connections_by_owner", service="api", owner=owner),
-                          timeout=30)  # fmt: skip
-    finally:
-        stop.set()
-        thread.join(30)
-        engine.dispose()
+    named = _named_while(raw, owner, stop, engine)
     assert named and named >= 1
