@@ -10,7 +10,7 @@ one process (batches alternate: ``uninstrument()`` / ``instrument()`` between th
 Against a real PostgreSQL: ``--database-url``, else a throwaway one started here (the binaries
 of the Debian packages, as the tests use).
 
-    python benchmarks/library_pools.py [--batches 15] [--n 5000] [--database-url postgresql://...]
+    python benchmarks/library_pools.py [--batches 15] [--n 5000] [--only asyncpg] [--database-url postgresql://...]
 """
 
 from __future__ import annotations
@@ -63,17 +63,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=15)
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--database-url", default=None)
+    ap.add_argument("--only", choices=("psycopg", "psycopg-async", "asyncpg"), default=None, help="one pool only")
     args = ap.parse_args()
     import asyncpg
     import psycopg_pool
 
     with _database(args.database_url) as url:
-        pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=2, open=True)
-        pool.wait()
-        bare, instrumented = compare(lambda: pool.putconn(pool.getconn()), args.batches, args.n)
-        pool.close()
-        report(f"psycopg_pool ConnectionPool getconn()+putconn(); {args.batches} alternating batches of {args.n}",
-               bare, instrumented)  # fmt: skip
+        if args.only in (None, "psycopg"):
+            pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=2, open=True)
+            pool.wait()
+            bare, instrumented = compare(lambda: pool.putconn(pool.getconn()), args.batches, args.n)
+            pool.close()
+            report(f"psycopg_pool ConnectionPool getconn()+putconn(); {args.batches} alternating batches of {args.n}",
+                   bare, instrumented)  # fmt: skip
 
         async def psycopg_async() -> tuple[list[float], list[float]]:
             apool = psycopg_pool.AsyncConnectionPool(url, min_size=1, max_size=2, open=False)
@@ -87,9 +89,10 @@ def main() -> None:
             finally:
                 await apool.close()
 
-        bare, instrumented = asyncio.run(psycopg_async())
-        report(f"psycopg_pool AsyncConnectionPool getconn()+putconn(); {args.batches} alternating batches of {args.n}",
-               bare, instrumented)  # fmt: skip
+        if args.only in (None, "psycopg-async"):
+            bare, instrumented = asyncio.run(psycopg_async())
+            report(f"psycopg_pool AsyncConnectionPool getconn()+putconn(); {args.batches} alternating batches of {args.n}",
+                   bare, instrumented)  # fmt: skip
 
         async def asyncpg_pool() -> tuple[list[float], list[float]]:
             async def no_reset(con: Any) -> None:
@@ -105,9 +108,10 @@ def main() -> None:
             finally:
                 await apool.close()
 
-        bare, instrumented = asyncio.run(asyncpg_pool())
-        report(f"asyncpg Pool acquire()+release() (no-op reset); {args.batches} alternating batches of {args.n}",
-               bare, instrumented)  # fmt: skip
+        if args.only in (None, "asyncpg"):
+            bare, instrumented = asyncio.run(asyncpg_pool())
+            report(f"asyncpg Pool acquire()+release() (no-op reset); {args.batches} alternating batches of {args.n}",
+                   bare, instrumented)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ would lose a trailing tag.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import time
@@ -40,6 +39,7 @@ import weakref
 from typing import Any
 
 from .log import hook_error
+from .loops import holder
 from .owner import OWNER
 
 _owner_get = OWNER.get
@@ -298,8 +298,8 @@ MAX_PINGS = 1000
 
 def holder_key() -> Any:
     """The checking-out thread, or the asyncio task (SQLAlchemy's greenlet runs inside it)."""
-    loop = asyncio._get_running_loop()
-    return threading.get_ident() if loop is None else asyncio.current_task(loop)
+    thread, task = holder()
+    return thread if task is None else task
 
 
 def _autocommit(dbapi_connection: Any) -> bool:

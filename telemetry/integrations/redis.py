@@ -17,7 +17,6 @@ available.")`` after its timeout (counted as ``result="timeout"``); ``Connection
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import threading
 import time
@@ -30,13 +29,13 @@ from telemetry._core.catalogue import HOLD_BUCKETS, WAIT_BUCKETS
 from telemetry._core.holds import Held, HoldTable, owner_hold
 from telemetry._core.integration import Integration
 from telemetry._core.log import hook_error
+from telemetry._core.loops import holder as _holder
 from telemetry._core.owner import OWNER
 from telemetry._core.stats import REGISTRY, Histogram, Sample
 
 _perf = time.perf_counter
 _owner_get = OWNER.get
 _get_ident = threading.get_ident
-_current_task = asyncio.current_task
 _ATTR = "_telemetry_redis"
 #: a limit above this is redis-py's "no limit" default (2**31)
 UNBOUNDED = 1_000_000
@@ -264,7 +263,7 @@ def _wrap_get_async(orig: Any) -> Any:
             if connection not in _held:
                 st.in_use += 1
             h = _hold(connection, t1, st.role or _owner_get(), st)
-            h.thread, h.task = None, _current_task()
+            h.thread, h.task = _holder()
             _held[connection] = h
         except Exception as exc:
             hook_error("redis.checkout", exc)

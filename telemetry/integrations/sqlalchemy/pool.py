@@ -24,7 +24,6 @@ How it hooks in, and why:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import sys
@@ -40,6 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import Pool
 from sqlalchemy.pool.base import _ConnectionFairy
 
+from telemetry._core import loops as _loops
 from telemetry._core import sqltag as _sqltag
 from telemetry._core.catalogue import HOLD_BUCKETS, WAIT_BUCKETS
 from telemetry._core.holds import SUSPECTS as _suspects
@@ -77,8 +77,7 @@ _perf = time.perf_counter
 _owner_get = OWNER.get
 _account_get = ACCOUNT.get
 _get_ident = threading.get_ident
-_get_running_loop = asyncio._get_running_loop
-_current_task = asyncio.current_task
+_get_running_loop, _current_task = _loops.running_loop, _loops.task_of  # without 3.11's getpid() per call
 
 _last_loop: Any = _no_loop  # weak reference to the loop of the last async checkout
 
