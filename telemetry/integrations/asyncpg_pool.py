@@ -155,7 +155,7 @@ def _wrap_acquire(orig: Any) -> Any:
         t1 = _perf()
         st.pending -= 1
         try:
-            _pools.checked_out(st, TABLE, proxy, t1 - t0, t1)
+            _pools.checked_out(st, TABLE, proxy, t1 - t0, t1, self._loop)
         except Exception as exc:
             hook_error("asyncpg_pool.acquire", exc)
         return proxy

@@ -12,6 +12,8 @@ import pytest
 
 from telemetry._core import loops
 
+pytestmark = pytest.mark.matrix("python")  # 3.11 keeps the loop; 3.12 and later ask asyncio
+
 
 def test_outside_a_loop_the_holder_is_the_thread():
     assert loops.holder() == (threading.get_ident(), None)

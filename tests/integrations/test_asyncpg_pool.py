@@ -130,3 +130,38 @@ def test_acquire_timeouts_second_pools_and_no_password(pg: services.Postgres) ->
     assert names == [base, f"{base}#2"] and timeouts == 1
     assert asyncpg_pool.address((f"postgresql://app:{secret}@db.internal:6543/content",), {}) == "db.internal:6543/content"
     assert secret not in generate_latest().decode()
+
+
+def test_the_holder_is_the_acquiring_task_even_when_the_pool_keeps_another_loop(pg: services.Postgres) -> None:
+    """The holder is found through the loop the pool keeps (no asking which loop runs); a pool
+    whose loop is not the running one (made outside it) still names the acquiring task."""
+    telemetry.instrument(service="api", tracing=False)
+
+    async def acquire_in_a_task(pool: Any) -> tuple[Any, Any]:
+        async def step() -> tuple[Any, Any]:
+            con = await pool.acquire()
+            try:
+                held = asyncpg_pool.TABLE.held[con]
+                return (held.thread, held.task), (None, asyncio.current_task())
+            finally:
+                await pool.release(con)
+
+        return await asyncio.create_task(step())
+
+    async def main() -> list[tuple[Any, Any]]:
+        pool = await asyncpg.create_pool(_dsn(pg), min_size=1, max_size=1)
+        try:
+            seen = [await acquire_in_a_task(pool)]
+            other, kept = asyncio.new_event_loop(), pool._loop
+            pool._loop = other  # as if made outside the loop that now runs it
+            try:
+                seen.append(await acquire_in_a_task(pool))
+            finally:
+                pool._loop = kept
+                other.close()
+            return seen
+        finally:
+            await pool.close()
+
+    for noted, expected in asyncio.run(main()):
+        assert noted == expected and expected[1] is not None
