@@ -14,7 +14,6 @@ own (uvloop) is asked for every time, as before. From 3.12 these are asyncio's o
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import threading
 from typing import Any
@@ -48,9 +47,6 @@ def holder(_running_loop: Any = running_loop, _task_of: Any = task_of, _ident: A
     return (_ident(), None) if loop is None else (None, _task_of(loop))
 
 
-def _forget() -> None:
+def after_fork_in_child() -> None:
+    """A forked child runs none of its parent's loops (the runtime's at-fork hook calls this)."""
     _seen[0] = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget)

@@ -26,6 +26,7 @@ import prometheus_client
 
 from . import exposition as _exposition
 from . import log as _log
+from . import loops as _loops
 from . import multiprocess as _multiprocess
 from . import stats as _stats
 from .integration import Integration
@@ -216,6 +217,7 @@ def _after_fork_in_child() -> None:
     LOCK = threading.RLock()
     _stats.after_fork_in_child()
     _log.after_fork_in_child()
+    _loops.after_fork_in_child()
     _multiprocess.after_fork_in_child()
     _stats.REGISTRY.reset_all()  # every counter, histogram and gauge of every source
     runtime = _current

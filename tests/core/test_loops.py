@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+import telemetry
 from telemetry._core import loops
 
 pytestmark = pytest.mark.matrix("python")  # 3.11 keeps the loop; 3.12 and later ask asyncio
@@ -64,6 +65,8 @@ def test_two_threads_each_running_a_loop_get_their_own_tasks():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
 def test_a_child_forked_inside_a_running_loop_does_not_believe_the_parents_loop():
+    telemetry.instrument(service="api", tracing=False)  # the runtime's at-fork hook forgets the loop
+
     async def fork_here() -> int:
         loops.holder()  # the parent's loop is now the one kept
         read, write = os.pipe()
